@@ -1,0 +1,231 @@
+"""Schedule-Free AdamW, SGD and RAdam: the reference classes' optimizers as optax transformations.
+
+Each alias is :func:`sf_optax.schedule_free` around a momentum-free direction; the update rule
+itself lives in :mod:`sf_optax.transform`. Hyperparameters follow optax naming
+(``learning_rate``, ``b1``, ``b2``) and the defaults of the ``schedulefree`` reference classes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sf_optax._checks import check_range
+from sf_optax.transform import schedule_free
+
+
+class ScaleBySecondMomentState(NamedTuple):
+    """State of :func:`scale_by_second_moment`: the step count and ``v``, nothing else."""
+
+    count: jax.Array
+    nu: optax.Updates
+
+
+def _rho(step: jax.Array, b2: Any, dtype) -> tuple[jax.Array, jax.Array]:
+    """RAdam's length of the approximated SMA at ``step`` (1-based), and its limit."""
+    b2 = jnp.asarray(b2, dtype)
+    rho_inf = 2 / (1 - b2) - 1
+    b2_t = b2 ** step.astype(dtype)
+    return rho_inf - 2 * step.astype(dtype) * b2_t / (1 - b2_t), rho_inf
+
+
+def scale_by_second_moment(
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    *,
+    rectify: bool = False,
+    state_dtype: Any = None,
+) -> optax.GradientTransformation:
+    r"""Adam's direction without a first moment: ``g / (sqrt(v / (1 - b2^t)) + eps)``.
+
+    Keeps only ``v`` (one buffer per parameter), unlike ``optax.scale_by_adam(b1=0)`` which
+    also stores a first moment.
+
+    .. math::
+        v_t = b_2 v_{t-1} + (1 - b_2) g^2, \qquad
+        d_t = g / (\sqrt{v_t / (1 - b_2^t)} + \epsilon)
+
+    Args:
+      b2: decay of the second moment, in [0, 1).
+      eps: added to the denominator outside the square root, >= 0.
+      rectify: RAdam's rule: while the SMA length ``rho_t <= 4`` the direction is ``g`` itself.
+      state_dtype: dtype of ``v``; None keeps each parameter's dtype.
+    """
+    check_range("b2", b2, 0.0, 1.0, high_open=True)
+    check_range("eps", eps, 0.0)
+
+    def init_fn(params):
+        def zeros(p):
+            return jnp.zeros(
+                jnp.shape(p), jnp.result_type(p) if state_dtype is None else state_dtype
+            )
+
+        return ScaleBySecondMomentState(
+            count=jnp.zeros([], jnp.int32), nu=jax.tree.map(zeros, params)
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        step = optax.safe_increment(state.count)
+        sdt = jnp.promote_types(jnp.float32, jnp.result_type(*jax.tree.leaves(state.nu) or [0.0]))
+        beta = jnp.asarray(b2, sdt)
+        correction = 1 - beta ** step.astype(sdt)
+        use_adam = _rho(step, b2, sdt)[0] > 4 if rectify else True
+
+        def second_moment(v, g):
+            cdt = jnp.promote_types(jnp.result_type(v, g), jnp.float32)
+            g = g.astype(cdt)
+            return (beta.astype(cdt) * v.astype(cdt) + (1 - beta.astype(cdt)) * g * g).astype(
+                v.dtype
+            )
+
+        nu = jax.tree.map(second_moment, state.nu, updates)
+
+        def direction(g, v):
+            cdt = jnp.promote_types(jnp.result_type(v, g), jnp.float32)
+            g = g.astype(cdt)
+            denom = jnp.sqrt(v.astype(cdt) / correction.astype(cdt)) + jnp.asarray(eps, cdt)
+            return jnp.where(use_adam, g / denom, g)
+
+        return jax.tree.map(direction, updates, nu), ScaleBySecondMomentState(step, nu)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def radam_rectification(b2: float, silent_sgd_phase: bool = True):
+    """The schedule ``k -> rect`` by which RAdam scales the learning rate at 0-based step ``k``.
+
+    ``sqrt((rho_t-4)(rho_t-2) rho_inf / ((rho_inf-4)(rho_inf-2) rho_t))`` once ``rho_t > 4``;
+    before that 0 with ``silent_sgd_phase`` (no step at all), else 1 (an SGD step).
+    """
+
+    def schedule(count):
+        dtype = jnp.promote_types(jnp.float32, jnp.result_type(b2))
+        rho_t, rho_inf = _rho(count + 1, b2, dtype)
+        safe_rho = jnp.where(rho_t > 4, rho_t, 5.0)
+        rect = jnp.sqrt(
+            (safe_rho - 4) * (safe_rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * safe_rho)
+        )
+        early = jnp.where(jnp.asarray(silent_sgd_phase), 0.0, 1.0).astype(dtype)
+        return jnp.where(rho_t > 4, rect, early)
+
+    return schedule
+
+
+def _direction_with_decay(direction, weight_decay, mask):
+    check_range("weight_decay", weight_decay, 0.0)
+    return optax.chain(direction, optax.add_decayed_weights(weight_decay, mask))
+
+
+def adamw(
+    learning_rate: optax.ScalarOrSchedule = 0.0025,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    *,
+    warmup_steps: int = 0,
+    r: float = 0.0,
+    weight_lr_power: float = 2.0,
+    mask: Any = None,
+    state_dtype: Any = None,
+    exact_x: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    """Schedule-Free AdamW, as ``schedulefree.AdamWScheduleFree``.
+
+    Weight decay is taken at ``y`` and added to the normalized gradient (decoupled from ``v``).
+
+    Args:
+      learning_rate: peak learning rate (scalar or schedule), >= 0.
+      b1: interpolation coefficient (the reference's ``betas[0]``), in (0, 1].
+      b2: second-moment decay (``betas[1]``), in [0, 1).
+      eps: denominator offset, >= 0.
+      weight_decay: decoupled weight decay at ``y``, >= 0.
+      warmup_steps: linear warmup length.
+      r: polynomial weighting power of the average.
+      weight_lr_power: power of ``lr_max`` in the averaging weights.
+      mask: optax-style mask (tree of bools or callable) of the params that get weight decay.
+      state_dtype: dtype of ``z`` and ``v`` (e.g. float32 state for bf16 params).
+      exact_x: also store ``x``; allows ``b1 = 0``.
+    """
+    direction = scale_by_second_moment(b2, eps, state_dtype=state_dtype)
+    return schedule_free(
+        _direction_with_decay(direction, weight_decay, mask),
+        learning_rate,
+        b1=b1,
+        warmup_steps=warmup_steps,
+        r=r,
+        weight_lr_power=weight_lr_power,
+        state_dtype=state_dtype,
+        exact_x=exact_x,
+    )
+
+
+def sgd(
+    learning_rate: optax.ScalarOrSchedule = 1.0,
+    b1: float = 0.9,
+    weight_decay: float = 0.0,
+    *,
+    warmup_steps: int = 0,
+    r: float = 0.0,
+    weight_lr_power: float = 2.0,
+    mask: Any = None,
+    state_dtype: Any = None,
+    exact_x: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    """Schedule-Free SGD, as ``schedulefree.SGDScheduleFree`` (``b1`` is its ``momentum``).
+
+    ``gn = g + weight_decay * y``; one buffer (``z``) per parameter.
+    """
+    return schedule_free(
+        _direction_with_decay(optax.identity(), weight_decay, mask),
+        learning_rate,
+        b1=b1,
+        warmup_steps=warmup_steps,
+        r=r,
+        weight_lr_power=weight_lr_power,
+        state_dtype=state_dtype,
+        exact_x=exact_x,
+    )
+
+
+def radam(
+    learning_rate: optax.ScalarOrSchedule = 0.0025,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    *,
+    r: float = 0.0,
+    weight_lr_power: float = 2.0,
+    silent_sgd_phase: bool = True,
+    mask: Any = None,
+    state_dtype: Any = None,
+    exact_x: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    """Schedule-Free RAdam, as ``schedulefree.RAdamScheduleFree``: no warmup is needed.
+
+    The rectification scales the learning rate (and hence the averaging weight); while the
+    variance estimate is unreliable (``rho_t <= 4``) the step is skipped (``silent_sgd_phase``)
+    or is a plain SGD step.
+    """
+    check_range("b2", b2, 0.0, 1.0, high_open=True)
+    rect = radam_rectification(b2, silent_sgd_phase)
+    if callable(learning_rate):
+        schedule = lambda k: learning_rate(k) * rect(k)  # noqa: E731
+    else:
+        check_range("learning_rate", learning_rate, 0.0)
+        schedule = lambda k: learning_rate * rect(k)  # noqa: E731
+    direction = scale_by_second_moment(b2, eps, rectify=True, state_dtype=state_dtype)
+    return schedule_free(
+        _direction_with_decay(direction, weight_decay, mask),
+        schedule,
+        b1=b1,
+        r=r,
+        weight_lr_power=weight_lr_power,
+        state_dtype=state_dtype,
+        exact_x=exact_x,
+    )
