@@ -197,9 +197,7 @@ def schedule_free(
 
             y_next = jax.tree.map(new_y, params, state.z, gn)
 
-        new_updates = jax.tree.map(
-            lambda yn, y: (yn - y.astype(yn.dtype)).astype(jnp.result_type(y)), y_next, params
-        )
+        new_updates = jax.tree.map(lambda yn, y: yn - y.astype(yn.dtype), y_next, params)
         new_state = ScheduleFreeState(
             count=optax.safe_increment(k),
             weight_sum=weight_sum,
