@@ -1,0 +1,409 @@
+"""Schedule-Free AdamW, SGD and RAdam as torch optimizers (the math lives in ``rule.py``).
+
+Drop-in for the ``schedulefree`` classes of the same names: same constructor arguments and
+defaults, same per-group keys (``k``, ``weight_sum``, ``lr_max``, ``scheduled_lr``,
+``train_mode``, ...), same state keys (``z``, ``exp_avg_sq``), closures as in torch. Added:
+``fused`` and ``state_dtype`` (keyword-only), and ``eval_params()``.
+
+What differs on purpose: the optimizers start in train mode (at step 0, ``y = x = z``, so this
+changes no number), ``step()`` in eval mode raises RuntimeError, gradients are never written,
+and every step's scalars are Python floats.
+
+A step is two methods, so that a caller that steps the tensors in pieces (DeepSpeed ZeRO-3 calls
+``step()`` once per sub-group, with the other groups' param lists empty) still counts one step:
+
+- ``advance_scalars()`` counts one step in every group (``k``, ``lr_max``, ``weight_sum``,
+  ``scheduled_lr``), whatever the groups hold. Call it once per training step.
+- ``apply_update()`` moves ``y``, ``z`` and ``v`` of every param that has a gradient by the step
+  that ``advance_scalars()`` counted last. It can be called once per piece; it changes no
+  counter.
+
+``step(closure=None)`` is ``advance_scalars()`` followed by ``apply_update()``. Every check
+(mode, hyperparameters, sparse gradients, the fused kernel's needs) runs before any tensor or
+counter changes, so a step that raises leaves the optimizer as it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from itertools import chain
+from typing import Any
+
+import torch
+
+from . import rule
+from ._validation import (
+    check_betas,
+    check_count,
+    check_momentum,
+    check_nonnegative,
+)
+
+ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
+
+_EVAL_MODE_STEP = (
+    "step() was called in eval mode: call optimizer.train() before training steps "
+    "(and optimizer.eval() before evaluating or saving a checkpoint)"
+)
+
+
+class ScheduleFreeOptimizer(torch.optim.Optimizer):
+    """Train/eval views, state, checks and dispatch shared by the three optimizers.
+
+    Subclasses set ``kind`` (one of ``rule.KINDS``) and pass their hyperparameters.
+    """
+
+    kind: str
+
+    def __init__(
+        self,
+        params: ParamsT,
+        hyperparameters: dict[str, Any],
+        foreach: bool | None,
+        fused: bool | None,
+        state_dtype: torch.dtype | None,
+    ):
+        defaults = dict(
+            hyperparameters,
+            k=0,
+            train_mode=True,
+            weight_sum=0.0,
+            lr_max=0.0,
+            scheduled_lr=0.0,
+            foreach=foreach,
+            fused=fused,
+            state_dtype=state_dtype,
+        )
+        super().__init__(params, defaults)
+
+    # -- groups and checks ---------------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            self._check_group(group)
+            if group["fused"]:
+                problem = rule.fused_problem(group["params"])
+                if problem is not None:
+                    raise RuntimeError(problem)
+        except Exception:
+            self.param_groups.pop()
+            raise
+        # A group added in eval mode is in eval mode (its params have no z yet either way).
+        group["train_mode"] = self.param_groups[0]["train_mode"]
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        check_nonnegative("lr", group["lr"])
+        if self.kind == "sgd":
+            check_momentum("momentum", group["momentum"])
+        else:
+            check_betas(group["betas"])
+            check_nonnegative("eps", group["eps"])
+        check_nonnegative("weight_decay", group["weight_decay"])
+        if self.kind != "radam":
+            check_count("warmup_steps", group["warmup_steps"])
+        check_nonnegative("r", group["r"])
+        check_nonnegative("weight_lr_power", group["weight_lr_power"])
+        state_dtype = group["state_dtype"]
+        if state_dtype is not None and not (
+            isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point
+        ):
+            raise ValueError(
+                f"state_dtype must be in floating torch dtypes or None, got {state_dtype!r}"
+            )
+        for name in ("foreach", "fused"):
+            if group[name] not in (None, True, False):
+                raise ValueError(f"{name} must be in (None, True, False), got {group[name]!r}")
+
+    def _check_ready(self) -> None:
+        if not all(group["train_mode"] for group in self.param_groups):
+            raise RuntimeError(_EVAL_MODE_STEP)
+        for group in self.param_groups:
+            self._check_group(group)
+
+    def _plan(self) -> list[tuple[dict[str, Any], list[torch.Tensor], str | None]]:
+        """Each group's params with a gradient and its step implementation; changes nothing."""
+        plan = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                if p.grad.layout != torch.strided:
+                    raise RuntimeError(
+                        f"{type(self).__name__} does not support sparse gradients (got a "
+                        f"{p.grad.layout} gradient for a param of shape {tuple(p.shape)}); "
+                        "use dense gradients (e.g. nn.Embedding(sparse=False))"
+                    )
+            impl = None
+            if params:
+                impl = rule.choose_impl(
+                    params,
+                    [p.grad for p in params],
+                    [self.state.get(p) for p in params],
+                    group["foreach"],
+                    group["fused"],
+                )
+            plan.append((group, params, impl))
+        return plan
+
+    # -- the step ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Take one step: ``advance_scalars()``, then ``apply_update()``.
+
+        Args:
+            closure: optional; re-evaluates the model and returns the loss (run with grad on).
+
+        Returns:
+            The closure's loss, or None.
+        """
+        self._check_ready()
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        plan = self._plan()
+        self._advance()
+        self._apply(plan)
+        return loss
+
+    def advance_scalars(self) -> None:
+        """Count one step in every param group (``k``, ``lr_max``, ``weight_sum``)."""
+        self._check_ready()
+        self._advance()
+
+    @torch.no_grad()
+    def apply_update(self) -> None:
+        """Move every param that has a gradient by the step last counted by advance_scalars()."""
+        self._check_ready()
+        plan = self._plan()
+        for group, params, _ in plan:
+            if params and group["k"] < 1:
+                raise RuntimeError(
+                    "apply_update() needs a counted step: call advance_scalars() first"
+                )
+        self._apply(plan)
+
+    def _advance(self) -> None:
+        # Every group's new counters first, then all stored: an error leaves none counted.
+        counters = [rule.advance(group, self.kind) for group in self.param_groups]
+        for group, new in zip(self.param_groups, counters):
+            group.update(new)
+
+    def _apply(self, plan) -> None:
+        for group, params, impl in plan:
+            if not params:
+                continue
+            s = rule.scalars(group, self.kind)
+            state_dtype = group["state_dtype"]
+            zs, vs = [], []
+            for p in params:
+                state = self.state[p]
+                if "z" not in state:
+                    dtype = state_dtype or p.dtype
+                    state["z"] = p.detach().to(
+                        dtype=dtype, copy=True, memory_format=torch.preserve_format
+                    )
+                    if s.has_v:
+                        state["exp_avg_sq"] = torch.zeros_like(
+                            p, dtype=dtype, memory_format=torch.preserve_format
+                        )
+                zs.append(state["z"])
+                vs.append(state["exp_avg_sq"] if s.has_v else None)
+            rule.update(impl, params, [p.grad for p in params], zs, vs, s)
+
+    # -- views ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def eval(self) -> None:
+        """Put ``x`` into the params (for evaluation and checkpoints). Idempotent."""
+        for group in self.param_groups:
+            if group["train_mode"]:
+                b1 = rule.b1_of(group, self.kind)
+                for p in group["params"]:
+                    state = self.state.get(p)
+                    if state and "z" in state:
+                        rule.to_x_(p, state["z"], b1)
+                group["train_mode"] = False
+
+    @torch.no_grad()
+    def train(self) -> None:
+        """Put ``y`` back into the params (for training steps). Idempotent."""
+        for group in self.param_groups:
+            if not group["train_mode"]:
+                b1 = rule.b1_of(group, self.kind)
+                for p in group["params"]:
+                    state = self.state.get(p)
+                    if state and "z" in state:
+                        rule.to_y_(p, state["z"], b1)
+                group["train_mode"] = True
+
+    @torch.no_grad()
+    def eval_params(self) -> list[torch.Tensor]:
+        """``x`` for every param, as new tensors, without changing the params or the mode.
+
+        The order is ``[p for g in param_groups for p in g['params']]``. A param without state
+        (it never had a gradient) gives a copy of itself, as does every param in eval mode.
+        Each tensor equals what ``eval()`` would write into its param.
+        """
+        out = []
+        for group in self.param_groups:
+            b1 = rule.b1_of(group, self.kind)
+            for p in group["params"]:
+                state = self.state.get(p)
+                if group["train_mode"] and state and "z" in state:
+                    out.append(rule.x_of(p, state["z"], b1))
+                else:
+                    out.append(p.detach().clone())
+        return out
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            # Checkpoints of the reference classes lack this package's keys (fused, state_dtype).
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+        # torch casts every floating state tensor to the param's dtype and may alias the
+        # checkpoint's tensors; z and v belong in state_dtype and in buffers of their own.
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        for group in self.param_groups:
+            for p, saved_id in zip(group["params"], saved_ids):
+                saved = state_dict["state"].get(saved_id)
+                if not saved:
+                    continue
+                dtype = group["state_dtype"] or p.dtype
+                for key in ("z", "exp_avg_sq"):
+                    if key in saved:
+                        self.state[p][key] = saved[key].to(device=p.device, dtype=dtype, copy=True)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
+
+class AdamWScheduleFree(ScheduleFreeOptimizer):
+    """Schedule-Free AdamW. Call ``train()`` before training and ``eval()`` before evaluating
+    or saving a checkpoint; no learning-rate schedule is needed (use ``warmup_steps``).
+
+    Args:
+        params: params or param-group dicts; every hyperparameter below can be set per group.
+        lr: base learning rate, >= 0.
+        betas: ``(b1, b2)``: b1 in (0, 1] weighs x against z in y; b2 in [0, 1) decays v.
+        eps: added to ``sqrt(v)``, >= 0.
+        weight_decay: decoupled decay evaluated at y, >= 0.
+        warmup_steps: linear warmup of the lr over this many steps, >= 0.
+        r: the average weighs step k by ``(k+1)**r``, >= 0.
+        weight_lr_power: ... and by ``lr_max**weight_lr_power``, >= 0.
+        foreach: use torch's multi-tensor ops (None counts as True); False steps one tensor at
+            a time.
+        fused: True: one Triton kernel per group (CUDA; CPU under TRITON_INTERPRET=1), an error
+            if it cannot run. None: that kernel where every param is a CUDA tensor, else as
+            False. It takes precedence over ``foreach``.
+        state_dtype: dtype of z and v (e.g. torch.float32 for bf16 params); None: the params'.
+    """
+
+    kind = "adamw"
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | torch.Tensor = 0.0025,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        warmup_steps: int = 0,
+        r: float = 0.0,
+        weight_lr_power: float = 2.0,
+        foreach: bool | None = True,
+        *,
+        fused: bool | None = None,
+        state_dtype: torch.dtype | None = None,
+    ):
+        hyperparameters = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            warmup_steps=warmup_steps,
+            r=r,
+            weight_lr_power=weight_lr_power,
+        )
+        super().__init__(params, hyperparameters, foreach, fused, state_dtype)
+
+
+class SGDScheduleFree(ScheduleFreeOptimizer):
+    """Schedule-Free SGD. Call ``train()`` before training and ``eval()`` before evaluating
+    or saving a checkpoint; no learning-rate schedule is needed (use ``warmup_steps``).
+
+    Args are those of ``AdamWScheduleFree`` with ``momentum`` (b1, in (0, 1]) in place of
+    ``betas`` and no ``eps``; the default lr is 1.0.
+    """
+
+    kind = "sgd"
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | torch.Tensor = 1.0,
+        momentum: float = 0.9,
+        weight_decay: float = 0,
+        warmup_steps: int = 0,
+        r: float = 0.0,
+        weight_lr_power: float = 2,
+        foreach: bool | None = True,
+        *,
+        fused: bool | None = None,
+        state_dtype: torch.dtype | None = None,
+    ):
+        hyperparameters = dict(
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            warmup_steps=warmup_steps,
+            r=r,
+            weight_lr_power=weight_lr_power,
+        )
+        super().__init__(params, hyperparameters, foreach, fused, state_dtype)
+
+
+class RAdamScheduleFree(ScheduleFreeOptimizer):
+    """Schedule-Free RAdam: no warmup and no schedule to set. Call ``train()`` before training
+    and ``eval()`` before evaluating or saving a checkpoint.
+
+    Args are those of ``AdamWScheduleFree`` without ``warmup_steps``, plus
+    ``silent_sgd_phase``: while RAdam's variance estimate is too short to rectify (the first
+    steps; 5 with b2 = 0.999), True leaves the params still (lr 0), False takes SGD steps.
+    """
+
+    kind = "radam"
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | torch.Tensor = 0.0025,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        r: float = 0.0,
+        weight_lr_power: float = 2.0,
+        foreach: bool | None = True,
+        silent_sgd_phase: bool = True,
+        *,
+        fused: bool | None = None,
+        state_dtype: torch.dtype | None = None,
+    ):
+        hyperparameters = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            r=r,
+            weight_lr_power=weight_lr_power,
+            silent_sgd_phase=silent_sgd_phase,
+        )
+        super().__init__(params, hyperparameters, foreach, fused, state_dtype)

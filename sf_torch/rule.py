@@ -1,0 +1,532 @@
+"""The Schedule-Free update rule, written once for torch.
+
+Notation (DESIGN.md, section 1.1). The params buffer holds ``y`` while training. Per parameter
+the state holds ``z`` (``state['z']``, a copy of the params at the first step) and, for AdamW
+and RAdam, ``v`` (``state['exp_avg_sq']``, zeros at the first step); both live in the group's
+``state_dtype`` (the param dtype when None). The average ``x`` is never stored:
+``x = (y - (1 - b1) z) / b1``.
+
+One set of scalars per param group, kept in the group dict: ``k`` (steps taken), ``weight_sum``,
+``lr_max``, and ``scheduled_lr`` (this step's lr, for logging). Step ``k`` (0-based), with the
+gradient ``g`` taken at ``y``::
+
+    sched       = (k+1)/warmup_steps  if k < warmup_steps else 1
+    lr          = base_lr * sched
+    lr_max      = max(lr_max, lr)
+    weight      = (k+1)**r * lr_max**weight_lr_power
+    weight_sum += weight
+    c           = weight / weight_sum          (0 if weight_sum == 0)
+    v           = b2 v + (1-b2) g*g
+    gn          = g / (sqrt(v / (1 - b2**(k+1))) + eps)  +  weight_decay * y
+    y           = (1-c) y + c z  +  lr (b1 (1-c) - 1) gn
+    z           = z - lr gn
+    k          += 1
+
+SGD has no ``v``: ``gn = g + weight_decay * y``. RAdam has no warmup: ``sched`` is the
+rectification ``rect`` of RAdam, computed from ``k`` and ``b2``; while the variance estimate is
+too short (``rho_k <= 4``) the step is an SGD step (``gn = g + weight_decay * y``, ``v`` still
+updated) with ``rect = 0`` under ``silent_sgd_phase`` (nothing moves) and ``rect = 1`` otherwise.
+
+Views: ``to_x_`` writes ``x = lerp(y, z, 1 - 1/b1)`` into the params, ``to_y_`` writes
+``y = lerp(x, z, 1 - b1)`` back; ``x_of`` returns ``x`` as a new tensor.
+
+Every scalar above is a Python float (float64), whatever the params' dtype; tensors see them
+only as the coefficients ``lr``, ``c``, ``lr (b1 (1-c) - 1)``, ``b2``, ``1 - b2``,
+``1 - b2**(k+1)``, ``eps`` and ``weight_decay`` of one step (``StepScalars``).
+
+Scalars and tensors advance separately, so that a caller who steps the tensors in pieces (ZeRO-3
+steps one sub-group at a time, with the other groups' param lists empty) still counts one step:
+
+- ``advance(group, kind)`` gives a group's counters after one more step (``k``, ``lr_max``,
+  ``weight_sum``, ``scheduled_lr``); the optimizers' ``advance_scalars()`` stores them, once
+  for every group.
+- ``scalars(group, kind)`` gives the ``StepScalars`` of the step last counted, from the group's
+  counters alone; the optimizers' ``apply_update()`` reads it and moves the tensors.
+- ``update(impl, ys, gs, zs, vs, s)`` moves the tensors of one group, with the step
+  implementation ``impl`` that ``choose_impl`` picked: ``"loop"`` (one tensor at a time; it
+  defines the math), ``"foreach"`` (torch's multi-tensor ops) or ``"fused"`` (one Triton kernel
+  over many tensors that reads y, g, z, v once and writes y, z, v once; CUDA, or CPU under
+  ``TRITON_INTERPRET=1``).
+
+``averaging_weight`` is the ``weight`` line above, shared with ``ScheduleFreeWrapper``. The
+gradient is only read, never written.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import struct
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except Exception:  # noqa: BLE001  (any failure only disables the fused path)
+    triton = tl = None
+
+KINDS = ("adamw", "sgd", "radam")
+
+# ---------------------------------------------------------------------------------------------
+# Scalars
+
+
+class StepScalars(NamedTuple):
+    """The coefficients of one step, as Python floats."""
+
+    lr: float  # this step's learning rate (warmup or rectification applied)
+    c: float  # weight of z in the new average: weight / weight_sum
+    y_coef: float  # lr * (b1 (1 - c) - 1): the coefficient of gn in y
+    b2: float  # decay of v (unused without v)
+    bias_correction2: float  # 1 - b2**(k+1)
+    eps: float
+    weight_decay: float
+    has_v: bool  # AdamW and RAdam keep v
+    normalize: bool  # gn divides g by sqrt(v / bias_correction2) + eps
+
+
+def b1_of(group: dict, kind: str) -> float:
+    """The momentum ``b1`` of a group: ``momentum`` for SGD, ``betas[0]`` otherwise."""
+    return float(group["momentum"] if kind == "sgd" else group["betas"][0])
+
+
+def _radam_rho(b2: float, step: int) -> tuple[float, float]:
+    """RAdam's (rho_inf, rho_k) for the 1-based step ``step``."""
+    b2_t = b2**step
+    rho_inf = 2.0 / (1.0 - b2) - 1.0
+    return rho_inf, rho_inf - 2.0 * step * b2_t / (1.0 - b2_t)
+
+
+def _lr_of_step(group: dict, kind: str, k: int) -> float:
+    """The learning rate of step ``k`` (0-based): base lr times warmup or rectification."""
+    base_lr = float(group["lr"])
+    if kind == "radam":
+        rho_inf, rho_k = _radam_rho(float(group["betas"][1]), k + 1)
+        if rho_k > 4.0:
+            num = (rho_k - 4.0) * (rho_k - 2.0) * rho_inf
+            rect = math.sqrt(num / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_k))
+        else:
+            rect = 0.0 if group["silent_sgd_phase"] else 1.0
+        return base_lr * rect
+    warmup_steps = group["warmup_steps"]
+    sched = (k + 1) / warmup_steps if k < warmup_steps else 1.0
+    return base_lr * sched
+
+
+def averaging_weight(k: int, lr_max: float, r: float, weight_lr_power: float) -> float:
+    """Weight of step ``k`` (0-based) in the average x: ``(k+1)**r * lr_max**weight_lr_power``."""
+    return float((k + 1) ** float(r) * float(lr_max) ** float(weight_lr_power))
+
+
+def _weight(group: dict, k: int, lr_max: float) -> float:
+    return averaging_weight(k, lr_max, group["r"], group["weight_lr_power"])
+
+
+def advance(group: dict, kind: str) -> dict:
+    """The counters of ``group`` after one more step: ``k``, ``lr_max``, ``weight_sum`` and
+    ``scheduled_lr``, as a dict for ``group.update`` (the group itself is left unchanged)."""
+    k = int(group["k"])
+    lr = _lr_of_step(group, kind, k)
+    lr_max = max(float(group["lr_max"]), lr)
+    return {
+        "k": k + 1,
+        "lr_max": lr_max,
+        "weight_sum": float(group["weight_sum"]) + _weight(group, k, lr_max),
+        "scheduled_lr": lr,
+    }
+
+
+def scalars(group: dict, kind: str) -> StepScalars:
+    """The ``StepScalars`` of the step that ``advance`` counted last in ``group``."""
+    k = int(group["k"]) - 1
+    if k < 0:
+        raise RuntimeError("no step counted yet: call advance_scalars() before apply_update()")
+    lr = _lr_of_step(group, kind, k)
+    weight_sum = float(group["weight_sum"])
+    c = _weight(group, k, float(group["lr_max"])) / weight_sum if weight_sum != 0 else 0.0
+    b1 = b1_of(group, kind)
+    if kind == "sgd":
+        b2, eps, normalize = 0.0, 0.0, False
+    else:
+        b2, eps = float(group["betas"][1]), float(group["eps"])
+        normalize = kind == "adamw" or _radam_rho(b2, k + 1)[1] > 4.0
+    return StepScalars(
+        lr=lr,
+        c=c,
+        y_coef=lr * (b1 * (1.0 - c) - 1.0),
+        b2=b2,
+        bias_correction2=1.0 - b2 ** (k + 1),
+        eps=eps,
+        weight_decay=float(group["weight_decay"]),
+        has_v=kind != "sgd",
+        normalize=normalize,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Views
+
+
+def _lerp_(p: torch.Tensor, z: torch.Tensor, weight: float) -> None:
+    z = z.to(p.device)
+    if p.dtype == z.dtype:
+        p.lerp_(z, weight)
+    else:
+        p.copy_(p.to(z.dtype).lerp_(z, weight))
+
+
+def to_x_(p: torch.Tensor, z: torch.Tensor, b1: float) -> None:
+    """y -> x in place: ``x = (y - (1-b1) z) / b1``, computed in z's dtype."""
+    _lerp_(p, z, 1.0 - 1.0 / b1)
+
+
+def to_y_(p: torch.Tensor, z: torch.Tensor, b1: float) -> None:
+    """x -> y in place: ``y = b1 x + (1-b1) z``, computed in z's dtype."""
+    _lerp_(p, z, 1.0 - b1)
+
+
+def x_of(p: torch.Tensor, z: torch.Tensor, b1: float) -> torch.Tensor:
+    """``x`` from ``y = p`` as a new tensor, equal to what ``to_x_`` would write into ``p``."""
+    x = p.detach().to(z.dtype, copy=True)
+    x.lerp_(z.to(p.device), 1.0 - 1.0 / b1)
+    return x.to(p.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor update: loop (the definition), foreach, fused
+
+
+def _update_loop(ys, gs, zs, vs, s: StepScalars) -> None:
+    for y, g, z, v in zip(ys, gs, zs, vs):
+        # Work in the state's dtype (float32 state for bf16 params computes in float32).
+        yw = y if y.dtype == z.dtype else y.to(z.dtype)
+        gw = g if g.dtype == z.dtype else g.to(z.dtype)
+        if s.has_v:
+            v.mul_(s.b2).addcmul_(gw, gw, value=1.0 - s.b2)
+        if s.normalize:
+            gn = gw.div(v.div(s.bias_correction2).sqrt_().add_(s.eps))
+            if s.weight_decay != 0:
+                gn.add_(yw, alpha=s.weight_decay)
+        else:
+            gn = gw.add(yw, alpha=s.weight_decay) if s.weight_decay != 0 else gw
+        yw.lerp_(z, s.c)
+        yw.add_(gn, alpha=s.y_coef)
+        z.sub_(gn, alpha=s.lr)
+        if yw is not y:
+            y.copy_(yw)
+
+
+def _update_foreach(ys, gs, zs, vs, s: StepScalars) -> None:
+    for ys_, gs_, zs_, vs_ in _buckets(ys, gs, zs, vs).values():
+        work = zs_[0].dtype
+        yw = ys_ if ys_[0].dtype == work else [y.to(work) for y in ys_]
+        gw = gs_ if gs_[0].dtype == work else [g.to(work) for g in gs_]
+        if s.has_v:
+            torch._foreach_mul_(vs_, s.b2)
+            torch._foreach_addcmul_(vs_, gw, gw, value=1.0 - s.b2)
+        if s.normalize:
+            denom = torch._foreach_div(vs_, s.bias_correction2)
+            torch._foreach_sqrt_(denom)
+            torch._foreach_add_(denom, s.eps)
+            gn = torch._foreach_div(gw, denom)
+            del denom
+            if s.weight_decay != 0:
+                torch._foreach_add_(gn, yw, alpha=s.weight_decay)
+        else:
+            gn = torch._foreach_add(gw, yw, alpha=s.weight_decay) if s.weight_decay != 0 else gw
+        torch._foreach_lerp_(yw, zs_, weight=s.c)
+        torch._foreach_add_(yw, gn, alpha=s.y_coef)
+        torch._foreach_sub_(zs_, gn, alpha=s.lr)
+        if yw is not ys_:
+            torch._foreach_copy_(ys_, yw)
+
+
+def _buckets(ys, gs, zs, vs) -> dict:
+    """Split the lists by (device, y dtype, g dtype, state dtype): one multi-tensor call each."""
+    out: dict = {}
+    for y, g, z, v in zip(ys, gs, zs, vs):
+        key = (y.get_device(), y.dtype, g.dtype, z.dtype)
+        lists = out.get(key)
+        if lists is None:
+            lists = out[key] = ([], [], [], [])
+        lists[0].append(y)
+        lists[1].append(g)
+        lists[2].append(z)
+        lists[3].append(v)
+    return out
+
+
+_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_N_SCALARS = 8  # lr, c, y_coef, b2, 1 - b2, bias_correction2, eps, weight_decay
+_BLOCK = 1024  # elements per program
+_NUM_WARPS = 4
+
+# triton.jit decides at decoration (here, at import) whether kernels run in Triton's CPU
+# interpreter, from TRITON_INTERPRET; the checks below follow that same decision.
+if triton is None:
+    _INTERPRET = False
+elif getattr(triton, "knobs", None) is not None:
+    _INTERPRET = bool(triton.knobs.runtime.interpret)
+else:
+    _INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def interpreting() -> bool:
+    """Whether the fused kernel runs in Triton's CPU interpreter (TRITON_INTERPRET=1 was set
+    before sf_torch was imported)."""
+    return _INTERPRET
+
+
+def _device_problem(t: torch.Tensor) -> str | None:
+    if t.dtype not in _FUSED_DTYPES:
+        return f"fused=True steps float16/bfloat16/float32/float64 tensors only, got {t.dtype}"
+    if _INTERPRET and not t.is_cpu:
+        return (
+            "fused=True under TRITON_INTERPRET=1 runs Triton's CPU interpreter, which steps "
+            f"CPU tensors only, got a tensor on {t.device}; unset TRITON_INTERPRET"
+        )
+    if not _INTERPRET and not t.is_cuda:
+        return (
+            f"fused=True needs CUDA tensors, got a tensor on {t.device}: pass fused=False, or "
+            "set TRITON_INTERPRET=1 before importing sf_torch to run the kernel in Triton's "
+            "CPU interpreter (slow; meant for tests)"
+        )
+    return None
+
+
+_NO_TRITON = (
+    "fused=True needs Triton, which could not be imported: install triton or pass fused=False"
+)
+
+
+def fused_problem(tensors: Sequence[torch.Tensor]) -> str | None:
+    """Why the fused kernel cannot step these tensors (None when it can)."""
+    if triton is None:
+        return _NO_TRITON
+    for t in tensors:
+        problem = _device_problem(t)
+        if problem is not None:
+            return problem
+    return None
+
+
+def _layout(t: torch.Tensor) -> tuple[int, ...] | None:
+    """The strides of a dense (gap-free, non-overlapping) tensor, size-1 dims left out; None
+    for a tensor that is not dense."""
+    strides = tuple(st for st, n in zip(t.stride(), t.shape) if n != 1)
+    expected = 1
+    for st, n in sorted((st, n) for st, n in zip(t.stride(), t.shape) if n != 1):
+        if st != expected:
+            return None
+        expected *= n
+    return strides
+
+
+def _same_dense_layout(p: torch.Tensor, g, z, v) -> bool:
+    """The fused kernel walks flat memory: the buffers must share one dense layout (contiguous,
+    channels_last, transposed, ...)."""
+    if (
+        p.is_contiguous()
+        and g.is_contiguous()
+        and (z is None or z.is_contiguous())
+        and (v is None or v.is_contiguous())
+    ):
+        return True
+    layout = _layout(p)
+    return layout is not None and all(t is None or _layout(t) == layout for t in (g, z, v))
+
+
+def _group_fused_problem(params, grads, states) -> str | None:
+    if triton is None:
+        return _NO_TRITON
+    for p, g, st in zip(params, grads, states):
+        z, v = (st.get("z"), st.get("exp_avg_sq")) if st else (None, None)
+        on_device = (p.is_cpu and g.is_cpu) if _INTERPRET else (p.is_cuda and g.is_cuda)
+        if not (on_device and p.dtype in _FUSED_DTYPES and g.dtype in _FUSED_DTYPES):
+            return _device_problem(p) or _device_problem(g)
+        if not _same_dense_layout(p, g, z, v):
+            return (
+                "fused=True needs each param, its grad and its state to share one dense "
+                "layout (no gaps or overlaps, same strides); pass fused=False for params such "
+                f"as one of shape {tuple(p.shape)} and strides {p.stride()}"
+            )
+    return None
+
+
+def choose_impl(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    states: Sequence[dict | None],
+    foreach: bool | None,
+    fused: bool | None,
+) -> str:
+    """The one place that picks the step implementation of a group.
+
+    ``fused=True``: the Triton kernel, or a RuntimeError saying why it cannot run.
+    ``fused=None``: the Triton kernel when every param is a CUDA tensor it can step (never the
+    interpreter), else as ``fused=False``. ``fused=False``: ``foreach`` unless ``foreach=False``
+    (None counts as True), else the loop.
+    """
+    if fused or (fused is None and not _INTERPRET):
+        problem = _group_fused_problem(params, grads, states)
+        if problem is None:
+            return "fused"
+        if fused:
+            raise RuntimeError(problem)
+    return "loop" if foreach is False else "foreach"
+
+
+def update(impl: str, ys, gs, zs, vs, s: StepScalars) -> None:
+    """Move ``y``, ``z`` and ``v`` (None for SGD) of one group by one step with ``s``."""
+    if impl == "fused":
+        _update_fused(ys, gs, zs, vs, s)
+    elif impl == "foreach":
+        _update_foreach(ys, gs, zs, vs, s)
+    else:
+        _update_loop(ys, gs, zs, vs, s)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _to_bf16_rn(x):
+        """``x.to(tl.bfloat16)`` rounding to nearest even, in integer arithmetic: Triton's
+        interpreter truncates instead, and the kernel must round the same way in both."""
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+        rounded = tl.where(x != x, 0x7FC0, rounded)  # NaN stays NaN
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+    @triton.jit
+    def _fused_update_kernel(
+        meta_ptr,  # int64: [_N_SCALARS float64 bit patterns | y, g, z, v addresses per tensor]
+        block_tensor_ptr,  # int32 per program: which tensor it steps
+        block_start_ptr,  # int64 per program: first element of its block
+        numel_ptr,  # int64 per tensor
+        n_tensors,
+        Y_DTYPE: tl.constexpr,
+        G_DTYPE: tl.constexpr,
+        S_DTYPE: tl.constexpr,
+        F64: tl.constexpr,  # compute in float64 (else float32)
+        HAS_V: tl.constexpr,
+        NORMALIZE: tl.constexpr,
+        DECAY: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        t = tl.load(block_tensor_ptr + pid)
+        offs = tl.load(block_start_ptr + pid) + tl.arange(0, BLOCK)
+        mask = offs < tl.load(numel_ptr + t)
+        ct = tl.float64 if F64 else tl.float32
+
+        lr = tl.load(meta_ptr + 0).to(tl.float64, bitcast=True).to(ct)
+        c = tl.load(meta_ptr + 1).to(tl.float64, bitcast=True).to(ct)
+        y_coef = tl.load(meta_ptr + 2).to(tl.float64, bitcast=True).to(ct)
+        b2 = tl.load(meta_ptr + 3).to(tl.float64, bitcast=True).to(ct)
+        one_minus_b2 = tl.load(meta_ptr + 4).to(tl.float64, bitcast=True).to(ct)
+        bias_correction2 = tl.load(meta_ptr + 5).to(tl.float64, bitcast=True).to(ct)
+        eps = tl.load(meta_ptr + 6).to(tl.float64, bitcast=True).to(ct)
+        weight_decay = tl.load(meta_ptr + 7).to(tl.float64, bitcast=True).to(ct)
+
+        addr = meta_ptr + 8 + t
+        y_ptr = tl.load(addr).to(tl.pointer_type(Y_DTYPE)) + offs
+        g_ptr = tl.load(addr + n_tensors).to(tl.pointer_type(G_DTYPE)) + offs
+        z_ptr = tl.load(addr + 2 * n_tensors).to(tl.pointer_type(S_DTYPE)) + offs
+
+        y = tl.load(y_ptr, mask=mask).to(ct)
+        g = tl.load(g_ptr, mask=mask).to(ct)
+        z = tl.load(z_ptr, mask=mask).to(ct)
+        if HAS_V:
+            v_ptr = tl.load(addr + 3 * n_tensors).to(tl.pointer_type(S_DTYPE)) + offs
+            v = tl.load(v_ptr, mask=mask).to(ct)
+            v = v * b2 + one_minus_b2 * g * g
+            v_out = _to_bf16_rn(v) if S_DTYPE == tl.bfloat16 else v.to(S_DTYPE)
+            tl.store(v_ptr, v_out, mask=mask)
+        if NORMALIZE:
+            # IEEE-rounded sqrt and division in float32, as torch computes them.
+            bc2 = tl.zeros_like(v) + bias_correction2
+            if F64:
+                gn = g / (tl.sqrt(v / bc2) + eps)
+            else:
+                gn = tl.div_rn(g, tl.sqrt_rn(tl.div_rn(v, bc2)) + eps)
+        else:
+            gn = g
+        if DECAY:
+            gn = gn + weight_decay * y
+        # torch.lerp's two-sided formula, so that the fused step tracks the others closely.
+        y = tl.where(c < 0.5, y + c * (z - y), z - (z - y) * (1.0 - c))
+        y = y + y_coef * gn
+        z = z - lr * gn
+        y_out = _to_bf16_rn(y) if Y_DTYPE == tl.bfloat16 else y.to(Y_DTYPE)
+        z_out = _to_bf16_rn(z) if S_DTYPE == tl.bfloat16 else z.to(S_DTYPE)
+        tl.store(y_ptr, y_out, mask=mask)
+        tl.store(z_ptr, z_out, mask=mask)
+
+
+@functools.lru_cache(maxsize=64)
+def _block_tables(device: torch.device, numels: tuple[int, ...]):
+    """Per-program (tensor index, first element) tables and the numel table of one bucket."""
+    blocks = torch.tensor([-(-n // _BLOCK) for n in numels], dtype=torch.int64)
+    block_tensor = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), blocks)
+    first_block = torch.cumsum(blocks, 0) - blocks
+    block_start = (torch.arange(len(block_tensor)) - first_block[block_tensor.long()]) * _BLOCK
+    numel = torch.tensor(numels, dtype=torch.int64)
+    return block_tensor.to(device), block_start.to(device), numel.to(device)
+
+
+_TL_DTYPES = {}
+if tl is not None:
+    _TL_DTYPES = {
+        torch.float16: tl.float16,
+        torch.bfloat16: tl.bfloat16,
+        torch.float32: tl.float32,
+        torch.float64: tl.float64,
+    }
+
+
+def _update_fused(ys, gs, zs, vs, s: StepScalars) -> None:
+    kernel = _fused_update_kernel
+    coefs = (
+        s.lr, s.c, s.y_coef, s.b2, 1.0 - s.b2, s.bias_correction2, s.eps, s.weight_decay
+    )
+    bits = list(struct.unpack(f"<{_N_SCALARS}q", struct.pack(f"<{_N_SCALARS}d", *coefs)))
+    for (_, y_dtype, g_dtype, s_dtype), (ys_, gs_, zs_, vs_) in _buckets(ys, gs, zs, vs).items():
+        device = ys_[0].device
+        numels = tuple(y.numel() for y in ys_)
+        block_tensor, block_start, numel = _block_tables(device, numels)
+        n_blocks = block_tensor.numel()
+        if n_blocks == 0:
+            continue
+        addrs = [t.data_ptr() for t in ys_] + [t.data_ptr() for t in gs_]
+        addrs += [t.data_ptr() for t in zs_]
+        addrs += [0 if v is None else v.data_ptr() for v in vs_]
+        on_cuda = device.type == "cuda"
+        meta = torch.tensor(bits + addrs, dtype=torch.int64, pin_memory=on_cuda)
+        meta = meta.to(device, non_blocking=True)
+        f64 = torch.float64 in (y_dtype, s_dtype)
+        launch = functools.partial(
+            kernel[(n_blocks,)],
+            meta,
+            block_tensor,
+            block_start,
+            numel,
+            len(ys_),
+            Y_DTYPE=_TL_DTYPES[y_dtype],
+            G_DTYPE=_TL_DTYPES[g_dtype],
+            S_DTYPE=_TL_DTYPES[s_dtype],
+            F64=f64,
+            HAS_V=s.has_v,
+            NORMALIZE=s.normalize,
+            DECAY=s.weight_decay != 0,
+            BLOCK=_BLOCK,
+            num_warps=_NUM_WARPS,
+        )
+        if on_cuda:
+            with torch.cuda.device(device):
+                launch()
+        else:
+            launch()

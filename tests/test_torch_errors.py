@@ -1,0 +1,200 @@
+"""Bad input: the error, its message, and an optimizer left exactly as it was."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+from test_torch_problem import Problem, backward, max_rel_diff, train
+from test_torch_state import _assert_same, _snapshot
+
+import sf_torch
+from sf_torch import rule
+
+ADAMW_LIKE = [sf_torch.AdamWScheduleFree, sf_torch.RAdamScheduleFree]
+ALL = [sf_torch.AdamWScheduleFree, sf_torch.SGDScheduleFree, sf_torch.RAdamScheduleFree]
+
+INF = "[0, inf)"
+COMMON = [
+    ("lr", -1.0, INF),
+    ("lr", math.nan, INF),
+    ("lr", math.inf, INF),
+    ("weight_decay", -0.1, INF),
+    ("r", -1.0, INF),
+    ("weight_lr_power", -2.0, INF),
+]
+ADAMW_ONLY = [
+    ("eps", -1e-8, INF),
+    ("betas", (0.0, 0.9), "(0, 1]", "betas[0]"),
+    ("betas", (1.5, 0.9), "(0, 1]", "betas[0]"),
+    ("betas", (0.9, 1.0), "[0, 1)", "betas[1]"),
+    ("betas", (0.9, -0.5), "[0, 1)", "betas[1]"),
+]
+WARMUP = [
+    ("warmup_steps", -1, "{0, 1, 2, ...}"),
+    ("warmup_steps", 2.5, "{0, 1, 2, ...}"),
+]
+SGD_ONLY = [
+    ("momentum", 0.0, "(0, 1]"),
+    ("momentum", 1.01, "(0, 1]"),
+]
+
+
+def _cases():
+    for cls in ALL:
+        cases = list(COMMON)
+        if cls is not sf_torch.SGDScheduleFree:
+            cases += ADAMW_ONLY
+        else:
+            cases += SGD_ONLY
+        if cls is not sf_torch.RAdamScheduleFree:
+            cases += WARMUP
+        for case in cases:
+            yield cls, case
+
+
+def _message(case):
+    name, value, accepted = case[:3]
+    shown = case[3] if len(case) > 3 else name
+    if shown.startswith("betas["):
+        value = value[int(shown[6])]
+    return f"{shown} must be in {accepted}, got {value!r}"
+
+
+CASES = list(_cases())
+
+
+@pytest.mark.parametrize(
+    "cls,case", CASES, ids=[f"{c.__name__}-{k[0]}={k[1]}" for c, k in CASES]
+)
+def test_bad_hyperparameter_in_constructor_and_group(cls, case):
+    name, value = case[:2]
+    want = "^" + re.escape(_message(case)) + "$"
+    params = Problem().params()
+    with pytest.raises(ValueError, match=want):
+        cls(params, **{name: value})
+    with pytest.raises(ValueError, match=want):
+        cls([{"params": params[:2]}, {"params": params[2:], name: value}])
+
+    # add_param_group refuses the group and keeps the optimizer as it was.
+    opt = cls(params[:2])
+    with pytest.raises(ValueError, match=want):
+        opt.add_param_group({"params": params[2:], name: value})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize(
+    "cls,case", CASES[::3], ids=[f"{c.__name__}-{k[0]}" for c, k in CASES[::3]]
+)
+def test_bad_hyperparameter_set_mid_run_fails_the_step_cleanly(cls, case):
+    name, value = case[:2]
+    problem = Problem(seed=1)
+    params = problem.params()
+    opt = cls([{"params": params[:2]}, {"params": params[2:]}])
+    train(opt, problem, params, 3)
+    backward(problem, params)
+    opt.param_groups[1][name] = value
+    before = _snapshot(opt, params)
+    called = []
+    with pytest.raises(ValueError, match=re.escape(_message(case))):
+        opt.step(lambda: called.append(1))
+    assert called == []
+    _assert_same(_snapshot(opt, params), before)
+
+
+def test_betas_must_be_a_pair():
+    with pytest.raises(ValueError, match=r"^betas must be a pair \(beta1, beta2\), got \(0\.9,\)$"):
+        sf_torch.AdamWScheduleFree(Problem().params(), betas=(0.9,))
+
+
+def test_bad_state_dtype_and_flags():
+    params = Problem().params()
+    with pytest.raises(ValueError, match=r"^state_dtype must be in floating torch dtypes"):
+        sf_torch.AdamWScheduleFree(params, state_dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"^fused must be in \(None, True, False\), got 'yes'$"):
+        sf_torch.SGDScheduleFree(params, fused="yes")
+    with pytest.raises(ValueError, match=r"^foreach must be in \(None, True, False\), got 2$"):
+        sf_torch.RAdamScheduleFree(params, foreach=2)
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_sparse_gradient_fails_before_anything_moves(cls):
+    problem = Problem(seed=2)
+    params = problem.params()
+    opt = cls([{"params": params[:3]}, {"params": params[3:]}])
+    train(opt, problem, params, 2)
+    backward(problem, params)
+    params[4].grad = params[4].grad.to_sparse()  # the last group: the first one must not move
+    before = _snapshot(opt, params)
+    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+        opt.step()
+    _assert_same(_snapshot(opt, params), before)
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_fused_without_cuda_or_interpreter_is_a_clear_error(cls, monkeypatch):
+    monkeypatch.setattr(rule, "_INTERPRET", False)
+    problem = Problem(seed=3)
+    params = problem.params()
+    with pytest.raises(RuntimeError, match=r"fused=True needs CUDA tensors.*TRITON_INTERPRET=1"):
+        cls(params, fused=True)
+
+    # Switched on later, in one group: the step fails before anything moves.
+    opt = cls([{"params": params[:3]}, {"params": params[3:]}])
+    train(opt, problem, params, 2)
+    backward(problem, params)
+    opt.param_groups[1]["fused"] = True
+    before = _snapshot(opt, params)
+    with pytest.raises(RuntimeError, match="fused=True needs CUDA tensors"):
+        opt.step()
+    _assert_same(_snapshot(opt, params), before)
+
+    monkeypatch.setattr(rule, "triton", None)
+    with pytest.raises(RuntimeError, match="fused=True needs Triton"):
+        cls(params, fused=True)
+
+
+def test_apply_update_needs_a_counted_step():
+    problem = Problem()
+    params = problem.params()
+    opt = sf_torch.AdamWScheduleFree(params)
+    backward(problem, params)
+    before = _snapshot(opt, params)
+    with pytest.raises(RuntimeError, match=r"call advance_scalars\(\) first"):
+        opt.apply_update()
+    _assert_same(_snapshot(opt, params), before)
+
+
+def test_closure_runs_with_grad_enabled_and_its_loss_is_returned():
+    problem = Problem(seed=5)
+    params = problem.params()
+    opt = sf_torch.SGDScheduleFree(params, lr=0.01)
+
+    def closure():
+        assert torch.is_grad_enabled()
+        backward(problem, params)
+        return problem.loss(params).detach()
+
+    with torch.no_grad():
+        loss = opt.step(closure)
+    assert loss.item() == pytest.approx(problem.loss_np(problem.init), rel=1e-14)
+    # The first step has c = 1, so y = z = init - lr * g, with g the closure's gradient.
+    want = [p - 0.01 * g for p, g in zip(problem.init, problem.grad_np(problem.init))]
+    assert max_rel_diff(params, want) <= 1e-15
+
+
+def test_fused_refuses_a_param_with_gaps_before_anything_moves(monkeypatch):
+    """The kernel walks flat memory; a param with gaps (a column slice) is refused."""
+    monkeypatch.setattr(rule, "_INTERPRET", True)  # CPU tensors count as the kernel's device
+    base = torch.randn(8, 6, dtype=torch.float64)
+    params = [torch.nn.Parameter(base[:, :3]), torch.nn.Parameter(torch.randn(5))]
+    assert params[0].stride() == (6, 1)
+    opt = sf_torch.AdamWScheduleFree(params, fused=True)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    before = _snapshot(opt, params)
+    with pytest.raises(RuntimeError, match="share one dense layout"):
+        opt.step()
+    _assert_same(_snapshot(opt, params), before)
