@@ -1,0 +1,200 @@
+"""One DeepSpeed run on N CPU ranks (gloo), for tests/test_deepspeed.py.
+
+Run as ``python tests/ds_worker.py OUT.pt '<json options>'``: spawns the ranks, trains the twin
+MLP below with sf_torch.deepspeed, and rank 0 saves what the test compares (the weights the model
+computes with after eval/train, the masters and z, counters, the trajectory after a checkpoint
+resume) to OUT.pt. Every number in it comes from DeepSpeed's engine; the test computes the
+expected values independently (a single-process sf_torch run, float64 formulas).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+IN, HIDDEN, OUT, MICRO = 8, 16, 4, 4
+
+
+def make_model(seed: int = 0) -> torch.nn.Module:
+    rng = np.random.default_rng(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(IN, HIDDEN), torch.nn.Tanh(), torch.nn.Linear(HIDDEN, OUT)
+    )
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.from_numpy(rng.normal(scale=0.5, size=tuple(p.shape))))
+    return model
+
+
+def batch(step: int, rank: int, world: int):
+    """Rank r's micro-batch of global step `step`; the global batch is all ranks' rows."""
+    rng = np.random.default_rng([11, step])
+    x = rng.normal(size=(world * MICRO, IN))
+    y = rng.normal(size=(world * MICRO, OUT))
+    rows = slice(rank * MICRO, (rank + 1) * MICRO)
+    return torch.from_numpy(x[rows]).float(), torch.from_numpy(y[rows]).float()
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float):
+    weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    return [
+        {"params": weights, "weight_decay": weight_decay},
+        {"params": biases, "weight_decay": 0.0},
+    ]
+
+
+def ds_config(opts: dict) -> dict:
+    cfg = {
+        "train_micro_batch_size_per_gpu": MICRO,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.0,
+        "optimizer": {"type": "AdamWScheduleFree", "params": opts["optimizer"]},
+        "zero_optimization": {"stage": opts["stage"]},
+        "bf16": {"enabled": opts["dtype"] == "bf16"},
+        "steps_per_print": 10**9,
+    }
+    if opts.get("offload"):
+        cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    return cfg
+
+
+def gathered(engine) -> list[torch.Tensor]:
+    """The full weights the model computes with, as float32 copies (ZeRO-3: all-gathered)."""
+    import deepspeed
+
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params, enabled=hasattr(params[0], "ds_id")):
+        return [p.detach().float().clone() for p in params]
+
+
+def masters_and_z(engine) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(fp32 master, z) of every model param, read through DeepSpeed's own accessors (ZeRO) or
+    its wrapper's master lists (no ZeRO): the test computes x from these independently."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    client = engine._sf_client
+    wrapper = engine.optimizer
+    pairs = {}
+    if wrapper is client:
+        pairs = {id(p): (p, client.state[p]["z"]) for p in engine.module.parameters()}
+    elif hasattr(wrapper, "fp32_groups") and hasattr(wrapper, "fp16_groups"):
+        for lp_group, fp32_group in zip(wrapper.fp16_groups, wrapper.fp32_groups):
+            for lp, master in zip(lp_group, fp32_group):
+                pairs[id(lp)] = (master, client.state[master]["z"])
+    out = []
+    for p in engine.module.parameters():
+        if pairs:
+            master, z = pairs[id(p)]
+        else:
+            master, z = safe_get_full_fp32_param(p), safe_get_full_optimizer_state(p, "z")
+        out.append((master.detach().float().clone(), z.detach().float().clone()))
+    return out
+
+
+def train_steps(engine, start: int, stop: int, rank: int, world: int) -> list[float]:
+    losses = []
+    dtype = next(engine.module.parameters()).dtype
+    for step in range(start, stop):
+        x, y = batch(step, rank, world)
+        loss = torch.nn.functional.mse_loss(engine(x.to(dtype)).float(), y)
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    return losses
+
+
+def build(opts: dict):
+    import sf_torch.deepspeed as sfds
+
+    model = make_model()
+    engine, *_ = sfds.initialize(
+        model=model,
+        model_parameters=param_groups(model, opts["optimizer"].get("weight_decay", 0.0)),
+        config=ds_config(opts),
+    )
+    return engine
+
+
+def worker(rank: int, world: int, port: int, opts: dict, out: str) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    import deepspeed
+
+    import sf_torch.deepspeed as sfds
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    n1, n2 = opts["steps"]
+    result: dict = {}
+    engine = build(opts)
+    client = engine._sf_client
+    result["before"] = gathered(engine)
+    train_steps(engine, 0, n1, rank, world)
+    result["y_weights"] = gathered(engine)
+    result["masters_z"] = masters_and_z(engine)
+    result["rank"] = rank
+
+    sfds.eval(engine)
+    result["x_weights"] = gathered(engine)
+    sfds.eval(engine)  # idempotent
+    result["x_weights_again"] = gathered(engine)
+    result["state_keys"] = sorted(len(s) for s in client.state.values())
+    result["module_training"] = engine.module.training
+    try:
+        engine.step()
+        result["step_in_eval"] = "no error"
+    except RuntimeError as err:
+        result["step_in_eval"] = str(err)
+    ckpt = os.path.join(os.path.dirname(out), "ckpt")
+    engine.save_checkpoint(ckpt, tag="mid")  # saved in eval mode
+    sfds.train(engine)
+    result["y_weights_back"] = gathered(engine)
+    result["losses_uninterrupted"] = train_steps(engine, n1, n1 + n2, rank, world)
+    result["final_uninterrupted"] = gathered(engine)
+    result["k"] = [g["k"] for g in client.param_groups]
+    result["weight_sum"] = [g["weight_sum"] for g in client.param_groups]
+    sfds.eval(engine)
+    result["final_x"] = gathered(engine)
+
+    resumed = build(opts)
+    resumed.load_checkpoint(ckpt, tag="mid")
+    result["resumed_x_weights"] = gathered(resumed)
+    sfds.train(resumed)
+    result["losses_resumed"] = train_steps(resumed, n1, n1 + n2, rank, world)
+    result["final_resumed"] = gathered(resumed)
+    result["k_resumed"] = [g["k"] for g in resumed._sf_client.param_groups]
+
+    results = [None] * world
+    torch.distributed.all_gather_object(results, result)
+    if rank == 0:
+        torch.save(results, out)
+    torch.distributed.barrier()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(out: str, opts: dict) -> None:
+    world = opts.get("world", 2)
+    torch.set_num_threads(1)
+    mp.spawn(worker, args=(world, free_port(), opts, out), nprocs=world, join=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], json.loads(sys.argv[2]))

@@ -1,0 +1,123 @@
+"""sf_torch.deepspeed on 2 CPU ranks (gloo): ZeRO 0/1/2/3, fp32 and bf16, CPU offload.
+
+Each configuration runs in its own processes (tests/ds_worker.py). What the engine's model
+computes with after eval/train is compared with a single-process sf_torch run on the same global
+batches (float32), and checkpoint resume with the uninterrupted DeepSpeed run. (fp16 is not
+supported by DeepSpeed's CPU accelerator; it runs on the GPU machine.)
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from ds_worker import IN, MICRO, OUT, batch, make_model, param_groups
+
+import sf_torch
+
+HERE = Path(__file__).parent
+OPT = {"lr": 0.02, "betas": [0.9, 0.999], "weight_decay": 0.01, "warmup_steps": 3}
+STEPS = (6, 4)
+CONFIGS = [
+    dict(stage=0, dtype="fp32"),
+    dict(stage=1, dtype="fp32"),
+    dict(stage=2, dtype="fp32"),
+    dict(stage=3, dtype="fp32"),
+    dict(stage=0, dtype="bf16"),
+    dict(stage=1, dtype="bf16"),
+    dict(stage=2, dtype="bf16"),
+    dict(stage=3, dtype="bf16"),
+    dict(stage=2, dtype="fp32", offload=True),
+    dict(stage=3, dtype="fp32", offload=True),
+]
+
+
+def run_deepspeed(tmp_path, **opts):
+    opts = dict(opts, steps=list(STEPS), optimizer=OPT)
+    out = tmp_path / "out.pt"
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(HERE.parent))
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "ds_worker.py"), str(out), json.dumps(opts)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return torch.load(out, weights_only=False)
+
+
+def reference(steps, world=2):
+    """Single process, full global batch: y and x after each of `steps` steps (float32)."""
+    model = make_model()
+    kwargs = {k: v for k, v in OPT.items() if k != "weight_decay"}
+    kwargs["betas"] = tuple(kwargs["betas"])
+    opt = sf_torch.AdamWScheduleFree(param_groups(model, OPT["weight_decay"]), **kwargs)
+    ys, xs = [], []
+    for step in range(steps):
+        xb = torch.cat([batch(step, r, world)[0] for r in range(world)])
+        yb = torch.cat([batch(step, r, world)[1] for r in range(world)])
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(xb), yb).backward()
+        opt.step()
+        ys.append([p.detach().clone() for p in model.parameters()])
+        group_params = [p for g in opt.param_groups for p in g["params"]]
+        x_by_id = {id(p): x for p, x in zip(group_params, opt.eval_params())}
+        xs.append([x_by_id[id(p)] for p in model.parameters()])
+    return ys, xs
+
+
+def max_diff(a, b):
+    return max(float((u.double() - v.double()).abs().max()) for u, v in zip(a, b))
+
+
+def test_worker_data_is_the_global_batch():
+    assert batch(0, 1, 2)[0].shape == (MICRO, IN) and batch(0, 0, 2)[1].shape == (MICRO, OUT)
+    assert not torch.equal(batch(0, 0, 2)[0], batch(0, 1, 2)[0])
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(str(v) for v in c.values()))
+def test_eval_train_and_resume(tmp_path, config):
+    results = run_deepspeed(tmp_path, **config)
+    n1, n2 = STEPS
+    ys, xs = reference(n1 + n2)
+    in_place = config["stage"] == 0 and config["dtype"] == "fp32"
+    # float32: the same trajectory up to reduction order; bf16: the model computes in bf16
+    tol = 2e-5 if config["dtype"] == "fp32" else 3e-2
+    b1 = OPT["betas"][0]
+    lp = torch.float32 if config["dtype"] == "fp32" else torch.bfloat16
+    for r in results:
+        # the bug this module exists for: eval must move the weights the model computes with,
+        # to x = (y - (1 - b1) z) / b1 of DeepSpeed's own masters y and z (float64 here)
+        for weight, y_weight, (master, z) in zip(r["x_weights"], r["y_weights"], r["masters_z"]):
+            x = ((master.double() - (1 - b1) * z.double()) / b1).to(lp).float()
+            ulp = 0.0 if lp == torch.float32 else 2.0**-7 * float(x.abs().max())
+            assert float((weight - x).abs().max()) <= max(ulp, 1e-6 * float(x.abs().max()))
+            assert torch.equal(y_weight, master.to(lp).float())
+        assert max_diff(r["x_weights"], r["y_weights"]) > 1e-3
+        if lp == torch.float32:
+            moved = max_diff(r["x_weights"], r["y_weights"])
+            expected = max_diff(xs[n1 - 1], ys[n1 - 1])
+            assert abs(moved - expected) <= 1e-3 * expected, (moved, expected)
+        assert max_diff(r["y_weights"], ys[n1 - 1]) <= tol
+        assert max_diff(r["x_weights"], xs[n1 - 1]) <= tol
+        assert max_diff(r["x_weights_again"], r["x_weights"]) == 0.0
+        assert r["module_training"] is False
+        assert "eval mode" in r["step_in_eval"]
+        assert r["state_keys"] == sorted(r["state_keys"]) and set(r["state_keys"]) == {2}
+        back = max_diff(r["y_weights_back"], r["y_weights"])
+        assert back <= (1e-6 if in_place else 0.0)
+        assert r["k"] == [n1 + n2] * 2 and r["k_resumed"] == [n1 + n2] * 2
+        assert max_diff(r["final_uninterrupted"], ys[-1]) <= tol
+        assert max_diff(r["final_x"], xs[-1]) <= tol
+        # resume from the checkpoint saved in eval mode: the model loads at x, then continues
+        assert max_diff(r["resumed_x_weights"], r["x_weights"]) <= (1e-6 if in_place else 0.0)
+        resumed = max_diff(r["final_resumed"], r["final_uninterrupted"])
+        assert resumed <= (1e-5 if in_place else 0.0), resumed
+        assert r["losses_resumed"] == pytest.approx(r["losses_uninterrupted"], rel=1e-5)
+    # every rank computes with the same weights
+    for key in ("x_weights", "y_weights_back", "final_uninterrupted"):
+        assert max_diff(results[0][key], results[1][key]) == 0.0
