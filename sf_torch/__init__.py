@@ -6,6 +6,7 @@ for the ``schedulefree`` classes of the same names (plus ``fused``, ``state_dtyp
 Schedule-Free. The update rule is stated and implemented in ``sf_torch.rule``.
 """
 
+from .batchnorm import batchnorm_stats_at_current_weights
 from .optimizers import (
     AdamWScheduleFree,
     RAdamScheduleFree,
@@ -15,6 +16,7 @@ from .optimizers import (
 from .wrapper import ScheduleFreeWrapper
 
 __all__ = [
+    "batchnorm_stats_at_current_weights",
     "AdamWScheduleFree",
     "RAdamScheduleFree",
     "SGDScheduleFree",

@@ -229,8 +229,10 @@ def _attach(engine: Any, client: ScheduleFreeOptimizer) -> None:
 
     load = engine.load_checkpoint
 
-    def load_checkpoint(*args: Any, **kwargs: Any):
-        result = load(*args, **kwargs)
+    def load_checkpoint(load_dir: str, tag: str | None = None, **kwargs: Any):
+        result = load(load_dir, tag, **kwargs)
+        if engine.load_universal_checkpoint() and hasattr(wrapper, "fp32_partitioned_groups_flat"):
+            _after_universal_load(engine, load_dir, tag)
         # The checkpoint restored the masters (y, or x where they are the weights) and the
         # mode; the model's own weights must show that mode's view.
         if not _in_place(engine):
@@ -355,3 +357,101 @@ def train(engine: Any) -> None:
         _switch(engine, "y")
         for group in client.param_groups:
             group["train_mode"] = True
+
+
+# -- universal checkpoints ---------------------------------------------------------------------
+
+
+def _stage_for_converter(optim_file: str) -> tuple[bool, bool]:
+    """Rewrites one ZeRO optimizer shard in the Adam layout DeepSpeed's converter reads: ``z``
+    as ``exp_avg``, a zero ``exp_avg_sq`` for SGD, and (ZeRO-3) a per-tensor ``step``.
+    Returns (is ZeRO-3, held SGD state)."""
+    sd = torch.load(optim_file, map_location="cpu", weights_only=False)
+    outer = sd["optimizer_state_dict"]
+    zero3 = "base_optimizer_state" not in outer
+    inner = outer["optimizer_state_dict"] if zero3 else outer["base_optimizer_state"]
+    sgd = False
+    for state in inner["state"].values():
+        if "z" in state:
+            state["exp_avg"] = state.pop("z")
+        if "exp_avg_sq" not in state and "exp_avg" in state:
+            state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+            sgd = True
+        if zero3:
+            state.setdefault("step", torch.tensor(float(inner["param_groups"][0]["k"])))
+    torch.save(sd, optim_file)
+    return zero3, sgd
+
+
+def to_universal(input_folder: str, output_folder: str, *, workers: int = 1) -> None:
+    """Converts a checkpoint of an sf_torch.deepspeed engine to DeepSpeed's universal format.
+
+    DeepSpeed's converter (``deepspeed.checkpoint.ds_to_universal``) only carries the Adam
+    state keys ``exp_avg``/``exp_avg_sq`` and would drop ``z``; this runs it on a copy whose
+    ``z`` is named ``exp_avg`` (and, for SGD, a placeholder ``exp_avg_sq``), then renames the
+    per-parameter files back. Load the result with ``"checkpoint": {"load_universal": true}``
+    on any number of ranks: the counters and the mode come back with the param groups.
+
+    Args:
+      input_folder: the tag folder written by ``engine.save_checkpoint`` (e.g. ``ckpt/step10``).
+      output_folder: the universal checkpoint's tag folder to create.
+      workers: processes for the converter's extract and merge phases.
+    """
+    import argparse
+    import glob
+    import os
+    import shutil
+    import tempfile
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    if not os.path.isdir(input_folder):
+        raise ValueError(f"input_folder must be a checkpoint tag folder, got {input_folder!r}")
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = os.path.join(tmp, os.path.basename(os.path.normpath(input_folder)))
+        shutil.copytree(input_folder, staged)
+        optim_files = glob.glob(os.path.join(staged, "*optim_states.pt"))
+        if not optim_files:
+            raise ValueError(f"input_folder has no ZeRO optimizer shards: {input_folder!r}")
+        staged_as = [_stage_for_converter(f) for f in optim_files]
+        zero3, sgd = staged_as[0][0], any(held_sgd for _, held_sgd in staged_as)
+        args = argparse.Namespace(
+            input_folder=staged,
+            output_folder=output_folder,
+            num_extract_workers=workers,
+            num_merge_workers=workers,
+            keep_temp_folder=False,
+            strict=True,
+            inject_missing_state=True,
+        )
+        ds_to_universal.main(args)
+    if zero3:
+        return  # DeepSpeed's ZeRO-3 loader reads exactly exp_avg/exp_avg_sq: see _after_load
+    for path in glob.glob(os.path.join(output_folder, "zero", "*", "exp_avg.pt")):
+        os.replace(path, os.path.join(os.path.dirname(path), "z.pt"))
+        v_path = os.path.join(os.path.dirname(path), "exp_avg_sq.pt")
+        if sgd and os.path.exists(v_path):
+            os.remove(v_path)
+
+
+def _after_universal_load(engine: Any, load_dir: str, tag: str | None) -> None:
+    """Undoes what DeepSpeed's ZeRO-3 universal loader imposes: Adam's state names (z arrives
+    as ``exp_avg``, plus a ``step``) and the first param group's values in every group."""
+    import os
+
+    client = _client(engine)
+    if tag is None:
+        with open(os.path.join(load_dir, "latest_universal")) as f:
+            tag = f.read().strip()
+    for master, _ in _masters(engine)[0]:
+        state = client.state[master]
+        if "exp_avg" in state:
+            state["z"] = state.pop("exp_avg")
+        state.pop("step", None)
+        if client.kind == "sgd":
+            state.pop("exp_avg_sq", None)
+    saved = torch.load(
+        os.path.join(load_dir, tag, "zero", "optimizer_state.pt"), weights_only=False
+    )["param_groups"]
+    for group, saved_group in zip(client.param_groups, saved):
+        group.update({k: v for k, v in saved_group.items() if k != "params"})

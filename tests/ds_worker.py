@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-IN, HIDDEN, OUT, MICRO = 8, 16, 4, 4
+IN, HIDDEN, OUT, ROWS = 8, 16, 4, 8  # ROWS: rows of one global micro-batch, split over ranks
 
 
 def make_model(seed: int = 0) -> torch.nn.Module:
@@ -34,12 +34,12 @@ def make_model(seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def batch(step: int, rank: int, world: int):
-    """Rank r's micro-batch of global step `step`; the global batch is all ranks' rows."""
-    rng = np.random.default_rng([11, step])
-    x = rng.normal(size=(world * MICRO, IN))
-    y = rng.normal(size=(world * MICRO, OUT))
-    rows = slice(rank * MICRO, (rank + 1) * MICRO)
+def batch(micro_step: int, rank: int, world: int):
+    """Rank r's share of global micro-batch `micro_step` (the same rows whatever the world)."""
+    rng = np.random.default_rng([11, micro_step])
+    x, y = rng.normal(size=(ROWS, IN)), rng.normal(size=(ROWS, OUT))
+    per_rank = ROWS // world
+    rows = slice(rank * per_rank, (rank + 1) * per_rank)
     return torch.from_numpy(x[rows]).float(), torch.from_numpy(y[rows]).float()
 
 
@@ -52,11 +52,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float):
     ]
 
 
-def ds_config(opts: dict) -> dict:
+def ds_config(opts: dict, world: int) -> dict:
     cfg = {
-        "train_micro_batch_size_per_gpu": MICRO,
-        "gradient_accumulation_steps": 1,
-        "gradient_clipping": 0.0,
+        "train_micro_batch_size_per_gpu": ROWS // world,
+        "gradient_accumulation_steps": opts.get("ga", 1),
+        "gradient_clipping": opts.get("clip", 0.0),
         "optimizer": {"type": "AdamWScheduleFree", "params": opts["optimizer"]},
         "zero_optimization": {"stage": opts["stage"]},
         "bf16": {"enabled": opts["dtype"] == "bf16"},
@@ -64,6 +64,10 @@ def ds_config(opts: dict) -> dict:
     }
     if opts.get("offload"):
         cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    if opts.get("sub_group_size"):
+        cfg["zero_optimization"]["sub_group_size"] = opts["sub_group_size"]
+    if opts.get("resume_from"):
+        cfg["checkpoint"] = {"load_universal": True}
     return cfg
 
 
@@ -101,10 +105,12 @@ def masters_and_z(engine) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def train_steps(engine, start: int, stop: int, rank: int, world: int) -> list[float]:
+    """Optimizer steps start..stop-1, each of `gradient_accumulation_steps` micro-steps."""
     losses = []
     dtype = next(engine.module.parameters()).dtype
-    for step in range(start, stop):
-        x, y = batch(step, rank, world)
+    ga = engine.gradient_accumulation_steps()
+    for micro_step in range(start * ga, stop * ga):
+        x, y = batch(micro_step, rank, world)
         loss = torch.nn.functional.mse_loss(engine(x.to(dtype)).float(), y)
         engine.backward(loss)
         engine.step()
@@ -112,16 +118,34 @@ def train_steps(engine, start: int, stop: int, rank: int, world: int) -> list[fl
     return losses
 
 
-def build(opts: dict):
+def build(opts: dict, world: int):
     import sf_torch.deepspeed as sfds
 
     model = make_model()
     engine, *_ = sfds.initialize(
         model=model,
         model_parameters=param_groups(model, opts["optimizer"].get("weight_decay", 0.0)),
-        config=ds_config(opts),
+        config=ds_config(opts, world),
     )
     return engine
+
+
+def resume_universal(engine, opts: dict, rank: int, world: int) -> dict:
+    """Loads a universal checkpoint (saved in eval mode) and trains on: what the test compares."""
+    import sf_torch.deepspeed as sfds
+
+    n1, n2 = opts["steps"]
+    folder, tag = os.path.split(os.path.normpath(opts["resume_from"]))
+    engine.load_checkpoint(folder, tag=tag)
+    client = engine._sf_client
+    result = {"rank": rank, "resumed_x_weights": gathered(engine)}
+    result["resumed_train_mode"] = [g["train_mode"] for g in client.param_groups]
+    result["resumed_k"] = [g["k"] for g in client.param_groups]
+    sfds.train(engine)
+    result["losses_resumed"] = train_steps(engine, n1, n1 + n2, rank, world)
+    result["final_resumed"] = gathered(engine)
+    result["k_resumed"] = [g["k"] for g in client.param_groups]
+    return result
 
 
 def worker(rank: int, world: int, port: int, opts: dict, out: str) -> None:
@@ -139,7 +163,10 @@ def worker(rank: int, world: int, port: int, opts: dict, out: str) -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     n1, n2 = opts["steps"]
     result: dict = {}
-    engine = build(opts)
+    engine = build(opts, world)
+    if opts.get("resume_from"):
+        finish(resume_universal(engine, opts, rank, world), world, rank, out)
+        return
     client = engine._sf_client
     result["before"] = gathered(engine)
     train_steps(engine, 0, n1, rank, world)
@@ -153,12 +180,13 @@ def worker(rank: int, world: int, port: int, opts: dict, out: str) -> None:
     result["x_weights_again"] = gathered(engine)
     result["state_keys"] = sorted(len(s) for s in client.state.values())
     result["module_training"] = engine.module.training
-    try:
-        engine.step()
-        result["step_in_eval"] = "no error"
-    except RuntimeError as err:
-        result["step_in_eval"] = str(err)
-    ckpt = os.path.join(os.path.dirname(out), "ckpt")
+    if engine.gradient_accumulation_steps() == 1:  # else engine.step() only counts a micro-step
+        try:
+            engine.step()
+            result["step_in_eval"] = "no error"
+        except RuntimeError as err:
+            result["step_in_eval"] = str(err)
+    ckpt = opts.get("checkpoint_dir") or os.path.join(os.path.dirname(out), "ckpt")
     engine.save_checkpoint(ckpt, tag="mid")  # saved in eval mode
     sfds.train(engine)
     result["y_weights_back"] = gathered(engine)
@@ -169,14 +197,17 @@ def worker(rank: int, world: int, port: int, opts: dict, out: str) -> None:
     sfds.eval(engine)
     result["final_x"] = gathered(engine)
 
-    resumed = build(opts)
+    resumed = build(opts, world)
     resumed.load_checkpoint(ckpt, tag="mid")
     result["resumed_x_weights"] = gathered(resumed)
     sfds.train(resumed)
     result["losses_resumed"] = train_steps(resumed, n1, n1 + n2, rank, world)
     result["final_resumed"] = gathered(resumed)
     result["k_resumed"] = [g["k"] for g in resumed._sf_client.param_groups]
+    finish(result, world, rank, out)
 
+
+def finish(result: dict, world: int, rank: int, out: str) -> None:
     results = [None] * world
     torch.distributed.all_gather_object(results, result)
     if rank == 0:

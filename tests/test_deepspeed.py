@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ds_worker import IN, MICRO, OUT, batch, make_model, param_groups
+from ds_worker import IN, OUT, ROWS, batch, make_model, param_groups
 
 import sf_torch
 
@@ -32,11 +32,15 @@ CONFIGS = [
     dict(stage=3, dtype="bf16"),
     dict(stage=2, dtype="fp32", offload=True),
     dict(stage=3, dtype="fp32", offload=True),
+    # gradient accumulation, clipping that bites, and several ZeRO-3 sub-groups per group
+    dict(stage=3, dtype="fp32", ga=2, clip=0.05, sub_group_size=40),
+    dict(stage=1, dtype="fp32", ga=3, clip=0.05),
 ]
 
 
 def run_deepspeed(tmp_path, **opts):
     opts = dict(opts, steps=list(STEPS), optimizer=OPT)
+    tmp_path.mkdir(parents=True, exist_ok=True)
     out = tmp_path / "out.pt"
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(HERE.parent))
     proc = subprocess.run(
@@ -50,18 +54,20 @@ def run_deepspeed(tmp_path, **opts):
     return torch.load(out, weights_only=False)
 
 
-def reference(steps, world=2):
-    """Single process, full global batch: y and x after each of `steps` steps (float32)."""
+def reference(steps, ga=1, clip=0.0):
+    """Single process, whole global batches: y and x after each of `steps` steps (float32)."""
     model = make_model()
     kwargs = {k: v for k, v in OPT.items() if k != "weight_decay"}
     kwargs["betas"] = tuple(kwargs["betas"])
     opt = sf_torch.AdamWScheduleFree(param_groups(model, OPT["weight_decay"]), **kwargs)
     ys, xs = [], []
     for step in range(steps):
-        xb = torch.cat([batch(step, r, world)[0] for r in range(world)])
-        yb = torch.cat([batch(step, r, world)[1] for r in range(world)])
         opt.zero_grad()
-        torch.nn.functional.mse_loss(model(xb), yb).backward()
+        for micro_step in range(step * ga, (step + 1) * ga):
+            xb, yb = batch(micro_step, 0, 1)
+            (torch.nn.functional.mse_loss(model(xb), yb) / ga).backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         ys.append([p.detach().clone() for p in model.parameters()])
         group_params = [p for g in opt.param_groups for p in g["params"]]
@@ -75,15 +81,16 @@ def max_diff(a, b):
 
 
 def test_worker_data_is_the_global_batch():
-    assert batch(0, 1, 2)[0].shape == (MICRO, IN) and batch(0, 0, 2)[1].shape == (MICRO, OUT)
-    assert not torch.equal(batch(0, 0, 2)[0], batch(0, 1, 2)[0])
+    assert batch(0, 1, 2)[0].shape == (ROWS // 2, IN)
+    assert batch(0, 0, 2)[1].shape == (ROWS // 2, OUT)
+    assert torch.equal(torch.cat([batch(3, 0, 2)[0], batch(3, 1, 2)[0]]), batch(3, 0, 1)[0])
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(str(v) for v in c.values()))
 def test_eval_train_and_resume(tmp_path, config):
     results = run_deepspeed(tmp_path, **config)
     n1, n2 = STEPS
-    ys, xs = reference(n1 + n2)
+    ys, xs = reference(n1 + n2, config.get("ga", 1), config.get("clip", 0.0))
     in_place = config["stage"] == 0 and config["dtype"] == "fp32"
     # float32: the same trajectory up to reduction order; bf16: the model computes in bf16
     tol = 2e-5 if config["dtype"] == "fp32" else 3e-2
@@ -106,7 +113,8 @@ def test_eval_train_and_resume(tmp_path, config):
         assert max_diff(r["x_weights"], xs[n1 - 1]) <= tol
         assert max_diff(r["x_weights_again"], r["x_weights"]) == 0.0
         assert r["module_training"] is False
-        assert "eval mode" in r["step_in_eval"]
+        if config.get("ga", 1) == 1:
+            assert "eval mode" in r["step_in_eval"]
         assert r["state_keys"] == sorted(r["state_keys"]) and set(r["state_keys"]) == {2}
         back = max_diff(r["y_weights_back"], r["y_weights"])
         assert back <= (1e-6 if in_place else 0.0)
@@ -121,3 +129,30 @@ def test_eval_train_and_resume(tmp_path, config):
     # every rank computes with the same weights
     for key in ("x_weights", "y_weights_back", "final_uninterrupted"):
         assert max_diff(results[0][key], results[1][key]) == 0.0
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_universal_checkpoint_resumes_on_another_world_size(tmp_path, stage):
+    """Saved on 2 ranks (in eval mode), converted, resumed on 1 rank: the same trajectory."""
+    from sf_torch.deepspeed import to_universal
+
+    ckpt = tmp_path / "ckpt"
+    both = run_deepspeed(tmp_path, stage=stage, dtype="fp32", checkpoint_dir=str(ckpt))
+    first = both[0]
+    universal = tmp_path / "universal" / "mid"
+    to_universal(str(ckpt / "mid"), str(universal))
+    # z is kept (named z.pt; ZeRO-3's loader only reads Adam's name exp_avg.pt)
+    z_file = "exp_avg.pt" if stage == 3 else "z.pt"
+    assert (universal / "zero" / "0.weight" / z_file).exists()
+    resumed = run_deepspeed(
+        tmp_path / "one", stage=stage, dtype="fp32", world=1, resume_from=str(universal)
+    )[0]
+    n1, n2 = STEPS
+    assert resumed["resumed_train_mode"] == [False, False] and resumed["resumed_k"] == [n1] * 2
+    assert max_diff(resumed["resumed_x_weights"], first["x_weights"]) <= 1e-7
+    assert resumed["k_resumed"] == [n1 + n2] * 2
+    # 1 rank sums the batch in another order than 2: float32 round-off, nothing more
+    assert max_diff(resumed["final_resumed"], first["final_uninterrupted"]) <= 1e-6
+    # one rank's loss is the mean of the two ranks' losses (equal shares of the batch)
+    two_rank_mean = [(a + b) / 2 for a, b in zip(*(r["losses_uninterrupted"] for r in both))]
+    assert resumed["losses_resumed"] == pytest.approx(two_rank_mean, rel=1e-5)

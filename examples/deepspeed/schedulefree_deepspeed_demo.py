@@ -1,0 +1,178 @@
+"""Schedule-Free AdamW under DeepSpeed: a small BatchNorm MLP on scikit-learn's 8x8 digits.
+
+    deepspeed schedulefree_deepspeed_demo.py --deepspeed_config ds_config.json       # all GPUs
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 schedulefree_deepspeed_demo.py \\
+        --deepspeed_config ds_config.json --epochs 3                                 # CPU ranks
+
+(see README.md beside this file for one GPU, several GPUs and several nodes).
+
+Schedule-Free trains at one point and evaluates at another. The model's weights are ``y`` while
+training; the point to evaluate and to save is ``x``, an average that DeepSpeed's engine knows
+nothing about. Under ZeRO the optimizer only sees DeepSpeed's fp32 partitions, so the plain
+``optimizer.eval()`` would not touch the weights the model computes with;
+``sf_torch.deepspeed.eval(engine)`` does, on every rank, and ``train(engine)`` switches back.
+
+BatchNorm's running statistics were collected at y; before each evaluation they are recomputed
+at x from training batches (``sf_torch.batchnorm_stats_at_current_weights``), and the training
+statistics come back afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+import torch
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from tqdm import tqdm
+
+import sf_torch
+import sf_torch.deepspeed as sfds
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    import deepspeed
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-size", type=int, default=32, help="per rank (micro-batch)")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--hidden-dim", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=0.0025)
+    parser.add_argument("--beta", type=float, default=0.9, help="b1: interpolation x <-> z")
+    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--warmup-steps", type=int, default=100)
+    parser.add_argument("--bn-batches", type=int, default=8, help="batches for BN stats at x")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save-dir", default=None, help="save a checkpoint (at x) each epoch")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--local_rank", type=int, default=-1, help="set by the launcher")
+    deepspeed.add_config_arguments(parser)  # --deepspeed, --deepspeed_config
+    return parser.parse_args(argv)
+
+
+class Net(torch.nn.Module):
+    """64 pixels -> hidden -> BatchNorm -> ReLU -> hidden -> BatchNorm -> ReLU -> 10 logits."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.body = torch.nn.Sequential(
+            torch.nn.Linear(64, hidden),
+            torch.nn.BatchNorm1d(hidden),
+            torch.nn.ReLU(),
+            torch.nn.Linear(hidden, hidden),
+            torch.nn.BatchNorm1d(hidden),
+            torch.nn.ReLU(),
+            torch.nn.Linear(hidden, 10),
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.body(images)
+
+
+def load_data(seed: int):
+    digits = load_digits()  # shipped inside scikit-learn: nothing to download
+    images = (digits.data / 16.0).astype(np.float32)
+    return train_test_split(
+        images, digits.target, test_size=0.25, random_state=seed, stratify=digits.target
+    )
+
+
+def config_for(args: argparse.Namespace) -> dict:
+    """The JSON config, with this script's flags for the batch size and the optimizer."""
+    path = args.deepspeed_config or os.path.join(HERE, "ds_config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config["train_micro_batch_size_per_gpu"] = args.batch_size
+    config["optimizer"] = {
+        "type": "AdamWScheduleFree",
+        "params": {
+            "lr": args.lr,
+            "betas": [args.beta, 0.999],
+            "weight_decay": args.weight_decay,
+            "warmup_steps": args.warmup_steps,
+        },
+    }
+    return config
+
+
+def evaluate(engine, images, labels, bn_batches, dtype) -> tuple[float, float]:
+    """Loss and accuracy of the weights the engine's model holds, BN statistics at them."""
+    device = engine.device
+    inputs = torch.from_numpy(images).to(device, dtype)
+    with sf_torch.batchnorm_stats_at_current_weights(engine.module, bn_batches):
+        with torch.no_grad():
+            logits = engine(inputs).float()
+    target = torch.from_numpy(labels).to(device)
+    loss = torch.nn.functional.cross_entropy(logits, target).item()
+    return loss, (logits.argmax(1) == target).float().mean().item()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    # gloo for CPU ranks (DS_ACCELERATOR=cpu); the accelerator's own backend (NCCL) otherwise
+    on_cpu = get_accelerator().device_name() == "cpu"
+    deepspeed.init_distributed(dist_backend="gloo" if on_cpu else None)
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    torch.manual_seed(args.seed)
+    train_x, test_x, train_y, test_y = load_data(args.seed)
+
+    engine, *_ = sfds.initialize(
+        model=Net(args.hidden_dim), model_parameters=None, config=config_for(args)
+    )
+    device, dtype = engine.device, next(engine.module.parameters()).dtype
+    rng = np.random.default_rng(args.seed)
+    # The same BN batches on every rank, so that every rank gets the same statistics at x.
+    bn_rows = rng.permutation(len(train_x))[: args.bn_batches * args.batch_size]
+    bn_batches = [
+        torch.from_numpy(train_x[rows]).to(device, dtype)
+        for rows in np.array_split(bn_rows, args.bn_batches)
+    ]
+    global_batch = args.batch_size * world
+    steps = len(train_x) // global_batch
+    bar = tqdm(total=args.epochs * steps, disable=args.quiet or rank != 0, desc="train")
+    history = []
+    for epoch in range(args.epochs):
+        sfds.train(engine)  # weights at y, BatchNorm in training mode
+        order = rng.permutation(len(train_x))
+        losses = []
+        for step in range(steps):
+            # every rank draws the same global batch and takes its own slice of it
+            rows = order[step * global_batch : (step + 1) * global_batch]
+            rows = rows[rank * args.batch_size : (rank + 1) * args.batch_size]
+            images = torch.from_numpy(train_x[rows]).to(device, dtype)
+            labels = torch.from_numpy(train_y[rows]).to(device)
+            loss = torch.nn.functional.cross_entropy(engine(images).float(), labels)
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+            bar.update()
+        sfds.eval(engine)  # weights at x on every rank
+        eval_loss, accuracy = evaluate(engine, test_x, test_y, bn_batches, dtype)
+        record = dict(
+            epoch=epoch + 1,
+            train_loss_y=float(np.mean(losses)),
+            eval_loss_x=eval_loss,
+            eval_accuracy_x=accuracy,
+        )
+        history.append(record)
+        if rank == 0:
+            bar.write(
+                f"epoch {epoch + 1:3d}  train loss (y) {record['train_loss_y']:.4f}  "
+                f"eval loss (x) {eval_loss:.4f}  eval accuracy (x) {accuracy:.2%}"
+            )
+        if args.save_dir:
+            engine.save_checkpoint(args.save_dir, tag=f"epoch{epoch + 1}")  # the model holds x
+    bar.close()
+    return {"history": history, "rank": rank, "world": world}
+
+
+if __name__ == "__main__":
+    main()
