@@ -14,11 +14,9 @@ import os
 import socket
 import sys
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
+import numpy as np
+import torch
+import torch.multiprocessing as mp
 
 IN, HIDDEN, OUT, ROWS = 8, 16, 4, 8  # ROWS: rows of one global micro-batch, split over ranks
 
@@ -60,6 +58,7 @@ def ds_config(opts: dict, world: int) -> dict:
         "optimizer": {"type": "AdamWScheduleFree", "params": opts["optimizer"]},
         "zero_optimization": {"stage": opts["stage"]},
         "bf16": {"enabled": opts["dtype"] == "bf16"},
+        "fp16": {"enabled": opts["dtype"] == "fp16", "initial_scale_power": 8},
         "steps_per_print": 10**9,
     }
     if opts.get("offload"):
@@ -77,7 +76,7 @@ def gathered(engine) -> list[torch.Tensor]:
 
     params = list(engine.module.parameters())
     with deepspeed.zero.GatheredParameters(params, enabled=hasattr(params[0], "ds_id")):
-        return [p.detach().float().clone() for p in params]
+        return [p.detach().float().cpu().clone() for p in params]
 
 
 def masters_and_z(engine) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -100,7 +99,7 @@ def masters_and_z(engine) -> list[tuple[torch.Tensor, torch.Tensor]]:
             master, z = pairs[id(p)]
         else:
             master, z = safe_get_full_fp32_param(p), safe_get_full_optimizer_state(p, "z")
-        out.append((master.detach().float().clone(), z.detach().float().clone()))
+        out.append((master.detach().float().cpu().clone(), z.detach().float().cpu().clone()))
     return out
 
 
@@ -110,7 +109,7 @@ def train_steps(engine, start: int, stop: int, rank: int, world: int) -> list[fl
     dtype = next(engine.module.parameters()).dtype
     ga = engine.gradient_accumulation_steps()
     for micro_step in range(start * ga, stop * ga):
-        x, y = batch(micro_step, rank, world)
+        x, y = (t.to(engine.device) for t in batch(micro_step, rank, world))
         loss = torch.nn.functional.mse_loss(engine(x.to(dtype)).float(), y)
         engine.backward(loss)
         engine.step()
@@ -160,7 +159,10 @@ def worker(rank: int, world: int, port: int, opts: dict, out: str) -> None:
 
     import sf_torch.deepspeed as sfds
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    cpu = opts.get("device", "cpu") == "cpu"
+    if not cpu:
+        torch.cuda.set_device(rank)
+    deepspeed.init_distributed(dist_backend="gloo" if cpu else "nccl")
     n1, n2 = opts["steps"]
     result: dict = {}
     engine = build(opts, world)
@@ -204,7 +206,23 @@ def worker(rank: int, world: int, port: int, opts: dict, out: str) -> None:
     result["losses_resumed"] = train_steps(resumed, n1, n1 + n2, rank, world)
     result["final_resumed"] = gathered(resumed)
     result["k_resumed"] = [g["k"] for g in resumed._sf_client.param_groups]
+    if opts["dtype"] == "fp16":  # an overflowing step is skipped: nothing moves, nothing counts
+        before = gathered(resumed), [g["k"] for g in resumed._sf_client.param_groups]
+        x, y = (t.to(resumed.device) for t in batch(10**6, rank, world))
+        loss = torch.nn.functional.mse_loss(resumed(x.half()).float(), y) * float("inf")
+        resumed.backward(loss)
+        resumed.step()
+        result["overflow"] = dict(
+            weights_moved=max_abs(gathered(resumed), before[0]),
+            k_before=before[1],
+            k_after=[g["k"] for g in resumed._sf_client.param_groups],
+            skipped=resumed.skipped_steps,
+        )
     finish(result, world, rank, out)
+
+
+def max_abs(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max(float((u - v).abs().max()) for u, v in zip(a, b))
 
 
 def finish(result: dict, world: int, rank: int, out: str) -> None:
@@ -223,6 +241,8 @@ def free_port() -> int:
 
 def main(out: str, opts: dict) -> None:
     world = opts.get("world", 2)
+    if opts.get("device", "cpu") == "cpu":
+        os.environ["DS_ACCELERATOR"] = "cpu"  # the ranks inherit it
     torch.set_num_threads(1)
     mp.spawn(worker, args=(world, free_port(), opts, out), nprocs=world, join=True)
 
