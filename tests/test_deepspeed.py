@@ -42,7 +42,8 @@ def run_deepspeed(tmp_path, **opts):
     opts = dict(opts, steps=list(STEPS), optimizer=OPT)
     tmp_path.mkdir(parents=True, exist_ok=True)
     out = tmp_path / "out.pt"
-    env = dict(os.environ, PYTHONPATH=str(HERE.parent))
+    path = [str(HERE.parent)] + [p for p in [os.environ.get("PYTHONPATH")] if p]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
     if opts.get("device", "cpu") == "cpu":
         env["DS_ACCELERATOR"] = "cpu"
     proc = subprocess.run(

@@ -1,0 +1,100 @@
+"""What one run is: model, optimizer and its hyperparameters, data, dtype, steps.
+
+A ``RunConfig`` is written to JSON by the parent and read by every runner's child process, so
+all backends train from the same description. Hyperparameters use the names of DESIGN.md
+(``b1``, ``b2``); each runner maps them to its framework's names (``betas``, ``momentum``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+from parity.models.canonical import MODELS
+
+OPTIMIZERS = ("adamw", "sgd", "radam")
+DTYPES = ("float64", "float32")
+
+# Learning rates that train the twin models well in a few hundred steps. The other defaults
+# are those of the `schedulefree` reference classes.
+DEFAULT_LR = {"adamw": 0.005, "sgd": 0.2, "radam": 0.005}
+
+
+@dataclass
+class RunConfig:
+    model: str = "mlp"
+    optimizer: str = "adamw"
+    steps: int = 300
+    dtype: str = "float64"
+    seed: int = 0
+    batch_size: int = 32
+    eval_every: int = 1
+    recal_batches: int = 4  # CNN: batches that recompute BatchNorm statistics at x
+    lr: float | None = None  # None: DEFAULT_LR[optimizer]
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    r: float = 0.0
+    weight_lr_power: float = 2.0
+    silent_sgd_phase: bool = True  # RAdam only
+    # A segment of a longer run (the handoff): start at `first_step` from the snapshot file
+    # `resume_from` and, at the end, write the state to `save_to` (parity/handoff.py's format).
+    first_step: int = 0
+    resume_from: str | None = None
+    save_to: str | None = None
+    digits_file: str | None = None  # parity.data.save_digits's file (spares children sklearn)
+    extra: dict = field(default_factory=dict)  # runner-specific knobs (e.g. ranks)
+
+    def __post_init__(self):
+        if self.lr is None:
+            self.lr = DEFAULT_LR.get(self.optimizer, 0.005)
+        self.validate()
+
+    def validate(self) -> None:
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if not 0 <= self.first_step < self.steps:
+            raise ValueError(
+                f"need 0 <= first_step < steps, got first_step {self.first_step}, "
+                f"steps {self.steps}"
+            )
+        if self.eval_every < 1 or self.batch_size < 1:
+            raise ValueError("eval_every and batch_size must be >= 1")
+
+    def evaluates_at(self, step: int) -> bool:
+        """Eval loss at x is recorded every ``eval_every`` steps, at the first and the last."""
+        return step % self.eval_every == 0 or step in (self.first_step, self.steps)
+
+    def replace(self, **changes) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunConfig:
+        return cls(**json.loads(text))
+
+    def with_override(self, key: str, value: str) -> RunConfig:
+        """A copy with one field set from its text form (``--override backend:key=value``)."""
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        if key not in fields or key in ("extra", "resume_from", "save_to", "first_step",
+                                        "digits_file"):
+            raise ValueError(f"cannot override {key!r}; fields: {sorted(fields)}")
+        current = getattr(self, key)
+        if isinstance(current, bool):
+            parsed = value.lower() in ("1", "true", "yes")
+        elif isinstance(current, int):
+            parsed = int(value)
+        elif isinstance(current, float):
+            parsed = float(value)
+        else:
+            parsed = value
+        return self.replace(**{key: parsed})

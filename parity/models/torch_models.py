@@ -1,0 +1,239 @@
+"""The twin models in torch (NCHW), built from canonical parameters.
+
+Each module mirrors its flax twin in ``flax_models.py`` line for line; BatchNorm and attention
+are written out in both so that the formula is the same. Parameter names follow
+``canonical.torch_name`` and layouts ``canonical.to_torch_layout``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from parity.models import canonical
+
+
+class BatchNorm(nn.Module):
+    """Batch normalization over N, H, W of NCHW inputs, as ``flax_models.BatchNorm``.
+
+    ``self.training`` selects batch statistics (and moves the running ones by
+    ``running = (1 - momentum) running + momentum batch``, biased variance) or running ones.
+    """
+
+    def __init__(self, features: int, momentum: float = 0.1, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(features))
+        self.bias = nn.Parameter(torch.zeros(features))
+        self.register_buffer("mean", torch.zeros(features))
+        self.register_buffer("var", torch.ones(features))
+        self.momentum = momentum
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1, 1, 1)
+        if self.training:
+            mean = x.mean(dim=(0, 2, 3))
+            centered = x - mean.view(shape)
+            var = (centered * centered).mean(dim=(0, 2, 3))
+            m = self.momentum
+            with torch.no_grad():
+                self.mean.copy_((1 - m) * self.mean + m * mean)
+                self.var.copy_((1 - m) * self.var + m * var)
+        else:
+            mean, var = self.mean, self.var
+        normed = (x - mean.view(shape)) / torch.sqrt(var.view(shape) + self.eps)
+        return normed * self.weight.view(shape) + self.bias.view(shape)
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        s = canonical.MLP
+        self.hidden = nn.Linear(s["inputs"], s["hidden"])
+        self.out = nn.Linear(s["hidden"], s["classes"])
+
+    def forward(self, x):
+        return self.out(torch.relu(self.hidden(x)))
+
+
+class CNN(nn.Module):
+    """(N, 1, 8, 8) -> [3x3 conv, BatchNorm, ReLU] x 2 -> 2x2 average pool -> dense -> 10."""
+
+    def __init__(self):
+        super().__init__()
+        c1, c2 = canonical.CNN["channels"]
+        self.conv1 = nn.Conv2d(1, c1, 3, padding=1, bias=False)
+        self.bn1 = BatchNorm(c1)
+        self.conv2 = nn.Conv2d(c1, c2, 3, padding=1, bias=False)
+        self.bn2 = BatchNorm(c2)
+        pooled = (canonical.CNN["image"] // 2) ** 2 * c2
+        self.out = nn.Linear(pooled, canonical.CNN["classes"])
+
+    def forward(self, x):
+        h = torch.relu(self.bn1(self.conv1(x)))
+        h = torch.relu(self.bn2(self.conv2(h)))
+        h = F.avg_pool2d(h, 2)
+        # Flatten in (H, W, C) order, as the NHWC twin does, so that the dense kernels match.
+        return self.out(h.permute(0, 2, 3, 1).flatten(1))
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        d = canonical.LM["width"]
+        self.heads = canonical.LM["heads"]
+        self.query = nn.Linear(d, d)
+        self.key = nn.Linear(d, d, bias=False)  # softmax ignores a key bias
+        self.value = nn.Linear(d, d)
+        self.out = nn.Linear(d, d)
+
+    def forward(self, h):
+        b, t, d = h.shape
+        dh = d // self.heads
+
+        def split_heads(a):  # (B, T, D) -> (B, heads, T, dh)
+            return a.reshape(b, t, self.heads, dh).permute(0, 2, 1, 3)
+
+        q, k, v = split_heads(self.query(h)), split_heads(self.key(h)), split_heads(self.value(h))
+        scores = q @ k.permute(0, 1, 3, 2) / math.sqrt(dh)
+        causal = torch.tril(torch.ones(t, t, dtype=torch.bool, device=h.device))
+        scores = scores.masked_fill(~causal, float("-inf"))
+        weights = torch.softmax(scores, dim=-1)
+        mixed = (weights @ v).permute(0, 2, 1, 3).reshape(b, t, d)
+        return self.out(mixed)
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        d, m = canonical.LM["width"], canonical.LM["mlp"]
+        self.ln1 = nn.LayerNorm(d, eps=1e-5)
+        self.attn = CausalSelfAttention()
+        self.ln2 = nn.LayerNorm(d, eps=1e-5)
+        self.mlp_in = nn.Linear(d, m)
+        self.mlp_out = nn.Linear(m, d)
+
+    def forward(self, h):
+        h = h + self.attn(self.ln1(h))
+        return h + self.mlp_out(F.gelu(self.mlp_in(self.ln2(h))))
+
+
+class LM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        s = canonical.LM
+        self.embed = nn.Embedding(s["vocab"], s["width"])
+        self.pos = nn.Parameter(torch.zeros(s["seq"], s["width"]))
+        self.blocks = nn.ModuleList([Block() for _ in range(s["layers"])])
+        self.ln_f = nn.LayerNorm(s["width"], eps=1e-5)
+        self.head = nn.Linear(s["width"], s["vocab"])
+
+    def forward(self, tokens):
+        h = self.embed(tokens) + self.pos[: tokens.shape[1]]
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.ln_f(h))
+
+
+_CLASSES = {"mlp": MLP, "cnn": CNN, "lm": LM}
+
+
+def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over every label (every token for the LM)."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+# -- canonical <-> torch --------------------------------------------------------------------------
+
+
+def _check_names(model: str, module: nn.Module) -> None:
+    expected = {canonical.torch_name(n) for n in canonical.param_shapes(model)}
+    expected |= {canonical.torch_name(n) for n in canonical.buffer_shapes(model)}
+    found = {n for n, _ in module.named_parameters()} | {n for n, _ in module.named_buffers()}
+    if expected != found:
+        raise KeyError(
+            f"canonical names do not match the torch {model}: missing {sorted(expected - found)},"
+            f" extra {sorted(found - expected)}"
+        )
+
+
+def build(model: str, params: dict, buffers: dict | None = None, dtype=torch.float32) -> nn.Module:
+    """The torch twin of ``model`` holding the canonical ``params`` (and BatchNorm ``buffers``)."""
+    module = _CLASSES[model]().to(dtype)
+    _check_names(model, module)
+    load(module, params, buffers)
+    return module
+
+
+@torch.no_grad()
+def load(module: nn.Module, params: dict, buffers: dict | None = None) -> None:
+    """Copy canonical ``params`` (and ``buffers``) into ``module``, converting the layout."""
+    tensors = dict(module.named_parameters()) | dict(module.named_buffers())
+    for name, value in {**params, **(buffers or {})}.items():
+        target = tensors[canonical.torch_name(name)]
+        value = canonical.to_torch_layout(name, np.asarray(value))
+        if tuple(value.shape) != tuple(target.shape):
+            raise ValueError(f"{name}: canonical shape {value.shape} is not torch's {target.shape}")
+        target.copy_(torch.from_numpy(value))
+
+
+def param_names(model: str, module: nn.Module) -> list[str]:
+    """Canonical names in the order of ``module.parameters()`` (the optimizer's order)."""
+    by_torch = {canonical.torch_name(n): n for n in canonical.param_shapes(model)}
+    return [by_torch[n] for n, _ in module.named_parameters()]
+
+
+def to_canonical(model: str, module: nn.Module, tensors=None) -> dict[str, np.ndarray]:
+    """``{canonical name: numpy}`` of the params (or of ``tensors``, in parameter order)."""
+    names = param_names(model, module)
+    if tensors is None:
+        tensors = [p for p in module.parameters()]
+    return {
+        n: canonical.from_torch_layout(n, t.detach().cpu().numpy().copy())
+        for n, t in zip(names, tensors)
+    }
+
+
+def buffers_to_canonical(model: str, module: nn.Module) -> dict[str, np.ndarray]:
+    tensors = dict(module.named_buffers())
+    return {
+        n: tensors[canonical.torch_name(n)].detach().cpu().numpy().copy()
+        for n in canonical.buffer_shapes(model)
+    }
+
+
+def inputs_to_torch(inputs: np.ndarray, device=None, dtype=None) -> torch.Tensor:
+    """Canonical inputs (NHWC images, flat pixels or tokens) as a torch tensor (NCHW images)."""
+    array = canonical.images_to_torch(inputs)
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if tensor.is_floating_point() and dtype is not None:
+        tensor = tensor.to(dtype)
+    if not tensor.is_floating_point():
+        tensor = tensor.long()
+    return tensor.to(device) if device is not None else tensor
+
+
+def has_batch_norm(module: nn.Module) -> bool:
+    return any(isinstance(m, BatchNorm) for m in module.modules())
+
+
+@torch.no_grad()
+def recalibrate(module: nn.Module, batches) -> None:
+    """Running statistics := the average over ``batches`` of each batch's statistics.
+
+    Runs the batches with momentum ``1 / (i + 1)`` (a cumulative average whose first batch
+    overwrites what was there); the module is left in eval mode, using those statistics.
+    """
+    norms = [m for m in module.modules() if isinstance(m, BatchNorm)]
+    module.train()
+    for i, inputs in enumerate(batches):
+        for m in norms:
+            m.momentum = 1.0 / (i + 1)
+        module(inputs)
+    for m in norms:
+        m.momentum = 0.1
+    module.eval()

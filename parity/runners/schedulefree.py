@@ -1,0 +1,72 @@
+"""The reference ``schedulefree`` classes (the semantics both our backends reproduce).
+
+They start in eval mode, so ``train()`` is called once before the first step. They have no
+``eval_params()``; ``x`` is computed here with the same ``lerp`` their ``eval()`` writes into
+the params, on copies, so that evaluating leaves the training run as it was.
+"""
+
+from __future__ import annotations
+
+NAME = "schedulefree"
+FRAMEWORK = "torch"
+ROLE = "reference"
+REQUIRES = ("torch", "schedulefree")
+HANDOFF = False
+
+
+def unsupported(config) -> str | None:
+    return None
+
+
+def expected_difference(config) -> str | None:
+    return None
+
+
+def make_optimizer(config, params):
+    import schedulefree
+
+    common = dict(
+        weight_decay=config.weight_decay, r=config.r, weight_lr_power=config.weight_lr_power
+    )
+    if config.optimizer == "adamw":
+        opt = schedulefree.AdamWScheduleFree(
+            params, lr=config.lr, betas=(config.b1, config.b2), eps=config.eps,
+            warmup_steps=config.warmup_steps, **common,
+        )
+    elif config.optimizer == "sgd":
+        opt = schedulefree.SGDScheduleFree(
+            params, lr=config.lr, momentum=config.b1, warmup_steps=config.warmup_steps, **common
+        )
+    else:
+        opt = schedulefree.RAdamScheduleFree(
+            params, lr=config.lr, betas=(config.b1, config.b2), eps=config.eps,
+            silent_sgd_phase=config.silent_sgd_phase, **common,
+        )
+    opt.train()
+    return opt
+
+
+def eval_params(optimizer):
+    """x of every param, as the reference ``eval()`` would write it, without writing it."""
+    out = []
+    for group in optimizer.param_groups:
+        b1 = group["momentum"] if "momentum" in group else group["betas"][0]
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            x = p.detach().clone()
+            if group["train_mode"] and "z" in state:
+                x.lerp_(state["z"].to(p.device), 1 - 1 / b1)
+            out.append(x)
+    return out
+
+
+def train(config, progress=None):
+    from parity.training import torch_loop
+
+    return torch_loop.run(config, make_optimizer, eval_params=eval_params, progress=progress)
+
+
+if __name__ == "__main__":
+    from parity.runners import _child
+
+    _child.main(train)

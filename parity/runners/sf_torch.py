@@ -1,0 +1,53 @@
+"""sf_torch's optimizers on one device: the torch side of the parity claim."""
+
+from __future__ import annotations
+
+NAME = "sf_torch"
+FRAMEWORK = "torch"
+ROLE = "primary"
+REQUIRES = ("torch", "sf_torch")
+HANDOFF = True
+
+
+def unsupported(config) -> str | None:
+    return None
+
+
+def expected_difference(config) -> str | None:
+    return None
+
+
+def make_optimizer(config, params):
+    """The sf_torch optimizer for ``config`` (also used by the handoff)."""
+    import sf_torch
+
+    common = dict(
+        weight_decay=config.weight_decay, r=config.r, weight_lr_power=config.weight_lr_power
+    )
+    if config.optimizer == "adamw":
+        return sf_torch.AdamWScheduleFree(
+            params, lr=config.lr, betas=(config.b1, config.b2), eps=config.eps,
+            warmup_steps=config.warmup_steps, **common,
+        )
+    if config.optimizer == "sgd":
+        return sf_torch.SGDScheduleFree(
+            params, lr=config.lr, momentum=config.b1, warmup_steps=config.warmup_steps, **common
+        )
+    return sf_torch.RAdamScheduleFree(
+        params, lr=config.lr, betas=(config.b1, config.b2), eps=config.eps,
+        silent_sgd_phase=config.silent_sgd_phase, **common,
+    )
+
+
+def train(config, progress=None):
+    from parity.training import torch_loop
+
+    return torch_loop.run(
+        config, make_optimizer, eval_params=lambda opt: opt.eval_params(), progress=progress
+    )
+
+
+if __name__ == "__main__":
+    from parity.runners import _child
+
+    _child.main(train)

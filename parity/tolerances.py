@@ -1,0 +1,43 @@
+"""Every tolerance of a parity report, in one place (DESIGN.md section 3).
+
+Each row of a report is compared with the baseline row at every step, on three relative
+differences (``parity.compare``): the parameters (``params``), the training loss at ``y``
+(``train_loss``) and the eval loss at ``x`` (``eval_loss``). Which of them must stay within
+which limit depends on the dtype and on the row's role (``parity.runners``):
+
+=========  ==============================  ===========================================
+dtype      checked rows                    limits (relative, at every step)
+=========  ==============================  ===========================================
+float64    primary, reference, distributed params, train_loss, eval_loss <= 1e-10
+float32    primary, distributed            eval_loss <= 1e-4
+=========  ==============================  ===========================================
+
+Everything else is measured and reported, never failed: reference rows in float32, and any
+row whose runner declares an ``expected_difference`` for the run (optax.contrib with warmup).
+"""
+
+from __future__ import annotations
+
+FLOAT64_RELATIVE = 1e-10
+FLOAT32_EVAL_LOSS_RELATIVE = 1e-4
+
+METRICS = ("params", "train_loss", "eval_loss")
+
+_CHECKED = {
+    "float64": (("primary", "reference", "distributed"),
+                dict.fromkeys(METRICS, FLOAT64_RELATIVE)),
+    "float32": (("primary", "distributed"), {"eval_loss": FLOAT32_EVAL_LOSS_RELATIVE}),
+}
+
+
+def nominal(dtype: str) -> dict[str, float]:
+    """The limits of ``dtype`` for a checked row (also used to show where others part)."""
+    return dict(_CHECKED[dtype][1]) if dtype in _CHECKED else {}
+
+
+def limits(role: str, dtype: str, expected_difference: str | None = None) -> dict[str, float]:
+    """The limits a row of ``role`` must meet against the baseline; empty: reported only."""
+    if expected_difference or dtype not in _CHECKED:
+        return {}
+    roles, checked = _CHECKED[dtype]
+    return dict(checked) if role in roles else {}

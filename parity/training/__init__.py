@@ -1,0 +1,1 @@
+"""Training loops shared by the runners: one per framework, plus the per-step record."""
