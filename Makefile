@@ -30,7 +30,7 @@ test: $(STAMP) lint
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	$(PY) -m examples.flax.digits_demo
+	$(PY) -m parity run
 
 clean:
 	rm -rf $(VENV)

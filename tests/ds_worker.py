@@ -55,7 +55,10 @@ def ds_config(opts: dict, world: int) -> dict:
         "train_micro_batch_size_per_gpu": ROWS // world,
         "gradient_accumulation_steps": opts.get("ga", 1),
         "gradient_clipping": opts.get("clip", 0.0),
-        "optimizer": {"type": "AdamWScheduleFree", "params": opts["optimizer"]},
+        "optimizer": {
+            "type": opts.get("optimizer_type", "AdamWScheduleFree"),
+            "params": opts["optimizer"],
+        },
         "zero_optimization": {"stage": opts["stage"]},
         "bf16": {"enabled": opts["dtype"] == "bf16"},
         "fp16": {"enabled": opts["dtype"] == "fp16", "initial_scale_power": 8},
@@ -192,6 +195,7 @@ def worker(rank: int, world: int, port: int, opts: dict, out: str) -> None:
     engine.save_checkpoint(ckpt, tag="mid")  # saved in eval mode
     sfds.train(engine)
     result["y_weights_back"] = gathered(engine)
+    engine.save_checkpoint(ckpt, tag="mid_train")  # the same point, saved in train mode
     result["losses_uninterrupted"] = train_steps(engine, n1, n1 + n2, rank, world)
     result["final_uninterrupted"] = gathered(engine)
     result["k"] = [g["k"] for g in client.param_groups]
@@ -206,6 +210,11 @@ def worker(rank: int, world: int, port: int, opts: dict, out: str) -> None:
     result["losses_resumed"] = train_steps(resumed, n1, n1 + n2, rank, world)
     result["final_resumed"] = gathered(resumed)
     result["k_resumed"] = [g["k"] for g in resumed._sf_client.param_groups]
+    from_train = build(opts, world)
+    from_train.load_checkpoint(ckpt, tag="mid_train")
+    sfds.train(from_train)  # already in train mode: changes nothing
+    train_steps(from_train, n1, n1 + n2, rank, world)
+    result["final_resumed_from_train_mode"] = gathered(from_train)
     if opts["dtype"] == "fp16":  # an overflowing step is skipped: nothing moves, nothing counts
         before = gathered(resumed), [g["k"] for g in resumed._sf_client.param_groups]
         x, y = (t.to(resumed.device) for t in batch(10**6, rank, world))

@@ -39,7 +39,7 @@ CONFIGS = [
 
 
 def run_deepspeed(tmp_path, **opts):
-    opts = dict(opts, steps=list(STEPS), optimizer=OPT)
+    opts = dict({"optimizer": OPT}, **opts, steps=list(STEPS))
     tmp_path.mkdir(parents=True, exist_ok=True)
     out = tmp_path / "out.pt"
     path = [str(HERE.parent)] + [p for p in [os.environ.get("PYTHONPATH")] if p]
@@ -132,6 +132,8 @@ def check_run(results, config):
         assert max_diff(r["resumed_x_weights"], r["x_weights"]) <= (1e-6 if in_place else 0.0)
         resumed = max_diff(r["final_resumed"], r["final_uninterrupted"])
         assert resumed <= (1e-5 if in_place else 0.0), resumed
+        # saved in train mode (DeepSpeed's own path): bit-exact in every configuration
+        assert max_diff(r["final_resumed_from_train_mode"], r["final_uninterrupted"]) == 0.0
         assert r["losses_resumed"] == pytest.approx(r["losses_uninterrupted"], rel=1e-5)
     # every rank computes with the same weights
     for key in ("x_weights", "y_weights_back", "final_uninterrupted"):
@@ -143,21 +145,29 @@ def check_run(results, config):
             assert o["skipped"] >= 1
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_universal_checkpoint_resumes_on_another_world_size(tmp_path, stage):
+SGD = {"lr": 0.2, "momentum": 0.9, "weight_decay": 0.01, "warmup_steps": 3}
+
+
+@pytest.mark.parametrize(
+    "stage,kind", [(2, "AdamWScheduleFree"), (3, "AdamWScheduleFree"), (2, "SGDScheduleFree")]
+)
+def test_universal_checkpoint_resumes_on_another_world_size(tmp_path, stage, kind):
     """Saved on 2 ranks (in eval mode), converted, resumed on 1 rank: the same trajectory."""
     from sf_torch.deepspeed import to_universal
 
     ckpt = tmp_path / "ckpt"
-    both = run_deepspeed(tmp_path, stage=stage, dtype="fp32", checkpoint_dir=str(ckpt))
+    opt = dict(optimizer_type=kind, optimizer=OPT if kind == "AdamWScheduleFree" else SGD)
+    both = run_deepspeed(tmp_path, stage=stage, dtype="fp32", checkpoint_dir=str(ckpt), **opt)
     first = both[0]
     universal = tmp_path / "universal" / "mid"
     to_universal(str(ckpt / "mid"), str(universal))
     # z is kept (named z.pt; ZeRO-3's loader only reads Adam's name exp_avg.pt)
     z_file = "exp_avg.pt" if stage == 3 else "z.pt"
     assert (universal / "zero" / "0.weight" / z_file).exists()
+    has_v = (universal / "zero" / "0.weight" / "exp_avg_sq.pt").exists()
+    assert has_v == (kind != "SGDScheduleFree" or stage == 3)
     resumed = run_deepspeed(
-        tmp_path / "one", stage=stage, dtype="fp32", world=1, resume_from=str(universal)
+        tmp_path / "one", stage=stage, dtype="fp32", world=1, resume_from=str(universal), **opt
     )[0]
     n1, n2 = STEPS
     assert resumed["resumed_train_mode"] == [False, False] and resumed["resumed_k"] == [n1] * 2

@@ -235,3 +235,33 @@ def test_flax_train_state():
         ref.step(grads)
     assert max_rel_diff(to_np(ts.params), ref.numpy()) <= TOL
     assert max_rel_diff(to_np(sf_optax.eval_params(ts, ts.params)), ref.x()) <= TOL
+
+
+def test_weight_decay_mask_matches_reference_param_groups():
+    """An optax mask that decays only "w" equals the reference with two param groups."""
+    problem = Problem(seed=28)
+    tx = sf_adamw(weight_decay=0.2, mask=lambda p: {k: k == "w" for k in p})
+    params = {k: jnp.asarray(v) for k, v in problem.init.items()}
+    state, apply = tx.init(params), jitted(tx)
+    torch_params = {k: torch.tensor(v) for k, v in problem.init.items()}
+    groups = [
+        {"params": [torch_params["w"]], "weight_decay": 0.2},
+        {"params": [torch_params["b"], torch_params["s"]], "weight_decay": 0.0},
+    ]
+    ref = schedulefree.AdamWScheduleFree(groups, **{**HP, "weight_decay": 0.0})
+    ref.train()
+    for step in range(100):
+        grads = problem.grads(params, step)
+        params, state = apply(grads, state, params)
+        for k, p in torch_params.items():
+            p.grad = torch.tensor(grads[k])
+        ref.step()
+    ours = to_np(params)
+    assert max_rel_diff(ours, {k: p.numpy() for k, p in torch_params.items()}) <= TOL
+    # and the mask mattered: decaying everything lands elsewhere
+    tx_all = sf_adamw(weight_decay=0.2)
+    p_all = {k: jnp.asarray(v) for k, v in problem.init.items()}
+    s_all, apply_all = tx_all.init(p_all), jitted(tx_all)
+    for step in range(100):
+        p_all, s_all = apply_all(problem.grads(p_all, step), s_all, p_all)
+    assert max_rel_diff(to_np(p_all), ours) > 1e-3
