@@ -7,7 +7,9 @@
     params = optax.apply_updates(params, updates)
     x = sf_optax.eval_params(state, params)             # evaluate here
 
-The update rule is in :mod:`sf_optax.transform`; the aliases in :mod:`sf_optax.alias`.
+The update rule is in :mod:`sf_optax.transform`; the aliases in :mod:`sf_optax.alias`; the Flax
+helpers (``at_x``, ``eval_model``, ``recompute_batchnorm_stats``, ``ScheduleFreeTrainState``,
+``save_checkpoint``/``restore_checkpoint``) in :mod:`sf_optax.flax`.
 """
 
 from sf_optax.alias import (
@@ -36,3 +38,24 @@ __all__ = [
     "state_shardings",
     "train_params",
 ]
+
+# The Flax helpers (sf_optax/flax.py) import flax, and their checkpoints orbax, when first used,
+# so that ``import sf_optax`` needs neither.
+_FLAX_EXPORTS = (
+    "ScheduleFreeTrainState",
+    "at_x",
+    "eval_model",
+    "recompute_batchnorm_stats",
+    "restore_checkpoint",
+    "save_checkpoint",
+    "train_state_shardings",
+)
+__all__ += list(_FLAX_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _FLAX_EXPORTS:
+        from sf_optax import flax as flax_helpers
+
+        return getattr(flax_helpers, name)
+    raise AttributeError(f"module 'sf_optax' has no attribute {name!r}")
