@@ -3,13 +3,17 @@
     python -m parity run                                   # MLP on digits, AdamW, float32
     python -m parity run --model lm --dtype float64 --steps 500
     python -m parity run --backends sf_optax,sf_torch --baseline sf_torch --warmup-steps 20
+    python -m parity run --backends sf_torch,deepspeed_z2,deepspeed_z3 --ranks 2
+    python -m parity run --device cuda --dtype bfloat16    # bf16 mixed precision on a GPU
     python -m parity handoff --model mlp --steps 300 --switch-at 100,200
     python -m parity backends                              # what this machine can run
+    python -m parity export-digits                         # digits for machines without sklearn
 
 ``run`` prints a table (final losses, largest relative differences to the baseline, the
 first step over the tolerance), writes ``report.json`` and ``report.png`` into ``--out`` and
 exits with 1 when a tolerance of DESIGN.md section 3 is exceeded (``parity.tolerances``), 2
-when a backend failed to run.
+when a backend failed to run (or ``--device cuda`` finds no GPU). Its last line says where
+the report is.
 """
 
 from __future__ import annotations
@@ -21,22 +25,24 @@ import sys
 import time
 from pathlib import Path
 
-from parity import launch, report, runners, tolerances
+from parity import data, devices, launch, report, runners, tolerances
 from parity.compare import compare
-from parity.config import DTYPES, OPTIMIZERS, RunConfig
+from parity.config import DEVICES, DTYPES, OPTIMIZERS, RunConfig
 from parity.models.canonical import MODELS
 from parity.training.record import Record
 
 EXIT_OK, EXIT_TOLERANCE, EXIT_ERROR = 0, 1, 2
 
 
-def _add_run_options(p: argparse.ArgumentParser, default_dtype: str) -> None:
+def _add_run_options(p: argparse.ArgumentParser, default_dtype: str, dtypes=DTYPES) -> None:
     d = RunConfig()
     p.add_argument("--model", choices=MODELS, default=d.model,
                    help="mlp: digits MLP; cnn: digits CNN with BatchNorm; lm: tiny causal LM")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
     p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--dtype", choices=DTYPES, default=default_dtype)
+    p.add_argument("--dtype", choices=dtypes, default=default_dtype,
+                   help="bfloat16: mixed precision (bf16 params and compute, float32 "
+                        "optimizer state); its rows are measured against a loose sanity bound")
     p.add_argument("--seed", type=int, default=d.seed, help="init, data split and batches")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--eval-every", type=int, default=d.eval_every,
@@ -76,8 +82,16 @@ def parse_args(argv):
 
     run = sub.add_parser("run", help="one model, several backends, one report")
     _add_run_options(run, default_dtype="float32")
+    run.add_argument("--device", choices=DEVICES, default="cpu",
+                     help="where the torch runners compute and the JAX runners' platform "
+                          "(sf_optax_mesh stays on 8 CPU devices); cuda: DeepSpeed on NCCL, "
+                          "one rank per GPU")
+    run.add_argument("--ranks", type=int, default=2,
+                     help="DeepSpeed ranks (cuda: at most the GPUs there are)")
     run.add_argument("--backends", default=None,
-                     help="comma-separated; default: every backend this machine can run")
+                     help="comma-separated; default: every backend this machine can run "
+                          "(see `python -m parity backends`; DeepSpeed: deepspeed_z0 ... _z3, "
+                          "one row per ZeRO stage)")
     run.add_argument("--baseline", default="sf_torch", help="the row every other is compared to")
     run.add_argument("--out", type=Path, default=None,
                      help="report folder (default reports/<model>_<optimizer>_<dtype>)")
@@ -86,7 +100,7 @@ def parse_args(argv):
                           "checks catch a mismatch), e.g. sf_optax:lr=0.0051")
 
     handoff = sub.add_parser("handoff", help="move a run JAX -> torch -> JAX mid-run")
-    _add_run_options(handoff, default_dtype="float64")
+    _add_run_options(handoff, default_dtype="float64", dtypes=("float64", "float32"))
     handoff.add_argument("--switch-at", default="100,200",
                          help="comma-separated steps at which the run changes framework")
     handoff.add_argument("--start", choices=("jax", "torch"), default="jax",
@@ -95,8 +109,14 @@ def parse_args(argv):
                          help="report folder (default reports/handoff_<model>_<optimizer>_<dtype>)")
 
     sub.add_parser("backends", help="list the backends and whether this machine can run them")
+    export = sub.add_parser("export-digits",
+                            help="write scikit-learn's digits to the file that machines "
+                                 "without scikit-learn read")
+    export.add_argument("--out", type=Path, default=data.DIGITS_FILE)
     args = parser.parse_args(argv)
-    if args.command != "backends" and args.out is None:
+    if args.command == "run" and args.ranks < 1:
+        parser.error("--ranks must be >= 1")
+    if args.command not in ("backends", "export-digits") and args.out is None:
         prefix = "handoff_" if args.command == "handoff" else ""
         args.out = Path("reports") / f"{prefix}{args.model}_{args.optimizer}_{args.dtype}"
     return args
@@ -107,10 +127,14 @@ def main(argv=None) -> int:
     if args.command == "backends":
         return _backends()
     try:
+        if args.command == "export-digits":
+            data.save_digits(args.out)
+            print(f"wrote {args.out}")
+            return EXIT_OK
         if args.command == "run":
             return _run(args)
         return _handoff(args)
-    except ValueError as err:
+    except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_ERROR
 
@@ -149,26 +173,45 @@ def _overrides(items, names):
     return out
 
 
+def _with_cuda(config: RunConfig, selected) -> RunConfig:
+    """Checks that the frameworks of ``selected`` see a GPU (ValueError if not) and gives
+    DeepSpeed one rank per GPU at most."""
+    def on_cuda(runner):  # JAX runners run where JAX_PLATFORMS says (the mesh: always cpu)
+        if runner.FRAMEWORK == "jax":
+            return runners.environment(runner, config).get("JAX_PLATFORMS") == "cuda"
+        return True
+
+    frameworks = {r.FRAMEWORK for r in selected if on_cuda(r)}
+    counts = devices.require_cuda(frameworks)
+    if "torch" in counts:
+        ranks = min(config.extra.get("ranks", 1), counts["torch"])
+        config = config.replace(extra={**config.extra, "ranks": ranks})
+    return config
+
+
 def _run(args) -> int:
     started = time.perf_counter()
-    config = _config(args)
+    config = _config(args, device=args.device, extra={"ranks": args.ranks})
     registry = runners.discover()
     names = _select(args, registry)
     baseline = args.baseline
     if baseline not in names:
         raise ValueError(f"the baseline {baseline!r} is not among the backends {names}")
     overrides = _overrides(args.override, names)
+    if config.device == "cuda":
+        available = [registry[n] for n in names if runners.unavailable(registry[n]) is None]
+        config = _with_cuda(config, available)
 
     rows_by_name: dict[str, report.Row] = {}
     jobs = []
     for name in names:
         runner = registry[name]
-        why = runners.unavailable(runner) or runner.unsupported(config)
+        why = runners.unavailable(runner) or runner.unsupported(runners.configure(runner, config))
         if why:
             status = report.ERROR if name == baseline else report.SKIPPED
             rows_by_name[name] = report.Row(name, runner.ROLE, status, note=f"skipped: {why}")
             continue
-        backend_config = config
+        backend_config = runners.configure(runner, config)
         for key, value in overrides.get(name, []):
             backend_config = backend_config.with_override(key, value)
         jobs.append((runner, backend_config))
@@ -182,15 +225,16 @@ def _run(args) -> int:
     base_outcome = outcomes.get(baseline)
     base_record = base_outcome.record if base_outcome else None
     nominal = tolerances.nominal(config.dtype)
-    for runner, _ in jobs:
+    for runner, backend_config in jobs:
         name = runner.NAME
         outcome = outcomes[name]
         if outcome.record is None:
             rows_by_name[name] = report.Row(name, runner.ROLE, report.ERROR, note=outcome.error,
                                             seconds=outcome.seconds)
             continue
-        expected = runner.expected_difference(config)
-        notes = [f"expected to differ: {expected}"] if expected else []
+        expected = runner.expected_difference(backend_config)
+        notes = [n for n in [runners.note(runner, backend_config)] if n]
+        notes += [f"expected to differ: {expected}"] if expected else []
         changed = {k: v for k, v in overrides.get(name, [])}
         if changed:
             notes.append(f"overridden for this backend: {changed}")
@@ -211,8 +255,8 @@ def _run(args) -> int:
         code = EXIT_TOLERANCE
     else:
         code = EXIT_OK
-    title = (f"{config.model} / {config.optimizer} / {config.dtype}, {config.steps} steps, "
-             f"seed {config.seed}, baseline {baseline}")
+    title = (f"{config.model} / {config.optimizer} / {config.dtype} on {config.device}, "
+             f"{config.steps} steps, seed {config.seed}, baseline {baseline}")
     _write(args.out, rows, config, baseline, code, title, started, args.keep_records)
     return code
 
@@ -228,13 +272,15 @@ def _write(out: Path, rows, config, baseline, code, title, started, keep_records
     payload = report.to_json(rows, config, baseline, code, extra)
     payload["wall_seconds"] = time.perf_counter() - started
     (out / "report.json").write_text(json.dumps(payload, indent=1))
-    report.plot(rows, out / "report.png", title, config.dtype)
+    plotted = report.plot(rows, out / "report.png", title, config.dtype)
     if not keep_records:
         shutil.rmtree(out / "records", ignore_errors=True)
     verdict = {EXIT_OK: "all checks passed", EXIT_TOLERANCE: "a tolerance was exceeded",
                EXIT_ERROR: "a backend failed"}[code]
-    print(f"\n{verdict} ({time.perf_counter() - started:.1f} s); report: "
-          f"{out / 'report.json'}, {out / 'report.png'}")
+    png = out / "report.png" if plotted else "no PNG (matplotlib is not installed)"
+    sys.stderr.flush()
+    print(f"\n{verdict} ({time.perf_counter() - started:.1f} s)\nreport: {out / 'report.json'}, "
+          f"{png}", flush=True)
 
 
 def _handoff(args) -> int:

@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from parity.models.canonical import MODELS
 
 OPTIMIZERS = ("adamw", "sgd", "radam")
-DTYPES = ("float64", "float32")
+# bfloat16 is mixed precision: bf16 params and compute, float32 optimizer state and loss.
+DTYPES = ("float64", "float32", "bfloat16")
+DEVICES = ("cpu", "cuda")
 
 # Learning rates that train the twin models well in a few hundred steps. The other defaults
 # are those of the `schedulefree` reference classes.
@@ -27,6 +29,7 @@ class RunConfig:
     optimizer: str = "adamw"
     steps: int = 300
     dtype: str = "float64"
+    device: str = "cpu"  # torch runners' device; JAX runners' platform (JAX_PLATFORMS)
     seed: int = 0
     batch_size: int = 32
     eval_every: int = 1
@@ -65,8 +68,16 @@ class RunConfig:
                 f"need 0 <= first_step < steps, got first_step {self.first_step}, "
                 f"steps {self.steps}"
             )
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
         if self.eval_every < 1 or self.batch_size < 1:
             raise ValueError("eval_every and batch_size must be >= 1")
+
+    @property
+    def host_dtype(self) -> str:
+        """The numpy dtype of data and records: numpy has no bfloat16, and every bfloat16
+        value is exactly a float32 one."""
+        return "float32" if self.dtype == "bfloat16" else self.dtype
 
     def evaluates_at(self, step: int) -> bool:
         """Eval loss at x is recorded every ``eval_every`` steps, at the first and the last."""

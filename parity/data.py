@@ -1,8 +1,9 @@
 """Every number a model sees, made by numpy from the seed, so that all backends see the same.
 
 - ``mlp`` / ``cnn``: scikit-learn's 8x8 digits (``load_digits``: shipped with the package,
-  nothing to download), scaled to [0, 1], split 75/25 (stratified: a seeded quarter of each
-  class is the eval set). Step ``t`` trains on the batch drawn from
+  nothing to download; without scikit-learn, the same arrays from ``parity/digits.npz``, which
+  ``python -m parity export-digits`` writes), scaled to [0, 1], split 75/25 (stratified: a
+  seeded quarter of each class is the eval set). Step ``t`` trains on the batch drawn from
   epoch ``t // steps_per_epoch``'s seeded permutation, so any step's batch is known without
   replaying the ones before (the handoff resumes mid-run). The eval set is the whole test
   split. Images are flat (64,) for the MLP and NHWC (8, 8, 1) for the CNN.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -64,25 +66,41 @@ def _markov_tokens(cumulative: np.ndarray, n: int, rng: np.random.Generator) -> 
     return tokens
 
 
+# Where ``python -m parity export-digits`` writes the digits, for machines without scikit-learn.
+DIGITS_FILE = Path(__file__).resolve().parent / "digits.npz"
+
+
+def _load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """``(images, labels)`` of ``load_digits()``: from scikit-learn, else from DIGITS_FILE."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        if not DIGITS_FILE.exists():
+            raise FileNotFoundError(
+                f"the digits need scikit-learn or {DIGITS_FILE}: run `python -m parity "
+                "export-digits` on a machine with scikit-learn and bring the file along"
+            ) from None
+        with np.load(DIGITS_FILE) as f:
+            return f["data"].astype(np.float64), f["target"].astype(np.int64)
+    digits = load_digits()
+    return digits.data, digits.target
+
+
 def save_digits(path) -> None:
     """Write ``load_digits()``'s arrays to ``path`` (.npz), so that child processes can read
-    them without importing scikit-learn (a second per process)."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    np.savez(path, data=digits.data, target=digits.target)
+    them without importing scikit-learn (a second per process). Pixels are the integers 0-16
+    and labels 0-9: stored as uint8, the file is exact and small."""
+    images, labels = _load_digits()
+    np.savez_compressed(path, data=images.astype(np.uint8), target=labels.astype(np.uint8))
 
 
 @functools.lru_cache(maxsize=4)
 def _digits(seed: int, digits_file: str | None):
     if digits_file:
         with np.load(digits_file) as f:
-            images, labels = f["data"], f["target"]
+            images, labels = f["data"].astype(np.float64), f["target"]
     else:
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        images, labels = digits.data, digits.target
+        images, labels = _load_digits()
     images = images / 16.0
     labels = labels.astype(np.int32)
     rng = np.random.default_rng([seed, 6])

@@ -78,12 +78,16 @@ def run_all(
     parallel: int = 1,
     progress_bar: bool = True,
 ) -> dict[str, Outcome]:
-    """Run every ``(runner, config)`` pair, ``parallel`` at a time, behind one progress bar."""
-    from tqdm import tqdm
+    """Run every ``(runner, config)`` pair, ``parallel`` at a time, behind one progress bar
+    (none where tqdm is not installed)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm, progress_bar = None, False
 
     total = sum(c.steps - c.first_step for _, c in jobs)
-    bar = tqdm(total=total, unit="step", disable=not progress_bar, leave=False,
-               desc="parity", dynamic_ncols=True)
+    bar = (tqdm(total=total, unit="step", leave=False, desc="parity", dynamic_ncols=True)
+           if progress_bar else _NoBar())
     lock = threading.Lock()
 
     def one(job):
@@ -102,6 +106,17 @@ def run_all(
         outcomes = list(pool.map(one, jobs))
     bar.close()
     return {o.name: o for o in outcomes}
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def set_postfix_str(self, text):
+        pass
+
+    def close(self):
+        pass
 
 
 _digits_lock = threading.Lock()

@@ -87,12 +87,17 @@ def table(rows: list[Row], baseline: str, dtype: str) -> str:
     out = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
     out.insert(1, "  ".join("-" * w for w in widths))
     limits = ", ".join(f"{m} <= {v:g}" for m, v in tolerances.nominal(dtype).items())
+    kind = "sanity bound (mixed precision, no parity claimed)" if dtype == "bfloat16" else (
+        "tolerance")
     out.append("")
     out.append(f"diffs: largest relative difference to {baseline} over all steps; "
-               f"{dtype} tolerance: {limits or 'none'}")
+               f"{dtype} {kind}: {limits or 'none'}")
+    by_note: dict[str, list[str]] = {}  # rows sharing a note (DeepSpeed's stages) say it once
     for r in rows:
         if r.note:
-            out.append(f"{r.name}: {r.note}")
+            by_note.setdefault(r.note, []).append(r.name)
+    for note, names in by_note.items():
+        out.append(f"{', '.join(names)}: {note}")
     return "\n".join(out)
 
 
@@ -108,6 +113,7 @@ def to_json(rows, config, baseline, exit_code, extra=None) -> dict:
             "nominal": tolerances.nominal(config.dtype),
             "float64_relative": tolerances.FLOAT64_RELATIVE,
             "float32_eval_loss_relative": tolerances.FLOAT32_EVAL_LOSS_RELATIVE,
+            "bfloat16_eval_loss_relative": tolerances.BFLOAT16_EVAL_LOSS_RELATIVE,
         },
         "exit_code": exit_code,
         "rows": [],
@@ -132,8 +138,12 @@ def to_json(rows, config, baseline, exit_code, extra=None) -> dict:
     return out
 
 
-def plot(rows: list[Row], path: Path, title: str, dtype: str) -> None:
-    import matplotlib
+def plot(rows: list[Row], path: Path, title: str, dtype: str) -> bool:
+    """Draw the report's four panels into ``path``; False (nothing drawn) without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -174,3 +184,4 @@ def plot(rows: list[Row], path: Path, title: str, dtype: str) -> None:
     fig.suptitle(title)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True

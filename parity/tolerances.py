@@ -10,16 +10,27 @@ dtype      checked rows                    limits (relative, at every step)
 =========  ==============================  ===========================================
 float64    primary, reference, distributed params, train_loss, eval_loss <= 1e-10
 float32    primary, distributed            eval_loss <= 1e-4
+bfloat16   primary, distributed            eval_loss <= 5e-2 (a sanity bound only)
 =========  ==============================  ===========================================
 
-Everything else is measured and reported, never failed: reference rows in float32, and any
-row whose runner declares an ``expected_difference`` for the run (optax.contrib with warmup).
+bfloat16 is mixed precision (bf16 params and compute, float32 optimizer state): two correct
+implementations part after a few steps, as bf16 rounding of ``y`` differs with the order of
+operations, so no parity is claimed there. Its bound only catches what is plainly broken (a
+wrong learning rate, bf16 optimizer state, a missing eval/train switch): on CPU, sf_optax and
+its 8-device mesh stayed within 3e-3 of sf_torch for the MLP, 1.2e-2 for the CNN and 5e-4 for
+the LM over 300 steps, while the reference ``schedulefree`` class, whose state is bf16, parted
+by 21-30% (MLP, CNN).
+
+Everything else is measured and reported, never failed: reference rows in float32 and bfloat16,
+and any row whose runner declares an ``expected_difference`` for the run (optax.contrib with
+warmup; DeepSpeed in bfloat16, which keeps ``y`` in float32 masters).
 """
 
 from __future__ import annotations
 
 FLOAT64_RELATIVE = 1e-10
 FLOAT32_EVAL_LOSS_RELATIVE = 1e-4
+BFLOAT16_EVAL_LOSS_RELATIVE = 5e-2
 
 METRICS = ("params", "train_loss", "eval_loss")
 
@@ -27,6 +38,7 @@ _CHECKED = {
     "float64": (("primary", "reference", "distributed"),
                 dict.fromkeys(METRICS, FLOAT64_RELATIVE)),
     "float32": (("primary", "distributed"), {"eval_loss": FLOAT32_EVAL_LOSS_RELATIVE}),
+    "bfloat16": (("primary", "distributed"), {"eval_loss": BFLOAT16_EVAL_LOSS_RELATIVE}),
 }
 
 

@@ -109,3 +109,49 @@ def test_tolerance_check_on_crafted_comparisons():
     # float64 checks params and both losses at 1e-10; an expected difference is reported only.
     assert tolerances.limits("distributed", "float64") == dict.fromkeys(tolerances.METRICS, 1e-10)
     assert tolerances.limits("reference", "float64", "warmup lags") == {}
+
+
+def test_device_cuda_without_a_gpu_is_a_clear_error(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        import pytest
+
+        pytest.skip("this machine has a GPU")
+    for backends in ("sf_torch,sf_optax", "sf_torch"):
+        result = parity("run", "--device", "cuda", "--steps", "2", "--backends", backends,
+                        "--out", str(tmp_path))
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert "--device cuda" in result.stderr and "no CUDA device" in result.stderr
+        assert "Traceback" not in result.stderr and not (tmp_path / "report.json").exists()
+
+
+def test_runs_without_scikit_learn_tqdm_and_matplotlib(tmp_path):
+    # The GPU machine may lack them: the digits come from the exported file, there is no
+    # progress bar and no PNG, and the JSON report is still written.
+    from sklearn.datasets import load_digits
+
+    digits_file = tmp_path / "digits.npz"
+    export = subprocess.run([sys.executable, "-m", "parity", "export-digits", "--out",
+                             str(digits_file)], cwd=ROOT, capture_output=True, timeout=120)
+    assert export.returncode == 0, export.stderr
+    with np.load(digits_file) as f:  # exact: pixels 0-16 stored as uint8
+        np.testing.assert_array_equal(f["data"], load_digits().data)
+        np.testing.assert_array_equal(f["target"], load_digits().target)
+    out = tmp_path / "report"
+    code = (
+        "import sys\n"
+        "for name in ('sklearn', 'tqdm', 'matplotlib'):\n"
+        "    sys.modules[name] = None  # importing them now raises ImportError\n"
+        "import parity.data\n"
+        f"parity.data.DIGITS_FILE = parity.data.Path({str(digits_file)!r})\n"
+        "from parity.cli import main\n"
+        "sys.exit(main(['run', '--backends', 'sf_torch', '--steps', '3', "
+        f"'--out', {str(out)!r}]))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    last = result.stdout.rstrip().splitlines()[-1]
+    assert last == f"report: {out / 'report.json'}, no PNG (matplotlib is not installed)"
+    assert (out / "report.json").exists() and not (out / "report.png").exists()

@@ -23,7 +23,7 @@ MODELS = ("mlp", "cnn", "lm")
 # gradient that is zero in exact arithmetic (a conv bias before BatchNorm, an attention key
 # bias): Adam would blow its round-off up to full-size steps that differ between frameworks.
 MLP = dict(inputs=64, hidden=64, classes=10)
-CNN = dict(image=8, channels=(8, 16), classes=10)  # conv-BN-ReLU twice, 2x2 avg pool, dense
+CNN = dict(image=8, channels=(8, 16), classes=10)  # conv-BN-SiLU twice, 2x2 avg pool, dense
 LM = dict(vocab=32, width=32, layers=2, heads=2, seq=16, mlp=128)
 
 

@@ -60,7 +60,7 @@ class MLP(nnx.Module):
 
 
 class CNN(nnx.Module):
-    """(N, 8, 8, 1) -> [3x3 conv, BatchNorm, ReLU] x 2 -> 2x2 average pool -> dense -> 10.
+    """(N, 8, 8, 1) -> [3x3 conv, BatchNorm, SiLU] x 2 -> 2x2 average pool -> dense -> 10.
 
     The convolutions have no bias: BatchNorm subtracts it again.
     """
@@ -78,8 +78,8 @@ class CNN(nnx.Module):
         )
 
     def __call__(self, x):
-        h = jax.nn.relu(self.bn1(self.conv1(x)))
-        h = jax.nn.relu(self.bn2(self.conv2(h)))
+        h = jax.nn.silu(self.bn1(self.conv1(x)))
+        h = jax.nn.silu(self.bn2(self.conv2(h)))
         n, height, width, c = h.shape
         h = h.reshape(n, height // 2, 2, width // 2, 2, c).mean(axis=(2, 4))
         return self.out(h.reshape(n, -1))  # flattened in (H, W, C) order
@@ -154,7 +154,10 @@ _CLASSES = {"mlp": MLP, "cnn": CNN, "lm": LM}
 
 
 def loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Mean cross-entropy over every label (every token for the LM)."""
+    """Mean cross-entropy over every label (every token for the LM); bfloat16 logits are
+    taken to float32 first (mixed precision: a bf16 loss has 3 significant digits)."""
+    if logits.dtype == jnp.bfloat16:
+        logits = logits.astype(jnp.float32)
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 

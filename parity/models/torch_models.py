@@ -32,13 +32,24 @@ class BatchNorm(nn.Module):
         self.register_buffer("var", torch.ones(features))
         self.momentum = momentum
         self.eps = eps
+        # Data parallel: each rank holds an equal share of the batch; with this set, batch
+        # statistics are averaged over the ranks (differentiably), so they are the whole batch's.
+        self.sync_ranks = False
+
+    def _batch_mean(self, a: torch.Tensor) -> torch.Tensor:
+        mean = a.mean(dim=(0, 2, 3))
+        if self.sync_ranks:
+            from torch.distributed.nn.functional import all_reduce
+
+            mean = all_reduce(mean) / torch.distributed.get_world_size()
+        return mean
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = (1, -1, 1, 1)
         if self.training:
-            mean = x.mean(dim=(0, 2, 3))
+            mean = self._batch_mean(x)
             centered = x - mean.view(shape)
-            var = (centered * centered).mean(dim=(0, 2, 3))
+            var = self._batch_mean(centered * centered)
             m = self.momentum
             with torch.no_grad():
                 self.mean.copy_((1 - m) * self.mean + m * mean)
@@ -61,7 +72,12 @@ class MLP(nn.Module):
 
 
 class CNN(nn.Module):
-    """(N, 1, 8, 8) -> [3x3 conv, BatchNorm, ReLU] x 2 -> 2x2 average pool -> dense -> 10."""
+    """(N, 1, 8, 8) -> [3x3 conv, BatchNorm, SiLU] x 2 -> 2x2 average pool -> dense -> 10.
+
+    SiLU, not ReLU: after BatchNorm many pre-activations sit near 0, and a ReLU kink turns a
+    1e-7 float32 difference into a flipped mask and a visibly different trajectory (seen with
+    every backend, DeepSpeed or not); a smooth activation keeps float32 parity meaningful.
+    """
 
     def __init__(self):
         super().__init__()
@@ -74,8 +90,8 @@ class CNN(nn.Module):
         self.out = nn.Linear(pooled, canonical.CNN["classes"])
 
     def forward(self, x):
-        h = torch.relu(self.bn1(self.conv1(x)))
-        h = torch.relu(self.bn2(self.conv2(h)))
+        h = F.silu(self.bn1(self.conv1(x)))
+        h = F.silu(self.bn2(self.conv2(h)))
         h = F.avg_pool2d(h, 2)
         # Flatten in (H, W, C) order, as the NHWC twin does, so that the dense kernels match.
         return self.out(h.permute(0, 2, 3, 1).flatten(1))
@@ -143,7 +159,10 @@ _CLASSES = {"mlp": MLP, "cnn": CNN, "lm": LM}
 
 
 def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over every label (every token for the LM)."""
+    """Mean cross-entropy over every label (every token for the LM); bfloat16 logits are
+    taken to float32 first (mixed precision: a bf16 loss has 3 significant digits)."""
+    if logits.dtype == torch.bfloat16:
+        logits = logits.float()
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
 
 
@@ -192,18 +211,20 @@ def to_canonical(model: str, module: nn.Module, tensors=None) -> dict[str, np.nd
     names = param_names(model, module)
     if tensors is None:
         tensors = [p for p in module.parameters()]
-    return {
-        n: canonical.from_torch_layout(n, t.detach().cpu().numpy().copy())
-        for n, t in zip(names, tensors)
-    }
+    return {n: canonical.from_torch_layout(n, _numpy(t)) for n, t in zip(names, tensors)}
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A numpy copy; bfloat16 (which numpy lacks) as the float32 of the same value."""
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16:
+        tensor = tensor.float()
+    return tensor.numpy().copy()
 
 
 def buffers_to_canonical(model: str, module: nn.Module) -> dict[str, np.ndarray]:
     tensors = dict(module.named_buffers())
-    return {
-        n: tensors[canonical.torch_name(n)].detach().cpu().numpy().copy()
-        for n in canonical.buffer_shapes(model)
-    }
+    return {n: _numpy(tensors[canonical.torch_name(n)]) for n in canonical.buffer_shapes(model)}
 
 
 def inputs_to_torch(inputs: np.ndarray, device=None, dtype=None) -> torch.Tensor:

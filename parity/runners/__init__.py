@@ -34,7 +34,14 @@ and may define:
     ``train`` returns the record on rank 0 (which also prints the progress lines) and None on
     the other ranks.
 ``environment(config) -> dict[str, str]``
-    variables to set in the child (e.g. ``XLA_FLAGS``).
+    variables to set in the child (e.g. ``XLA_FLAGS``), over those every runner of its
+    framework gets (JAX: ``JAX_PLATFORMS`` from ``config.device``).
+``note(config) -> str | None``
+    a remark for the row of the report (e.g. that it runs on CPU devices whatever ``--device``).
+``VARIANTS``
+    ``{row name: {key: value}}``: the module runs as several rows (``deepspeed_z1``,
+    ``deepspeed_z2``, ...), each with its entries merged into ``RunConfig.extra``
+    (:func:`configure`); ``NAME`` then names the module, and each row is a :class:`Variant`.
 
 The module ends with ``if __name__ == "__main__": parity.runners._child.main(train)``, which
 reads the config, calls ``train`` and writes the record.
@@ -53,8 +60,22 @@ _ATTRIBUTES = ("NAME", "FRAMEWORK", "ROLE", "REQUIRES", "HANDOFF", "unsupported"
 ROLES = ("primary", "reference", "distributed")
 
 
-def discover() -> dict[str, ModuleType]:
-    """Every runner module in this folder, by name, in a stable order."""
+class Variant:
+    """One row of a runner module with ``VARIANTS``: the module, under the row's name, with
+    the row's entries for ``RunConfig.extra``."""
+
+    def __init__(self, module: ModuleType, name: str, extra: dict):
+        self.module, self.NAME, self.extra = module, name, dict(extra)
+
+    def __getattr__(self, attribute):
+        return getattr(self.module, attribute)
+
+    def __repr__(self) -> str:
+        return f"<runner {self.NAME} of {self.module.__name__}>"
+
+
+def discover() -> dict[str, ModuleType | Variant]:
+    """Every runner (module, or row of a module with ``VARIANTS``) by name, in a stable order."""
     found = {}
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
         if info.name.startswith("_"):
@@ -65,8 +86,23 @@ def discover() -> dict[str, ModuleType]:
             raise TypeError(f"runner {info.name} lacks {missing}: see parity/runners/__init__.py")
         if module.ROLE not in ROLES:
             raise ValueError(f"runner {info.name}: ROLE must be one of {ROLES}")
-        found[module.NAME] = module
+        variants = getattr(module, "VARIANTS", None)
+        if variants:
+            found.update({name: Variant(module, name, extra) for name, extra in variants.items()})
+        else:
+            found[module.NAME] = module
     return found
+
+
+def configure(runner, config):
+    """``config`` as ``runner`` runs it: a variant's entries merged into ``config.extra``."""
+    if isinstance(runner, Variant):
+        return config.replace(extra={**config.extra, **runner.extra})
+    return config
+
+
+def note(runner, config) -> str | None:
+    return runner.note(config) if hasattr(runner, "note") else None
 
 
 def unavailable(runner: ModuleType) -> str | None:
@@ -77,11 +113,21 @@ def unavailable(runner: ModuleType) -> str | None:
     return None
 
 
-def command(runner: ModuleType, config, config_path, result_path) -> list[str]:
+def command(runner, config, config_path, result_path) -> list[str]:
     if hasattr(runner, "command"):
         return list(runner.command(config, str(config_path), str(result_path)))
-    return [sys.executable, "-m", f"{__name__}.{runner.NAME}", str(config_path), str(result_path)]
+    module = runner.module if isinstance(runner, Variant) else runner
+    return [sys.executable, "-m", module.__name__, str(config_path), str(result_path)]
 
 
-def environment(runner: ModuleType, config) -> dict[str, str]:
-    return dict(runner.environment(config)) if hasattr(runner, "environment") else {}
+def environment(runner, config) -> dict[str, str]:
+    env = {}
+    if runner.FRAMEWORK == "jax":
+        # --device cpu keeps JAX on the CPU also where a GPU is present.
+        env["JAX_PLATFORMS"] = config.device
+        if config.device == "cuda":
+            # Backends share the GPU (--jobs): JAX must not take 75% of it up front.
+            env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    if hasattr(runner, "environment"):
+        env.update(runner.environment(config))
+    return env

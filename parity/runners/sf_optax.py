@@ -19,10 +19,15 @@ def expected_difference(config) -> str | None:
 
 def make_tx(config):
     """The sf_optax transformation for ``config`` (also used by sf_optax_mesh and the handoff)."""
+    import jax.numpy as jnp
+
     import sf_optax
 
+    # Mixed precision: bf16 params (y), float32 z and v.
+    state_dtype = jnp.float32 if config.dtype == "bfloat16" else None
     common = dict(
-        warmup_steps=config.warmup_steps, r=config.r, weight_lr_power=config.weight_lr_power
+        warmup_steps=config.warmup_steps, r=config.r, weight_lr_power=config.weight_lr_power,
+        state_dtype=state_dtype,
     )
     if config.optimizer == "adamw":
         return sf_optax.adamw(
@@ -33,6 +38,7 @@ def make_tx(config):
     return sf_optax.radam(
         config.lr, config.b1, config.b2, config.eps, config.weight_decay, r=config.r,
         weight_lr_power=config.weight_lr_power, silent_sgd_phase=config.silent_sgd_phase,
+        state_dtype=state_dtype,
     )
 
 

@@ -1,4 +1,6 @@
-"""sf_optax on an 8-device mesh with FSDP-style sharded params (CPU devices unless 8 exist).
+"""sf_optax on an 8-device mesh with FSDP-style sharded params, always on 8 CPU devices.
+
+It stays on the CPU under ``--device cuda`` too: one GPU cannot make an 8-device mesh.
 
 Every parameter is split over the mesh axis ``fsdp`` along its first dimension that divides by
 8 (a conv kernel along a channel axis), replicated where none does; the optimizer state
@@ -27,11 +29,17 @@ def expected_difference(config) -> str | None:
     return None
 
 
+def note(config) -> str | None:
+    if config.device != "cpu":
+        return f"{DEVICES} CPU devices whatever --device (one GPU makes no {DEVICES}-device mesh)"
+    return None
+
+
 def environment(config) -> dict[str, str]:
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" not in flags:
         flags = f"{flags} {_FLAG}".strip()
-    return {"XLA_FLAGS": flags}
+    return {"XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
 
 
 def train(config, progress=None):
@@ -45,9 +53,7 @@ def train(config, progress=None):
     from parity.runners.sf_optax import make_tx
     from parity.training import jax_loop
 
-    devices = jax.devices()
-    if len(devices) < DEVICES:
-        devices = jax.devices("cpu")
+    devices = jax.devices("cpu")
     if len(devices) < DEVICES:
         raise RuntimeError(
             f"sf_optax_mesh needs {DEVICES} devices, jax sees {len(devices)}: jax was imported "

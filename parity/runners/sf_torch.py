@@ -19,10 +19,14 @@ def expected_difference(config) -> str | None:
 
 def make_optimizer(config, params):
     """The sf_torch optimizer for ``config`` (also used by the handoff)."""
+    import torch
+
     import sf_torch
 
     common = dict(
-        weight_decay=config.weight_decay, r=config.r, weight_lr_power=config.weight_lr_power
+        weight_decay=config.weight_decay, r=config.r, weight_lr_power=config.weight_lr_power,
+        # Mixed precision: bf16 params (y), float32 z and v.
+        state_dtype=torch.float32 if config.dtype == "bfloat16" else None,
     )
     if config.optimizer == "adamw":
         return sf_torch.AdamWScheduleFree(

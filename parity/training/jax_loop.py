@@ -57,7 +57,7 @@ def _shard_first_axis(mesh, shape) -> NamedSharding:
 
 def _run(config, make_tx, eval_params, mesh, progress) -> Record:
     dtype = jnp.dtype(config.dtype)
-    data = data_lib.load(config.model, config.seed, config.batch_size, config.dtype,
+    data = data_lib.load(config.model, config.seed, config.batch_size, config.host_dtype,
                          config.recal_batches, config.digits_file)
     shapes = canonical.param_shapes(config.model)
     tx = make_tx(config)
@@ -123,7 +123,7 @@ def _run(config, make_tx, eval_params, mesh, progress) -> Record:
     recal = tuple(put(b, replicated) for b in data.recal_inputs)
     eval_inputs, eval_labels = put(data.eval_inputs, replicated), put(data.eval_labels, replicated)
 
-    record = Record.empty(config.first_step, config.steps, shapes, dtype)
+    record = Record.empty(config.first_step, config.steps, shapes, config.host_dtype)
 
     def observe(step):
         record.set_params(step, jax.device_get(params))

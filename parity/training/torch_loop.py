@@ -29,18 +29,22 @@ def run(
     *,
     eval_params: Callable[[torch.optim.Optimizer], list[torch.Tensor]],
     progress: Callable[[int], None] | None = None,
-    device: str = "cpu",
 ) -> Record:
-    """Train ``config``'s model with ``make_optimizer(config, params)`` and record every step."""
+    """Train ``config``'s model with ``make_optimizer(config, params)`` and record every step.
+
+    On ``config.device``; ``config.dtype`` bfloat16 is bf16 params and compute (the optimizer
+    state's dtype is ``make_optimizer``'s choice).
+    """
     progress = progress or (lambda step: None)
     dtype = getattr(torch, config.dtype)
+    device = device_for(config)
     if device == "cpu":
         # These models are tiny: one thread is faster (with two, the LM's step is ~15x slower
         # here) and runs side by side with other backends without oversubscribing cores.
         torch.set_num_threads(1)
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
-    data = data_lib.load(config.model, config.seed, config.batch_size, config.dtype,
+    data = data_lib.load(config.model, config.seed, config.batch_size, config.host_dtype,
                          config.recal_batches, config.digits_file)
     params0 = canonical.init_params(config.model, config.seed)
     buffers0 = canonical.init_buffers(config.model)
@@ -62,7 +66,7 @@ def run(
     recal = [tensor(b) for b in data.recal_inputs]
     eval_inputs, eval_labels = tensor(data.eval_inputs), tensor(data.eval_labels)
     shapes = canonical.param_shapes(config.model)
-    record = Record.empty(config.first_step, config.steps, shapes, np.dtype(config.dtype))
+    record = Record.empty(config.first_step, config.steps, shapes, np.dtype(config.host_dtype))
 
     @torch.no_grad()
     def evaluate() -> float:
@@ -104,3 +108,13 @@ def run(
         "loop_seconds": seconds,
     }
     return record
+
+
+def device_for(config: RunConfig) -> str:
+    """``config.device`` as torch names it, with a clear error where torch has no CUDA."""
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"--device cuda, but torch {torch.__version__} sees no CUDA device "
+            f"(torch.version.cuda: {torch.version.cuda}); run with --device cpu"
+        )
+    return config.device
