@@ -171,8 +171,10 @@ def main(argv: list[str] | None = None) -> dict:
         if args.save_dir:
             engine.save_checkpoint(args.save_dir, tag=f"epoch{epoch + 1}")  # the model holds x
     bar.close()
+    torch.distributed.barrier()
     return {"history": history, "rank": rank, "world": world}
 
 
 if __name__ == "__main__":
     main()
+    torch.distributed.destroy_process_group()
