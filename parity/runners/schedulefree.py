@@ -25,23 +25,9 @@ def expected_difference(config) -> str | None:
 def make_optimizer(config, params):
     import schedulefree
 
-    common = dict(
-        weight_decay=config.weight_decay, r=config.r, weight_lr_power=config.weight_lr_power
-    )
-    if config.optimizer == "adamw":
-        opt = schedulefree.AdamWScheduleFree(
-            params, lr=config.lr, betas=(config.b1, config.b2), eps=config.eps,
-            warmup_steps=config.warmup_steps, **common,
-        )
-    elif config.optimizer == "sgd":
-        opt = schedulefree.SGDScheduleFree(
-            params, lr=config.lr, momentum=config.b1, warmup_steps=config.warmup_steps, **common
-        )
-    else:
-        opt = schedulefree.RAdamScheduleFree(
-            params, lr=config.lr, betas=(config.b1, config.b2), eps=config.eps,
-            silent_sgd_phase=config.silent_sgd_phase, **common,
-        )
+    from parity.runners.sf_torch import build
+
+    opt = build(schedulefree, config, params)
     opt.train()
     return opt
 

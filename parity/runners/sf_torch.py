@@ -17,30 +17,37 @@ def expected_difference(config) -> str | None:
     return None
 
 
+def build(classes, config, params, **extra):
+    """``config``'s optimizer from ``classes`` (sf_torch, or the drop-in-compatible reference
+    package ``schedulefree``): one mapping of the parity config to the shared constructors."""
+    common = dict(
+        weight_decay=config.weight_decay, r=config.r, weight_lr_power=config.weight_lr_power,
+        **extra,
+    )
+    if config.optimizer == "adamw":
+        return classes.AdamWScheduleFree(
+            params, lr=config.lr, betas=(config.b1, config.b2), eps=config.eps,
+            warmup_steps=config.warmup_steps, **common,
+        )
+    if config.optimizer == "sgd":
+        return classes.SGDScheduleFree(
+            params, lr=config.lr, momentum=config.b1, warmup_steps=config.warmup_steps, **common
+        )
+    return classes.RAdamScheduleFree(
+        params, lr=config.lr, betas=(config.b1, config.b2), eps=config.eps,
+        silent_sgd_phase=config.silent_sgd_phase, **common,
+    )
+
+
 def make_optimizer(config, params):
     """The sf_torch optimizer for ``config`` (also used by the handoff)."""
     import torch
 
     import sf_torch
 
-    common = dict(
-        weight_decay=config.weight_decay, r=config.r, weight_lr_power=config.weight_lr_power,
-        # Mixed precision: bf16 params (y), float32 z and v.
-        state_dtype=torch.float32 if config.dtype == "bfloat16" else None,
-    )
-    if config.optimizer == "adamw":
-        return sf_torch.AdamWScheduleFree(
-            params, lr=config.lr, betas=(config.b1, config.b2), eps=config.eps,
-            warmup_steps=config.warmup_steps, **common,
-        )
-    if config.optimizer == "sgd":
-        return sf_torch.SGDScheduleFree(
-            params, lr=config.lr, momentum=config.b1, warmup_steps=config.warmup_steps, **common
-        )
-    return sf_torch.RAdamScheduleFree(
-        params, lr=config.lr, betas=(config.b1, config.b2), eps=config.eps,
-        silent_sgd_phase=config.silent_sgd_phase, **common,
-    )
+    # Mixed precision: bf16 params (y), float32 z and v.
+    state_dtype = torch.float32 if config.dtype == "bfloat16" else None
+    return build(sf_torch, config, params, state_dtype=state_dtype)
 
 
 def train(config, progress=None):
