@@ -1,0 +1,467 @@
+"""Optimizer step time against the device's copy bandwidth, torch and JAX, one parameter set.
+
+A Schedule-Free step is memory bound: AdamW reads y, g, z, v and writes y, z, v (28 B/param in
+fp32), SGD reads y, g, z and writes y, z (20 B/param), and a train()/eval() switch reads y, z
+and writes y (12 B/param). Each row's median step time is turned into the bandwidth of those
+useful bytes and compared with a plain device copy of the parameters' bytes, measured in the
+same run (a copy reads and writes the buffer: 2x its bytes).
+
+Rows: torch ``copy_`` and a jitted JAX copy (the references); sf_torch AdamW and SGD with each
+step implementation the device has (loop, foreach, and fused on CUDA); the reference
+``schedulefree.AdamWScheduleFree`` (foreach; fp32 sets only, its state follows the params'
+dtype); sf_torch's train()/eval() switch; sf_optax.adamw, sf_optax.sgd and
+optax.contrib.schedule_free_adamw, jitted with the params and state donated.
+
+Parameter sets: ``big`` (32 x 2048x4096 + 64 x 4096, fp32, 268.7M params), ``bf16`` (the same
+shapes in bf16 with fp32 state), ``small`` (2000 x 64x64 + 4 x 1024x1024) and ``tiny`` (for CI).
+``--scale`` shrinks the rows of big/bf16 for smaller machines.
+
+Torch rows run first; their memory is released before JAX allocates any (JAX does not
+preallocate here). Extra memory is what a step needs above params + grads + state: torch's
+``max_memory_allocated`` after a reset (CUDA only), and XLA's compiled memory analysis for JAX
+(scratch plus outputs that do not reuse a donated input).
+
+Run: python -m bench.step --device cpu|cuda [--set big|bf16|small|tiny] [--repeats N]
+[--json out.json]
+"""
+
+from __future__ import annotations
+
+import os
+
+# Must happen before jax is imported: JAX would otherwise take most of the GPU up front.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import argparse  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from dataclasses import asdict, dataclass  # noqa: E402
+
+import torch  # noqa: E402
+
+import sf_torch  # noqa: E402
+
+LR_ADAMW = 1e-3
+LR_SGD = 0.1
+WEIGHT_DECAY = 0.01
+
+# ---------------------------------------------------------------------------------------------
+# Parameter sets
+
+
+@dataclass(frozen=True)
+class ParamSet:
+    """Shapes, the params' dtype and the state's dtype (torch names: 'float32', 'bfloat16')."""
+
+    name: str
+    shapes: tuple[tuple[int, ...], ...]
+    param_dtype: str
+    state_dtype: str
+
+    @property
+    def n_params(self) -> int:
+        return sum(math.prod(s) for s in self.shapes)
+
+
+def param_set(name: str, scale: float = 1.0) -> ParamSet:
+    """The named set; ``scale`` multiplies the rows of big/bf16's matrices (and vectors)."""
+    if name in ("big", "bf16"):
+        rows = max(1, round(2048 * scale))
+        shapes = ((rows, 4096),) * 32 + ((max(1, round(4096 * scale)),),) * 64
+        dtype = "float32" if name == "big" else "bfloat16"
+        return ParamSet(name, shapes, dtype, "float32")
+    if name == "small":
+        return ParamSet(name, ((64, 64),) * 2000 + ((1024, 1024),) * 4, "float32", "float32")
+    if name == "tiny":
+        shapes = ((64, 128), (128,), (32, 32), (32,), (3, 5, 7))
+        return ParamSet(name, shapes, "float32", "float32")
+    raise ValueError(f"unknown parameter set {name!r}: use big, bf16, small or tiny")
+
+
+def _itemsize(dtype: str) -> int:
+    return {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}[dtype]
+
+
+def useful_bytes(kind: str, ps: ParamSet) -> int:
+    """Bytes a step must move, from the element sizes (grads have the params' dtype).
+
+    adamw: reads y, g, z, v; writes y, z, v. sgd: reads y, g, z; writes y, z.
+    switch: one eval() or train(): reads y, z; writes y. copy: reads and writes the params' bytes.
+    """
+    p, s = _itemsize(ps.param_dtype), _itemsize(ps.state_dtype)
+    per_param = {
+        "adamw": 3 * p + 4 * s,
+        "sgd": 3 * p + 2 * s,
+        "switch": 2 * p + s,
+        "copy": 2 * p,
+    }[kind]
+    return per_param * ps.n_params
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows
+
+
+@dataclass
+class Row:
+    name: str
+    framework: str
+    kind: str  # adamw | sgd | switch | copy
+    median_s: float
+    times_s: list[float]
+    bytes: int
+    bandwidth: float = 0.0  # bytes / s
+    copy_share: float = 0.0
+    extra_mem_bytes: int | None = None
+
+
+def _kind_of(name: str) -> str:
+    for kind in ("copy", "switch", "sgd"):
+        if kind in name.split(" "):
+            return kind
+    return "adamw"
+
+
+# ---------------------------------------------------------------------------------------------
+# torch
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+def torch_tensors(ps: ParamSet, device: str, seed: int = 0) -> list[torch.Tensor]:
+    """Params (leaf tensors) with gradients set, both from a fixed seed."""
+    # Drawn on the device: drawing 2 x 268M numbers on the host would dominate a GPU run.
+    gen = torch.Generator(device=device).manual_seed(seed)
+    dtype = _torch_dtype(ps.param_dtype)
+    params = []
+    for shape in ps.shapes:
+        p = (0.02 * torch.randn(shape, generator=gen, device=device)).to(dtype)
+        p.grad = (1e-3 * torch.randn(shape, generator=gen, device=device)).to(dtype)
+        params.append(p)
+    return params
+
+
+def torch_optimizer(name: str, params, ps: ParamSet) -> torch.optim.Optimizer:
+    """The optimizer of a torch row, by row name (hyperparameters shared by every row)."""
+    state_dtype = _torch_dtype(ps.state_dtype)
+    if state_dtype == params[0].dtype:
+        state_dtype = None
+    package, kind, impl = name.split(" ")
+    if package == "schedulefree":
+        import schedulefree
+
+        return schedulefree.AdamWScheduleFree(
+            params, lr=LR_ADAMW, weight_decay=WEIGHT_DECAY, foreach=True
+        )
+    flags = {"loop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
+    if kind == "adamw":
+        return sf_torch.AdamWScheduleFree(
+            params, lr=LR_ADAMW, weight_decay=WEIGHT_DECAY, state_dtype=state_dtype, **flags[impl]
+        )
+    return sf_torch.SGDScheduleFree(
+        params, lr=LR_SGD, weight_decay=WEIGHT_DECAY, state_dtype=state_dtype, **flags[impl]
+    )
+
+
+def torch_row_names(ps: ParamSet, device: str) -> list[str]:
+    impls = ["loop", "foreach"] + (["fused"] if device == "cuda" else [])
+    names = ["torch copy"]
+    names += [f"sf_torch adamw {i}" for i in impls]
+    names += [f"sf_torch sgd {i}" for i in impls]
+    if ps.param_dtype == ps.state_dtype:
+        names.append("schedulefree adamw foreach")
+    names.append("sf_torch switch foreach")
+    return names
+
+
+JAX_ROW_NAMES = ["jax copy", "sf_optax adamw jit", "sf_optax sgd jit", "optax.contrib adamw jit"]
+
+
+def row_names(ps: ParamSet, device: str) -> list[str]:
+    return torch_row_names(ps, device) + JAX_ROW_NAMES
+
+
+def _time_torch(fn, device: str, inner: int) -> float:
+    """Seconds per call of ``fn`` over ``inner`` calls: CUDA events on cuda, else a clock."""
+    if device == "cuda":
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / inner
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    return (time.perf_counter() - t0) / inner
+
+
+def _measure_torch(fn, device, warmup, repeats, inner):
+    """Median seconds per call, the samples, and (CUDA) peak bytes above what was allocated."""
+    for _ in range(warmup):
+        fn()
+    extra = None
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - base
+    times = [_time_torch(fn, device, inner) for _ in range(repeats)]
+    return statistics.median(times), times, extra
+
+
+def _torch_row(name, ps, device, warmup, repeats, inner) -> Row:
+    kind = _kind_of(name)
+    if kind == "copy":
+        src = torch.randn(ps.n_params, device=device).to(_torch_dtype(ps.param_dtype))
+        dst = torch.empty_like(src)
+        median, times, extra = _measure_torch(
+            lambda: dst.copy_(src), device, warmup, repeats, inner
+        )
+    else:
+        params = torch_tensors(ps, device)
+        opt = torch_optimizer(name.replace("switch", "adamw"), params, ps)
+        opt.train()  # the reference classes start in eval mode
+        if kind == "switch":
+            opt.step()  # creates z: a switch needs a state to switch with
+
+            def switch_pair():
+                opt.eval()
+                opt.train()
+
+            median, times, extra = _measure_torch(switch_pair, device, warmup, repeats, inner)
+            median, times = median / 2, [t / 2 for t in times]
+        else:
+            median, times, extra = _measure_torch(opt.step, device, warmup, repeats, inner)
+    return Row(name, "torch", kind, median, times, useful_bytes(kind, ps), extra_mem_bytes=extra)
+
+
+def run_torch(ps: ParamSet, device: str, warmup: int, repeats: int, inner: int, skipped: list):
+    rows = []
+    for name in torch_row_names(ps, device):
+        try:
+            rows.append(_torch_row(name, ps, device, warmup, repeats, inner))
+        except Exception as e:  # noqa: BLE001  (one row that cannot run must not sink the rest)
+            skipped.append({"name": name, "reason": f"{type(e).__name__}: {e}"})
+            print(f"skipped {name}: {type(e).__name__}: {e}")
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# JAX
+
+
+def _jax_extra_bytes(compiled) -> int | None:
+    try:
+        m = compiled.memory_analysis()
+        return int(m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes)
+    except Exception:  # noqa: BLE001  (not every backend reports it)
+        return None
+
+
+def jax_optimizer(name: str, ps: ParamSet):
+    import jax.numpy as jnp
+    import optax
+
+    import sf_optax
+
+    state_dtype = None if ps.state_dtype == ps.param_dtype else jnp.dtype(ps.state_dtype)
+    if name == "sf_optax adamw jit":
+        return sf_optax.adamw(LR_ADAMW, weight_decay=WEIGHT_DECAY, state_dtype=state_dtype)
+    if name == "sf_optax sgd jit":
+        return sf_optax.sgd(LR_SGD, weight_decay=WEIGHT_DECAY, state_dtype=state_dtype)
+    if name == "optax.contrib adamw jit":
+        return optax.contrib.schedule_free_adamw(
+            LR_ADAMW, weight_decay=WEIGHT_DECAY, state_dtype=state_dtype
+        )
+    raise ValueError(f"no JAX optimizer named {name!r}")
+
+
+def run_jax(ps: ParamSet, device: str, warmup: int, repeats: int, inner: int, skipped: list):
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    dev = jax.devices("gpu" if device == "cuda" else "cpu")[0]
+    dtype = jnp.dtype(ps.param_dtype)
+
+    def timed(step, args, advance):
+        """Median seconds per step; ``advance`` maps (args, out) to the next call's args."""
+        out = None
+        for _ in range(warmup):
+            out = step(*args)
+            args = advance(args, out)
+        jax.block_until_ready(out)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                out = step(*args)
+                args = advance(args, out)
+            jax.block_until_ready(out)
+            times.append((time.perf_counter() - t0) / inner)
+        return statistics.median(times), times
+
+    def copy_row():
+        src = jax.random.normal(jax.random.PRNGKey(0), (ps.n_params,), jnp.float32).astype(dtype)
+        dst = jnp.zeros_like(src)
+        # dst is donated: the copy's output reuses its memory, so each call moves the bytes anew.
+        copy = jax.jit(lambda d, s: s.copy(), donate_argnums=0)
+        extra = _jax_extra_bytes(copy.lower(dst, src).compile())
+        median, times = timed(copy, (dst, src), lambda a, out: (out, a[1]))
+        kind = "copy"
+        return Row("jax copy", "jax", kind, median, times, useful_bytes(kind, ps), 0, 0, extra)
+
+    def tensors():
+        keys = jax.random.split(jax.random.PRNGKey(1), 2 * len(ps.shapes))
+        params = [
+            (0.02 * jax.random.normal(keys[2 * i], s, jnp.float32)).astype(dtype)
+            for i, s in enumerate(ps.shapes)
+        ]
+        grads = [
+            (1e-3 * jax.random.normal(keys[2 * i + 1], s, jnp.float32)).astype(dtype)
+            for i, s in enumerate(ps.shapes)
+        ]
+        return params, grads
+
+    def step_row(name):
+        opt = jax_optimizer(name, ps)
+
+        def step_fn(params, state, grads):
+            updates, state = opt.update(grads, state, params)
+            return optax.apply_updates(params, updates), state
+
+        step = jax.jit(step_fn, donate_argnums=(0, 1))
+        params, grads = tensors()
+        state = opt.init(params)
+        extra = _jax_extra_bytes(step.lower(params, state, grads).compile())
+        median, times = timed(step, (params, state, grads), lambda a, out: (out[0], out[1], a[2]))
+        kind = _kind_of(name)
+        return Row(name, "jax", kind, median, times, useful_bytes(kind, ps), 0, 0, extra)
+
+    rows = []
+    with jax.default_device(dev):
+        for name in JAX_ROW_NAMES:
+            try:
+                rows.append(copy_row() if name == "jax copy" else step_row(name))
+            except Exception as e:  # noqa: BLE001  (one row that cannot run must not sink the rest)
+                skipped.append({"name": name, "reason": f"{type(e).__name__}: {e}"})
+                print(f"skipped {name}: {type(e).__name__}: {e}")
+            gc.collect()
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def _fmt_bw(bw: float, device: str) -> str:
+    return f"{bw / 1e12:.3f} TB/s" if device == "cuda" else f"{bw / 1e9:.2f} GB/s"
+
+
+def format_table(result: dict) -> str:
+    device = result["device"]
+    lines = [
+        f"set={result['set']} params={result['n_params']:,} tensors={result['n_tensors']} "
+        f"{result['param_dtype']} params, {result['state_dtype']} state, device={device} "
+        f"({result['device_name']}), copy reference={_fmt_bw(result['copy_bandwidth'], device)}",
+        f"{'row':<28} {'median ms':>10} {'MB/step':>10} {'bandwidth':>13} {'% copy':>7} "
+        f"{'extra MB':>9}",
+    ]
+    for r in result["rows"]:
+        extra = "n/a" if r["extra_mem_bytes"] is None else f"{r['extra_mem_bytes'] / 1e6:.1f}"
+        lines.append(
+            f"{r['name']:<28} {r['median_s'] * 1e3:>10.3f} {r['bytes'] / 1e6:>10.1f} "
+            f"{_fmt_bw(r['bandwidth'], device):>13} {100 * r['copy_share']:>6.1f}% {extra:>9}"
+        )
+    for s in result["skipped"]:
+        lines.append(f"{s['name']:<28} skipped: {s['reason'][:200]}")
+    return "\n".join(lines)
+
+
+def run(args) -> dict:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda needs a CUDA build of torch and a visible GPU")
+    if args.set in ("big", "bf16") and args.device == "cpu" and args.scale >= 1.0:
+        print("note: the full big/bf16 sets are meant for a GPU; pass --scale to shrink them")
+    ps = param_set(args.set, args.scale)
+    repeats = args.repeats or (20 if args.device == "cuda" else 5)
+    inner = args.inner or (10 if args.device == "cuda" else 1)
+    skipped: list = []
+    rows = run_torch(ps, args.device, args.warmup, repeats, inner, skipped)
+    gc.collect()
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    if not args.no_jax:
+        rows += run_jax(ps, args.device, args.warmup, repeats, inner, skipped)
+    for r in rows:
+        r.bandwidth = r.bytes / r.median_s
+    # One denominator for every row: the faster of the copies measured in this run.
+    copies = [r.bandwidth for r in rows if r.kind == "copy"]
+    copy_bw = max(copies) if copies else float("nan")
+    for r in rows:
+        r.copy_share = r.bandwidth / copy_bw
+    return {
+        "set": ps.name,
+        "scale": args.scale,
+        "device": args.device,
+        "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "n_params": ps.n_params,
+        "n_tensors": len(ps.shapes),
+        "param_dtype": ps.param_dtype,
+        "state_dtype": ps.state_dtype,
+        "repeats": repeats,
+        "steps_per_repeat": inner,
+        "warmup": args.warmup,
+        "copy_bandwidth": copy_bw,
+        "torch_version": torch.__version__,
+        "rows": [asdict(r) for r in rows],
+        "skipped": skipped,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.step", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--set", choices=("big", "bf16", "small", "tiny"), default="tiny")
+    parser.add_argument(
+        "--scale", type=float, default=1.0, help="multiply the rows of big/bf16 (e.g. 0.25)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed samples per row (20 on cuda, 5 on cpu)"
+    )
+    parser.add_argument(
+        "--inner", type=int, default=None, help="steps per timed sample (10 on cuda, 1 on cpu)"
+    )
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--no-jax", action="store_true", help="torch rows only")
+    parser.add_argument("--json", default=None, help="write the result here")
+    args = parser.parse_args(argv)
+    if args.repeats is not None and args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+    if not args.scale > 0:
+        parser.error("--scale must be > 0")
+    result = run(args)
+    print(format_table(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
