@@ -158,7 +158,12 @@ def torch_optimizer(name: str, params, ps: ParamSet) -> torch.optim.Optimizer:
         return schedulefree.AdamWScheduleFree(
             params, lr=LR_ADAMW, weight_decay=WEIGHT_DECAY, foreach=True
         )
-    flags = {"loop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
+    # fused=False: with fused=None sf_torch would pick its fused kernel for CUDA params
+    flags = {
+        "loop": dict(foreach=False, fused=False),
+        "foreach": dict(foreach=True, fused=False),
+        "fused": dict(fused=True),
+    }
     if kind == "adamw":
         return sf_torch.AdamWScheduleFree(
             params, lr=LR_ADAMW, weight_decay=WEIGHT_DECAY, state_dtype=state_dtype, **flags[impl]
