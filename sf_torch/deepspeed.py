@@ -152,11 +152,12 @@ def _own_steps(client: ScheduleFreeOptimizer) -> None:
             _create_state(self, _group_params(self, with_grad=True))
             return None
         self._check_ready()
+        plan = self._plan()  # every check before anything is counted or moved
         for group in self.param_groups:
             if id(group) not in self._sf_counted:
                 group.update(rule.advance(group, self.kind))
                 self._sf_counted.add(id(group))
-        self.apply_update()
+        self._apply(plan)
         return None
 
     client.step = types.MethodType(step, client)
@@ -177,16 +178,9 @@ def _own_steps(client: ScheduleFreeOptimizer) -> None:
 
 
 def _create_state(client: ScheduleFreeOptimizer, tensors: Iterable[tuple[torch.Tensor, dict]]):
-    """Creates z (and v) as the first step would (z = the params now, v = 0), moving nothing."""
-    has_v = client.kind != "sgd"
+    """Creates z (and v) as the first step would, moving nothing."""
     for p, group in tensors:
-        state = client.state[p]
-        if "z" in state:
-            continue
-        dtype = group["state_dtype"] or p.dtype
-        state["z"] = p.detach().to(dtype=dtype, copy=True)
-        if has_v:
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype)
+        client.init_state(p, group)
 
 
 def _group_params(client: ScheduleFreeOptimizer, with_grad: bool = False):

@@ -196,22 +196,25 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
             if not params:
                 continue
             s = rule.scalars(group, self.kind)
-            state_dtype = group["state_dtype"]
             zs, vs = [], []
             for p in params:
-                state = self.state[p]
-                if "z" not in state:
-                    dtype = state_dtype or p.dtype
-                    state["z"] = p.detach().to(
-                        dtype=dtype, copy=True, memory_format=torch.preserve_format
-                    )
-                    if s.has_v:
-                        state["exp_avg_sq"] = torch.zeros_like(
-                            p, dtype=dtype, memory_format=torch.preserve_format
-                        )
+                state = self.init_state(p, group)
                 zs.append(state["z"])
                 vs.append(state["exp_avg_sq"] if s.has_v else None)
             rule.update(impl, params, [p.grad for p in params], zs, vs, s)
+
+    def init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        """``p``'s state, created as the first step finds it if missing: ``z`` a copy of the
+        param, ``v`` zeros (AdamW, RAdam), both in the group's ``state_dtype``. Moves nothing."""
+        state = self.state[p]
+        if "z" not in state:
+            dtype = group["state_dtype"] or p.dtype
+            state["z"] = p.detach().to(dtype=dtype, copy=True, memory_format=torch.preserve_format)
+            if self.kind != "sgd":
+                state["exp_avg_sq"] = torch.zeros_like(
+                    p, dtype=dtype, memory_format=torch.preserve_format
+                )
+        return state
 
     # -- views ---------------------------------------------------------------------------------
 
