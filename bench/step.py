@@ -180,7 +180,7 @@ def torch_row_names(ps: ParamSet, device: str) -> list[str]:
     names += [f"sf_torch sgd {i}" for i in impls]
     if ps.param_dtype == ps.state_dtype:
         names.append("schedulefree adamw foreach")
-    names.append("sf_torch switch foreach")
+    names += [f"sf_torch switch {i}" for i in impls if i != "loop"]
     return names
 
 
@@ -250,9 +250,11 @@ def _torch_row(name, ps, device, warmup, repeats, inner) -> Row:
     return Row(name, "torch", kind, median, times, useful_bytes(kind, ps), extra_mem_bytes=extra)
 
 
-def run_torch(ps: ParamSet, device: str, warmup: int, repeats: int, inner: int, skipped: list):
+def run_torch(
+    ps: ParamSet, device: str, warmup: int, repeats: int, inner: int, skipped: list, names=None
+):
     rows = []
-    for name in torch_row_names(ps, device):
+    for name in names or torch_row_names(ps, device):
         try:
             rows.append(_torch_row(name, ps, device, warmup, repeats, inner))
         except Exception as e:  # noqa: BLE001  (one row that cannot run must not sink the rest)
@@ -294,7 +296,9 @@ def jax_optimizer(name: str, ps: ParamSet):
     raise ValueError(f"no JAX optimizer named {name!r}")
 
 
-def run_jax(ps: ParamSet, device: str, warmup: int, repeats: int, inner: int, skipped: list):
+def run_jax(
+    ps: ParamSet, device: str, warmup: int, repeats: int, inner: int, skipped: list, names=None
+):
     import jax
     import jax.numpy as jnp
     import optax
@@ -358,7 +362,7 @@ def run_jax(ps: ParamSet, device: str, warmup: int, repeats: int, inner: int, sk
 
     rows = []
     with jax.default_device(dev):
-        for name in JAX_ROW_NAMES:
+        for name in names or JAX_ROW_NAMES:
             try:
                 rows.append(copy_row() if name == "jax copy" else step_row(name))
             except Exception as e:  # noqa: BLE001  (one row that cannot run must not sink the rest)
@@ -411,6 +415,20 @@ def run(args) -> dict:
         torch.cuda.empty_cache()
     if not args.no_jax:
         rows += run_jax(ps, args.device, args.warmup, repeats, inner, skipped)
+    if ps.name == "small":
+        # The same bytes in one tensor: what the step would cost without per-tensor overhead.
+        one = ParamSet("small as one tensor", ((ps.n_params,),), ps.param_dtype, ps.state_dtype)
+        impl = "fused" if args.device == "cuda" else "foreach"
+        flat = run_torch(
+            one, args.device, args.warmup, repeats, inner, skipped, names=[f"sf_torch adamw {impl}"]
+        )
+        if not args.no_jax:
+            flat += run_jax(
+                one, args.device, args.warmup, repeats, inner, skipped, names=["sf_optax adamw jit"]
+            )
+        for r in flat:
+            r.name += " [1 tensor]"
+        rows += flat
     for r in rows:
         r.bandwidth = r.bytes / r.median_s
     # One denominator for every row: the faster of the copies measured in this run.

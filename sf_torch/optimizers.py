@@ -221,26 +221,29 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def eval(self) -> None:
         """Put ``x`` into the params (for evaluation and checkpoints). Idempotent."""
-        for group in self.param_groups:
-            if group["train_mode"]:
-                b1 = rule.b1_of(group, self.kind)
-                for p in group["params"]:
-                    state = self.state.get(p)
-                    if state and "z" in state:
-                        rule.to_x_(p, state["z"], b1)
-                group["train_mode"] = False
+        self._switch("x")
 
     @torch.no_grad()
     def train(self) -> None:
         """Put ``y`` back into the params (for training steps). Idempotent."""
+        self._switch("y")
+
+    def _switch(self, view: str) -> None:
+        to_train = view == "y"
+        plan = []  # every group's implementation first: an error moves nothing
         for group in self.param_groups:
-            if not group["train_mode"]:
-                b1 = rule.b1_of(group, self.kind)
-                for p in group["params"]:
-                    state = self.state.get(p)
-                    if state and "z" in state:
-                        rule.to_y_(p, state["z"], b1)
-                group["train_mode"] = True
+            if group["train_mode"] == to_train:
+                continue
+            params, zs = [], []
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state and "z" in state:
+                    params.append(p)
+                    zs.append(state["z"])
+            plan.append((group, params, zs, rule.switch_impl(params, zs, group["fused"])))
+        for group, params, zs, impl in plan:
+            rule.switch_(view, params, zs, rule.b1_of(group, self.kind), impl)
+            group["train_mode"] = to_train
 
     @torch.no_grad()
     def eval_params(self) -> list[torch.Tensor]:

@@ -189,6 +189,36 @@ def to_y_(p: torch.Tensor, z: torch.Tensor, b1: float) -> None:
     _lerp_(p, z, 1.0 - b1)
 
 
+def switch_impl(params, zs, fused: bool | None) -> str:
+    """The implementation ``switch_`` uses for these params: ``"fused"`` (one Triton kernel
+    per (device, dtype) bucket) or ``"loop"``; ``fused`` as in ``choose_impl`` (True raises a
+    RuntimeError saying why the kernel cannot run)."""
+    if fused or (fused is None and not _INTERPRET):
+        problem = _lerp_fused_problem(params, zs)
+        if problem is None:
+            return "fused"
+        if fused:
+            raise RuntimeError(problem)
+    return "loop"
+
+
+def switch_(view: str, params, zs, b1: float, impl: str = "loop") -> None:
+    """``to_x_`` (``view="x"``) or ``to_y_`` (``view="y"``) for many params at once.
+
+    The fused kernel reads p and z once and writes p once, computing in z's dtype like
+    ``_lerp_`` but without its temporary float32 copy of p when the dtypes differ (bf16 params,
+    float32 z).
+    """
+    if view not in ("x", "y"):
+        raise ValueError(f"view must be 'x' or 'y', got {view!r}")
+    weight = 1.0 - 1.0 / b1 if view == "x" else 1.0 - b1
+    if impl == "fused":
+        _lerp_fused(params, zs, weight)
+    else:
+        for p, z in zip(params, zs):
+            _lerp_(p, z, weight)
+
+
 def x_of(p: torch.Tensor, z: torch.Tensor, b1: float) -> torch.Tensor:
     """``x`` from ``y = p`` as a new tensor, equal to what ``to_x_`` would write into ``p``."""
     x = p.detach().to(z.dtype, copy=True)
@@ -467,6 +497,33 @@ if triton is not None:
         tl.store(z_ptr, z_out, mask=mask)
 
 
+    @triton.jit
+    def _fused_lerp_kernel(
+        meta_ptr,  # int64: [weight as float64 bits | p addresses | z addresses]
+        block_tensor_ptr,
+        block_start_ptr,
+        numel_ptr,
+        n_tensors,
+        P_DTYPE: tl.constexpr,
+        S_DTYPE: tl.constexpr,
+        F64: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        t = tl.load(block_tensor_ptr + pid)
+        offs = tl.load(block_start_ptr + pid) + tl.arange(0, BLOCK)
+        mask = offs < tl.load(numel_ptr + t)
+        ct = tl.float64 if F64 else tl.float32
+        w = tl.load(meta_ptr).to(tl.float64, bitcast=True).to(ct)
+        p_ptr = tl.load(meta_ptr + 1 + t).to(tl.pointer_type(P_DTYPE)) + offs
+        z_ptr = tl.load(meta_ptr + 1 + n_tensors + t).to(tl.pointer_type(S_DTYPE)) + offs
+        p = tl.load(p_ptr, mask=mask).to(ct)
+        z = tl.load(z_ptr, mask=mask).to(ct)
+        p = tl.where(w < 0.5, p + w * (z - p), z - (z - p) * (1.0 - w))
+        p_out = _to_bf16_rn(p) if P_DTYPE == tl.bfloat16 else p.to(P_DTYPE)
+        tl.store(p_ptr, p_out, mask=mask)
+
+
 @functools.lru_cache(maxsize=64)
 def _block_tables(device: torch.device, numels: tuple[int, ...]):
     """Per-program (tensor index, first element) tables and the numel table of one bucket."""
@@ -488,6 +545,74 @@ if tl is not None:
     }
 
 
+def _lerp_fused_problem(params, zs) -> str | None:
+    if triton is None:
+        return _NO_TRITON
+    for p, z in zip(params, zs):
+        problem = _device_problem(p) or _device_problem(z)
+        if problem is not None:
+            return problem
+        if p.device != z.device:
+            return f"fused=True needs z on the param's device ({p.device}), got {z.device}"
+        if z.dtype != p.dtype and z.dtype.itemsize <= p.dtype.itemsize:
+            return (
+                f"fused=True switches params whose z is as wide or wider (float32 z for bf16 "
+                f"params), got {p.dtype} params with {z.dtype} z"
+            )
+        if not _same_dense_layout(p, z, None, None):
+            return (
+                "fused=True needs each param and its z to share one dense layout; pass "
+                f"fused=False for params such as one of shape {tuple(p.shape)} and strides "
+                f"{p.stride()}"
+            )
+    return None
+
+
+def _launch(kernel, grid, device: torch.device, *args, **kwargs) -> None:
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            kernel[grid](*args, **kwargs)
+    else:
+        kernel[grid](*args, **kwargs)
+
+
+def _meta(bits: list[int], addrs: list[int], device: torch.device) -> torch.Tensor:
+    """The scalars' bit patterns and the tensors' addresses, copied to the device in one go."""
+    on_cuda = device.type == "cuda"
+    meta = torch.tensor(bits + addrs, dtype=torch.int64, pin_memory=on_cuda)
+    return meta.to(device, non_blocking=True)
+
+
+def _lerp_fused(params, zs, weight: float) -> None:
+    buckets: dict = {}
+    for p, z in zip(params, zs):
+        buckets.setdefault((p.device, p.dtype, z.dtype), ([], []))
+        lists = buckets[(p.device, p.dtype, z.dtype)]
+        lists[0].append(p)
+        lists[1].append(z)
+    bits = list(struct.unpack("<q", struct.pack("<d", weight)))
+    for (device, p_dtype, s_dtype), (ps, zs_) in buckets.items():
+        block_tensor, block_start, numel = _block_tables(device, tuple(p.numel() for p in ps))
+        if block_tensor.numel() == 0:
+            continue
+        addrs = [p.data_ptr() for p in ps] + [z.data_ptr() for z in zs_]
+        _launch(
+            _fused_lerp_kernel,
+            (block_tensor.numel(),),
+            device,
+            _meta(bits, addrs, device),
+            block_tensor,
+            block_start,
+            numel,
+            len(ps),
+            P_DTYPE=_TL_DTYPES[p_dtype],
+            S_DTYPE=_TL_DTYPES[s_dtype],
+            F64=torch.float64 in (p_dtype, s_dtype),
+            BLOCK=_BLOCK,
+            num_warps=_NUM_WARPS,
+        )
+
+
 def _update_fused(ys, gs, zs, vs, s: StepScalars) -> None:
     kernel = _fused_update_kernel
     coefs = (
@@ -504,13 +629,11 @@ def _update_fused(ys, gs, zs, vs, s: StepScalars) -> None:
         addrs = [t.data_ptr() for t in ys_] + [t.data_ptr() for t in gs_]
         addrs += [t.data_ptr() for t in zs_]
         addrs += [0 if v is None else v.data_ptr() for v in vs_]
-        on_cuda = device.type == "cuda"
-        meta = torch.tensor(bits + addrs, dtype=torch.int64, pin_memory=on_cuda)
-        meta = meta.to(device, non_blocking=True)
-        f64 = torch.float64 in (y_dtype, s_dtype)
-        launch = functools.partial(
-            kernel[(n_blocks,)],
-            meta,
+        _launch(
+            kernel,
+            (n_blocks,),
+            device,
+            _meta(bits, addrs, device),
             block_tensor,
             block_start,
             numel,
@@ -518,15 +641,10 @@ def _update_fused(ys, gs, zs, vs, s: StepScalars) -> None:
             Y_DTYPE=_TL_DTYPES[y_dtype],
             G_DTYPE=_TL_DTYPES[g_dtype],
             S_DTYPE=_TL_DTYPES[s_dtype],
-            F64=f64,
+            F64=torch.float64 in (y_dtype, s_dtype),
             HAS_V=s.has_v,
             NORMALIZE=s.normalize,
             DECAY=s.weight_decay != 0,
             BLOCK=_BLOCK,
             num_warps=_NUM_WARPS,
         )
-        if on_cuda:
-            with torch.cuda.device(device):
-                launch()
-        else:
-            launch()

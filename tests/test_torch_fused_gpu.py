@@ -181,3 +181,25 @@ def _report() -> None:
 
 if __name__ == "__main__":
     _report()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_switch_kernel_against_float64(dtype):
+    # eval() and train() through the switch kernel (the default on CUDA): x is the float64 x of
+    # the run's own y and z rounded once to the params' dtype; the loop switch agrees.
+    state_dtype = torch.float32
+    ys, state, _, opt = _run(*CLASSES["adamw"], dtype, state_dtype=state_dtype)
+    zs = state["z"]
+    b1 = opt.param_groups[0]["betas"][0]
+    assert sf_torch.rule.switch_impl(ys, zs, None) == "fused"
+    x_f64 = [(y.double() - (1 - b1) * z.double()) / b1 for y, z in zip(ys, zs)]
+    opt.eval()
+    x = [p.detach().clone() for p in opt.param_groups[0]["params"]]
+    loop = [y.clone() for y in ys]
+    sf_torch.rule.switch_("x", loop, zs, b1, "loop")
+    ulp = 2**-8 if dtype == torch.bfloat16 else 2**-23
+    assert max_rel_diff(x, x_f64) <= 2 * ulp
+    assert max_rel_diff(x, loop) <= 2 * ulp
+    opt.train()
+    back = [p.detach().clone() for p in opt.param_groups[0]["params"]]
+    assert max_rel_diff(back, ys) <= 4 * ulp

@@ -129,6 +129,64 @@ def _checks() -> dict:
         assert opt.state[params[0]]["z"].stride() == params[0].stride()
         res.append([p.detach().clone() for p in params])
     out["layouts/fused_vs_loop"] = max_rel_diff(res[1], res[0])
+
+    # 5. The train()/eval() switch kernel against the per-tensor lerp and float64 numpy.
+    gen = torch.Generator().manual_seed(3)
+    dtypes = {
+        "float64": (torch.float64, torch.float64),
+        "float32": (torch.float32, torch.float32),
+        "bf16_f32state": (torch.bfloat16, torch.float32),
+    }
+    for setup, (p_dtype, z_dtype) in dtypes.items():
+        shapes = [(50, 61), (1100,), (7,)]
+        ys = [torch.randn(s, generator=gen, dtype=torch.float64).to(p_dtype) for s in shapes]
+        zs = [
+            (y.double() + 0.1 * torch.randn(y.shape, generator=gen, dtype=torch.float64)).to(
+                z_dtype
+            )
+            for y in ys
+        ]
+        for view, b1 in (("x", 0.9), ("y", 0.95)):
+            fused, loop = [y.clone() for y in ys], [y.clone() for y in ys]
+            impl = rule.switch_impl(fused, zs, True)
+            rule.switch_(view, fused, zs, b1, impl)
+            rule.switch_(view, loop, zs, b1, "loop")
+            weight = 1.0 - 1.0 / b1 if view == "x" else 1.0 - b1
+            exact = [
+                (y.double().numpy() + weight * (z.double().numpy() - y.double().numpy()))
+                for y, z in zip(ys, zs)
+            ]
+            out[f"switch/{setup}/{view}/impl"] = impl
+            out[f"switch/{setup}/{view}/fused_vs_loop"] = max_rel_diff(fused, loop)
+            out[f"switch/{setup}/{view}/fused_vs_f64"] = max_rel_diff(fused, exact)
+
+    # 6. The optimizers' eval()/train() go through the kernel with fused=True: x equals
+    # eval_params() of the same run with fused=False, and train() restores y.
+    problem = Problem(seed=4, shapes=[(30, 40), (9,)])
+    res = []
+    for flags in (dict(foreach=False, fused=False), dict(fused=True)):
+        params = problem.params(torch.bfloat16)
+        opt = sf_torch.AdamWScheduleFree(
+            params, lr=0.02, warmup_steps=2, state_dtype=torch.float32, **flags
+        )
+        for _ in range(6):
+            backward(problem, params)
+            opt.step()
+        y = [p.detach().clone() for p in params]
+        zs = [opt.state[p]["z"].double() for p in params]
+        x_f64 = [(yy.double() - 0.1 * z) / 0.9 for yy, z in zip(y, zs)]
+        x_view = opt.eval_params()
+        opt.eval()
+        x = [p.detach().clone() for p in params]
+        opt.train()
+        res.append((y, x_view, x, [p.detach().clone() for p in params]))
+        out[f"opt_switch/x_vs_f64/{'fused' if flags.get('fused') else 'loop'}"] = max_rel_diff(
+            x, x_f64
+        )
+    out["opt_switch/x_vs_eval_params_loop"] = max_rel_diff(res[1][2], res[0][1])
+    out["opt_switch/x_fused_vs_loop"] = max_rel_diff(res[1][2], res[0][2])
+    out["opt_switch/y_fused_vs_loop"] = max_rel_diff(res[1][0], res[0][0])
+    out["opt_switch/y_back_fused"] = max_rel_diff(res[1][3], res[0][3])
     return out
 
 
@@ -175,6 +233,32 @@ def test_fused_param_groups(report):
 
 def test_fused_channels_last_and_transposed_params(report):
     assert report["layouts/fused_vs_loop"] <= 1e-5  # float32, 10 steps
+
+
+# One switch computes lerp(p, z, w) once: float64 and float32 agree with the per-tensor lerp to
+# round-off (the interpreter does not fuse multiply-adds; torch's CPU lerp may), bf16 params
+# to the rounding of one result to 8 bits.
+SWITCH_TOL = {"float64": 1e-15, "float32": 2e-7, "bf16_f32state": 2**-8}
+
+
+@pytest.mark.parametrize("setup", sorted(SWITCH_TOL))
+def test_switch_kernel(report, setup):
+    got = {k: v for k, v in report.items() if k.startswith(f"switch/{setup}/")}
+    assert {v for k, v in got.items() if k.endswith("/impl")} == {"fused"}
+    for key in ("fused_vs_loop", "fused_vs_f64"):
+        values = [v for k, v in got.items() if k.endswith(key)]
+        assert len(values) == 2 and max(values) <= SWITCH_TOL[setup], got
+
+
+def test_optimizer_switch_uses_kernel(report):
+    # bf16 params with float32 z: x from the kernel vs eval_params() and eval() of the loop run.
+    assert report["opt_switch/y_fused_vs_loop"] <= 1e-2  # the 6 steps themselves (see above)
+    assert report["opt_switch/x_fused_vs_loop"] <= 1e-2
+    assert report["opt_switch/x_vs_eval_params_loop"] <= 1e-2
+    assert report["opt_switch/y_back_fused"] <= 1e-2
+    # x written by the kernel is the float64 x of the run's own y and z, rounded to bf16.
+    assert report["opt_switch/x_vs_f64/fused"] <= 2**-8
+    assert report["opt_switch/x_vs_f64/loop"] <= 2**-8
 
 
 if __name__ == "__main__":
