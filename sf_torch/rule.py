@@ -432,6 +432,24 @@ if triton is not None:
         return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
     @triton.jit
+    def _program_block(block_tensor_ptr, block_start_ptr, numel_ptr, BLOCK: tl.constexpr):
+        """This program's tensor index, element offsets within it, and the in-bounds mask."""
+        pid = tl.program_id(0)
+        t = tl.load(block_tensor_ptr + pid)
+        offs = tl.load(block_start_ptr + pid) + tl.arange(0, BLOCK)
+        return t, offs, offs < tl.load(numel_ptr + t)
+
+    @triton.jit
+    def _lerp(a, b, w):
+        """torch.lerp's two-sided formula, so that fused results track torch's closely."""
+        return tl.where(w < 0.5, a + w * (b - a), b - (b - a) * (1.0 - w))
+
+    @triton.jit
+    def _store(ptr, value, DTYPE: tl.constexpr, mask):
+        out = _to_bf16_rn(value) if DTYPE == tl.bfloat16 else value.to(DTYPE)
+        tl.store(ptr, out, mask=mask)
+
+    @triton.jit
     def _fused_update_kernel(
         meta_ptr,  # int64: [_N_SCALARS float64 bit patterns | y, g, z, v addresses per tensor]
         block_tensor_ptr,  # int32 per program: which tensor it steps
@@ -447,10 +465,7 @@ if triton is not None:
         DECAY: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        pid = tl.program_id(0)
-        t = tl.load(block_tensor_ptr + pid)
-        offs = tl.load(block_start_ptr + pid) + tl.arange(0, BLOCK)
-        mask = offs < tl.load(numel_ptr + t)
+        t, offs, mask = _program_block(block_tensor_ptr, block_start_ptr, numel_ptr, BLOCK)
         ct = tl.float64 if F64 else tl.float32
 
         lr = tl.load(meta_ptr + 0).to(tl.float64, bitcast=True).to(ct)
@@ -474,8 +489,7 @@ if triton is not None:
             v_ptr = tl.load(addr + 3 * n_tensors).to(tl.pointer_type(S_DTYPE)) + offs
             v = tl.load(v_ptr, mask=mask).to(ct)
             v = v * b2 + one_minus_b2 * g * g
-            v_out = _to_bf16_rn(v) if S_DTYPE == tl.bfloat16 else v.to(S_DTYPE)
-            tl.store(v_ptr, v_out, mask=mask)
+            _store(v_ptr, v, S_DTYPE, mask)
         if NORMALIZE:
             # IEEE-rounded sqrt and division in float32, as torch computes them.
             bc2 = tl.zeros_like(v) + bias_correction2
@@ -487,14 +501,10 @@ if triton is not None:
             gn = g
         if DECAY:
             gn = gn + weight_decay * y
-        # torch.lerp's two-sided formula, so that the fused step tracks the others closely.
-        y = tl.where(c < 0.5, y + c * (z - y), z - (z - y) * (1.0 - c))
-        y = y + y_coef * gn
+        y = _lerp(y, z, c) + y_coef * gn
         z = z - lr * gn
-        y_out = _to_bf16_rn(y) if Y_DTYPE == tl.bfloat16 else y.to(Y_DTYPE)
-        z_out = _to_bf16_rn(z) if S_DTYPE == tl.bfloat16 else z.to(S_DTYPE)
-        tl.store(y_ptr, y_out, mask=mask)
-        tl.store(z_ptr, z_out, mask=mask)
+        _store(y_ptr, y, Y_DTYPE, mask)
+        _store(z_ptr, z, S_DTYPE, mask)
 
 
     @triton.jit
@@ -509,19 +519,14 @@ if triton is not None:
         F64: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        pid = tl.program_id(0)
-        t = tl.load(block_tensor_ptr + pid)
-        offs = tl.load(block_start_ptr + pid) + tl.arange(0, BLOCK)
-        mask = offs < tl.load(numel_ptr + t)
+        t, offs, mask = _program_block(block_tensor_ptr, block_start_ptr, numel_ptr, BLOCK)
         ct = tl.float64 if F64 else tl.float32
         w = tl.load(meta_ptr).to(tl.float64, bitcast=True).to(ct)
         p_ptr = tl.load(meta_ptr + 1 + t).to(tl.pointer_type(P_DTYPE)) + offs
         z_ptr = tl.load(meta_ptr + 1 + n_tensors + t).to(tl.pointer_type(S_DTYPE)) + offs
         p = tl.load(p_ptr, mask=mask).to(ct)
         z = tl.load(z_ptr, mask=mask).to(ct)
-        p = tl.where(w < 0.5, p + w * (z - p), z - (z - p) * (1.0 - w))
-        p_out = _to_bf16_rn(p) if P_DTYPE == tl.bfloat16 else p.to(P_DTYPE)
-        tl.store(p_ptr, p_out, mask=mask)
+        _store(p_ptr, _lerp(p, z, w), P_DTYPE, mask)
 
 
 @functools.lru_cache(maxsize=64)
