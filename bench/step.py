@@ -66,6 +66,9 @@ class ParamSet:
         return sum(math.prod(s) for s in self.shapes)
 
 
+SET_NAMES = ("big", "bf16", "big-matrices", "big-vectors", "small", "tiny")
+
+
 def param_set(name: str, scale: float = 1.0) -> ParamSet:
     """The named set; ``scale`` multiplies the rows of big/bf16's matrices (and vectors)."""
     if name in ("big", "bf16"):
@@ -73,12 +76,17 @@ def param_set(name: str, scale: float = 1.0) -> ParamSet:
         shapes = ((rows, 4096),) * 32 + ((max(1, round(4096 * scale)),),) * 64
         dtype = "float32" if name == "big" else "bfloat16"
         return ParamSet(name, shapes, dtype, "float32")
+    if name in ("big-matrices", "big-vectors"):
+        # big's two halves alone: where the JAX step loses bandwidth (one fusion per tensor).
+        big = param_set("big", scale)
+        shapes = tuple(sh for sh in big.shapes if (len(sh) == 2) == (name == "big-matrices"))
+        return ParamSet(name, shapes, "float32", "float32")
     if name == "small":
         return ParamSet(name, ((64, 64),) * 2000 + ((1024, 1024),) * 4, "float32", "float32")
     if name == "tiny":
         shapes = ((64, 128), (128,), (32, 32), (32,), (3, 5, 7))
         return ParamSet(name, shapes, "float32", "float32")
-    raise ValueError(f"unknown parameter set {name!r}: use big, bf16, small or tiny")
+    raise ValueError(f"unknown parameter set {name!r}: use one of {', '.join(SET_NAMES)}")
 
 
 def _itemsize(dtype: str) -> int:
@@ -297,7 +305,14 @@ def jax_optimizer(name: str, ps: ParamSet):
 
 
 def run_jax(
-    ps: ParamSet, device: str, warmup: int, repeats: int, inner: int, skipped: list, names=None
+    ps: ParamSet,
+    device: str,
+    warmup: int,
+    repeats: int,
+    inner: int,
+    skipped: list,
+    names=None,
+    hlo_dir: str | None = None,
 ):
     import jax
     import jax.numpy as jnp
@@ -355,7 +370,14 @@ def run_jax(
         step = jax.jit(step_fn, donate_argnums=(0, 1))
         params, grads = tensors()
         state = opt.init(params)
-        extra = _jax_extra_bytes(step.lower(params, state, grads).compile())
+        compiled = step.lower(params, state, grads).compile()
+        extra = _jax_extra_bytes(compiled)
+        if hlo_dir:
+            # The optimized HLO: one multi-output fusion per tensor is what a step should be.
+            os.makedirs(hlo_dir, exist_ok=True)
+            path = os.path.join(hlo_dir, f"{ps.name} {name}.hlo.txt".replace(" ", "_"))
+            with open(path, "w") as f:
+                f.write(compiled.as_text())
         median, times = timed(step, (params, state, grads), lambda a, out: (out[0], out[1], a[2]))
         kind = _kind_of(name)
         return Row(name, "jax", kind, median, times, useful_bytes(kind, ps), 0, 0, extra)
@@ -414,7 +436,7 @@ def run(args) -> dict:
     if args.device == "cuda":
         torch.cuda.empty_cache()
     if not args.no_jax:
-        rows += run_jax(ps, args.device, args.warmup, repeats, inner, skipped)
+        rows += run_jax(ps, args.device, args.warmup, repeats, inner, skipped, hlo_dir=args.hlo)
     if ps.name == "small":
         # The same bytes in one tensor: what the step would cost without per-tensor overhead.
         one = ParamSet("small as one tensor", ((ps.n_params,),), ps.param_dtype, ps.state_dtype)
@@ -460,7 +482,7 @@ def main(argv: list[str] | None = None) -> dict:
         prog="python -m bench.step", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--set", choices=("big", "bf16", "small", "tiny"), default="tiny")
+    parser.add_argument("--set", choices=SET_NAMES, default="tiny")
     parser.add_argument(
         "--scale", type=float, default=1.0, help="multiply the rows of big/bf16 (e.g. 0.25)"
     )
@@ -473,6 +495,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--no-jax", action="store_true", help="torch rows only")
     parser.add_argument("--json", default=None, help="write the result here")
+    parser.add_argument(
+        "--hlo", default=None, help="write each JAX step's optimized HLO into this folder"
+    )
     args = parser.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
         parser.error("--repeats must be >= 1")

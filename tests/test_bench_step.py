@@ -94,3 +94,22 @@ def test_timed_step_matches_the_reference(name):
     for p, q in zip(ours, ref):
         torch.testing.assert_close(opt.state[p]["z"], ref_opt.state[q]["z"])
         torch.testing.assert_close(opt.state[p]["exp_avg_sq"], ref_opt.state[q]["exp_avg_sq"])
+
+
+def test_hlo_dump_and_the_big_sets_halves(tmp_path):
+    # --hlo writes one compiled program per JAX optimizer row; big-matrices and big-vectors
+    # split big's shapes (recounted here) between them.
+    bench.main(
+        ["--device", "cpu", "--set", "tiny", "--repeats", "1", "--no-jax", "--json",
+         str(tmp_path / "t.json")]
+    )
+    assert not list(tmp_path.glob("*.hlo.txt"))
+    rows = bench.run_jax(
+        bench.param_set("tiny"), "cpu", 1, 1, 1, [], names=["sf_optax adamw jit"],
+        hlo_dir=str(tmp_path),
+    )
+    (dump,) = tmp_path.glob("*.hlo.txt")
+    assert "ENTRY" in dump.read_text() and rows[0].name == "sf_optax adamw jit"
+    mats = bench.param_set("big-matrices", 0.01).shapes
+    vecs = bench.param_set("big-vectors", 0.01).shapes
+    assert mats == ((20, 4096),) * 32 and vecs == ((41,),) * 64
