@@ -122,28 +122,32 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             self._check_group(group)
 
-    def _plan(self) -> list[tuple[dict[str, Any], list[torch.Tensor], str | None]]:
-        """Each group's params with a gradient and its step implementation; changes nothing."""
+    def _plan(self) -> list[tuple[dict[str, Any], list, list, list, str | None]]:
+        """Each group's params with a gradient, those gradients, their states (None where the
+        first step has yet to create one) and the group's step implementation; changes
+        nothing. Each ``.grad`` and each state is looked up once per step."""
         plan = []
+        state = self.state
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            for p in params:
-                if p.grad.layout != torch.strided:
-                    raise RuntimeError(
-                        f"{type(self).__name__} does not support sparse gradients (got a "
-                        f"{p.grad.layout} gradient for a param of shape {tuple(p.shape)}); "
-                        "use dense gradients (e.g. nn.Embedding(sparse=False))"
-                    )
+            params, grads = [], []
+            for p in group["params"]:
+                g = p.grad
+                if g is not None:
+                    params.append(p)
+                    grads.append(g)
+            sparse = [i for i, g in enumerate(grads) if g.layout != torch.strided]
+            if sparse:
+                p, g = params[sparse[0]], grads[sparse[0]]
+                raise RuntimeError(
+                    f"{type(self).__name__} does not support sparse gradients (got a "
+                    f"{g.layout} gradient for a param of shape {tuple(p.shape)}); "
+                    "use dense gradients (e.g. nn.Embedding(sparse=False))"
+                )
+            states = [state.get(p) for p in params]
             impl = None
             if params:
-                impl = rule.choose_impl(
-                    params,
-                    [p.grad for p in params],
-                    [self.state.get(p) for p in params],
-                    group["foreach"],
-                    group["fused"],
-                )
-            plan.append((group, params, impl))
+                impl = rule.choose_impl(params, grads, states, group["foreach"], group["fused"])
+            plan.append((group, params, grads, states, impl))
         return plan
 
     # -- the step ------------------------------------------------------------------------------
@@ -178,7 +182,7 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         """Move every param that has a gradient by the step last counted by advance_scalars()."""
         self._check_ready()
         plan = self._plan()
-        for group, params, _ in plan:
+        for group, params, _, _, _ in plan:
             if params and group["k"] < 1:
                 raise RuntimeError(
                     "apply_update() needs a counted step: call advance_scalars() first"
@@ -192,16 +196,17 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
             group.update(new)
 
     def _apply(self, plan) -> None:
-        for group, params, impl in plan:
+        for group, params, grads, states, impl in plan:
             if not params:
                 continue
             s = rule.scalars(group, self.kind)
             zs, vs = [], []
-            for p in params:
-                state = self.init_state(p, group)
-                zs.append(state["z"])
-                vs.append(state["exp_avg_sq"] if s.has_v else None)
-            rule.update(impl, params, [p.grad for p in params], zs, vs, s)
+            for p, st in zip(params, states):
+                if not st or "z" not in st:
+                    st = self.init_state(p, group)
+                zs.append(st["z"])
+                vs.append(st["exp_avg_sq"] if s.has_v else None)
+            rule.update(impl, params, grads, zs, vs, s)
 
     def init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
         """``p``'s state, created as the first step finds it if missing: ``z`` a copy of the

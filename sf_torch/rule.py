@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 import os
 import struct
 from collections.abc import Sequence
@@ -277,6 +278,13 @@ def _update_foreach(ys, gs, zs, vs, s: StepScalars) -> None:
 
 def _buckets(ys, gs, zs, vs) -> dict:
     """Split the lists by (device, y dtype, g dtype, state dtype): one multi-tensor call each."""
+    dtype = operator.attrgetter("dtype")
+    devices = set(map(torch.Tensor.get_device, ys))
+    y_dtypes, g_dtypes, s_dtypes = set(map(dtype, ys)), set(map(dtype, gs)), set(map(dtype, zs))
+    if len(devices) == len(y_dtypes) == len(g_dtypes) == len(s_dtypes) == 1:
+        # The common case, without a key per tensor (many small tensors make this add up).
+        key = (devices.pop(), y_dtypes.pop(), g_dtypes.pop(), s_dtypes.pop())
+        return {key: (ys, gs, zs, vs)}
     out: dict = {}
     for y, g, z, v in zip(ys, gs, zs, vs):
         key = (y.get_device(), y.dtype, g.dtype, z.dtype)
@@ -291,6 +299,7 @@ def _buckets(ys, gs, zs, vs) -> dict:
 
 
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FUSED_DTYPE_SET = frozenset(_FUSED_DTYPES)
 _N_SCALARS = 8  # lr, c, y_coef, b2, 1 - b2, bias_correction2, eps, weight_decay
 _BLOCK = 1024  # elements per program
 _NUM_WARPS = 4
@@ -373,10 +382,27 @@ def _same_dense_layout(p: torch.Tensor, g, z, v) -> bool:
 def _group_fused_problem(params, grads, states) -> str | None:
     if triton is None:
         return _NO_TRITON
+    # Fast path, with C-level loops: every tensor on the kernel's device, in a dtype it steps,
+    # contiguous. Anything else gets the per-tensor check below and its message.
+    on_device = operator.attrgetter("is_cpu" if _INTERPRET else "is_cuda")
+    dtype = operator.attrgetter("dtype")
+    contiguous = torch.Tensor.is_contiguous
+    buffers = [
+        t for st in states if st for t in (st.get("z"), st.get("exp_avg_sq")) if t is not None
+    ]
+    if (
+        all(map(on_device, params))
+        and all(map(on_device, grads))
+        and set(map(dtype, params)) | set(map(dtype, grads)) <= _FUSED_DTYPE_SET
+        and all(map(contiguous, params))
+        and all(map(contiguous, grads))
+        and all(map(contiguous, buffers))
+    ):
+        return None
     for p, g, st in zip(params, grads, states):
         z, v = (st.get("z"), st.get("exp_avg_sq")) if st else (None, None)
-        on_device = (p.is_cpu and g.is_cpu) if _INTERPRET else (p.is_cuda and g.is_cuda)
-        if not (on_device and p.dtype in _FUSED_DTYPES and g.dtype in _FUSED_DTYPES):
+        ok_device = (p.is_cpu and g.is_cpu) if _INTERPRET else (p.is_cuda and g.is_cuda)
+        if not (ok_device and p.dtype in _FUSED_DTYPES and g.dtype in _FUSED_DTYPES):
             return _device_problem(p) or _device_problem(g)
         if not _same_dense_layout(p, g, z, v):
             return (
@@ -626,14 +652,14 @@ def _update_fused(ys, gs, zs, vs, s: StepScalars) -> None:
     bits = list(struct.unpack(f"<{_N_SCALARS}q", struct.pack(f"<{_N_SCALARS}d", *coefs)))
     for (_, y_dtype, g_dtype, s_dtype), (ys_, gs_, zs_, vs_) in _buckets(ys, gs, zs, vs).items():
         device = ys_[0].device
-        numels = tuple(y.numel() for y in ys_)
+        numels = tuple(map(torch.Tensor.numel, ys_))
         block_tensor, block_start, numel = _block_tables(device, numels)
         n_blocks = block_tensor.numel()
         if n_blocks == 0:
             continue
-        addrs = [t.data_ptr() for t in ys_] + [t.data_ptr() for t in gs_]
-        addrs += [t.data_ptr() for t in zs_]
-        addrs += [0 if v is None else v.data_ptr() for v in vs_]
+        data_ptr = torch.Tensor.data_ptr
+        addrs = [*map(data_ptr, ys_), *map(data_ptr, gs_), *map(data_ptr, zs_)]
+        addrs += list(map(data_ptr, vs_)) if s.has_v else [0] * len(vs_)
         _launch(
             kernel,
             (n_blocks,),
