@@ -1,9 +1,8 @@
-"""The anytime benchmark's JAX side: the char-LM twin in flax.nnx and the training loop.
+"""The anytime benchmark's JAX side: the models and the training loop.
 
-The digits CNN is parity's flax twin (``parity.models.flax_models``); the char LM below is the
-same architecture as parity's LM with its sizes taken from the problem (parity's are fixed),
-line for line as ``bench/anytime_torch.py``'s twin. Parameters are a ``{canonical name:
-array}`` dict; the model is rebuilt around them inside each jitted function.
+Both models are parity's flax twins (``parity.models.flax_models``): the digits CNN, and the
+LM with its sizes taken from the problem. Parameters are a ``{canonical name: array}`` dict;
+the model is rebuilt around them inside each jitted function.
 
 One :class:`Trainer` per problem compiles the gradient and the evaluation once, and one
 optimizer update per optimizer (Schedule-Free per ``b1``, AdamW) for all runs of the sweep:
@@ -35,62 +34,6 @@ from bench.anytime_runs import RunSpec
 from parity.models import flax_models
 
 
-class CausalSelfAttention(nnx.Module):
-    def __init__(self, width: int, heads: int, rngs: nnx.Rngs):
-        self.heads = heads
-        self.query = nnx.Linear(width, width, rngs=rngs)
-        self.key = nnx.Linear(width, width, use_bias=False, rngs=rngs)  # softmax ignores it
-        self.value = nnx.Linear(width, width, rngs=rngs)
-        self.out = nnx.Linear(width, width, rngs=rngs)
-
-    def __call__(self, h):
-        b, t, d = h.shape
-        dh = d // self.heads
-
-        def split_heads(a):  # (B, T, D) -> (B, heads, T, dh)
-            return a.reshape(b, t, self.heads, dh).transpose(0, 2, 1, 3)
-
-        q, k, v = split_heads(self.query(h)), split_heads(self.key(h)), split_heads(self.value(h))
-        scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(dh)
-        causal = jnp.tril(jnp.ones((t, t), dtype=bool))
-        weights = jax.nn.softmax(jnp.where(causal, scores, -jnp.inf), axis=-1)
-        return self.out((weights @ v).transpose(0, 2, 1, 3).reshape(b, t, d))
-
-
-class Block(nnx.Module):
-    """Pre-norm: ``h + attn(ln1(h))``, then ``h + mlp_out(gelu(mlp_in(ln2(h))))``."""
-
-    def __init__(self, lm: dict, rngs: nnx.Rngs):
-        d, m = lm["width"], lm["mlp"]
-        ln = dict(epsilon=1e-5, use_fast_variance=False, rngs=rngs)
-        self.ln1 = nnx.LayerNorm(d, **ln)
-        self.attn = CausalSelfAttention(d, lm["heads"], rngs)
-        self.ln2 = nnx.LayerNorm(d, **ln)
-        self.mlp_in = nnx.Linear(d, m, rngs=rngs)
-        self.mlp_out = nnx.Linear(m, d, rngs=rngs)
-
-    def __call__(self, h):
-        h = h + self.attn(self.ln1(h))
-        return h + self.mlp_out(jax.nn.gelu(self.mlp_in(self.ln2(h)), approximate=False))
-
-
-class CharLM(nnx.Module):
-    """Characters (B, T) -> next-character logits (B, T, vocab)."""
-
-    def __init__(self, lm: dict, rngs: nnx.Rngs):
-        self.embed = nnx.Embed(lm["vocab"], lm["width"], rngs=rngs)
-        self.pos = nnx.Param(jnp.zeros((lm["seq"], lm["width"])))
-        self.blocks = nnx.List([Block(lm, rngs) for _ in range(lm["layers"])])
-        self.ln_f = nnx.LayerNorm(lm["width"], epsilon=1e-5, use_fast_variance=False, rngs=rngs)
-        self.head = nnx.Linear(lm["width"], lm["vocab"], rngs=rngs)
-
-    def __call__(self, tokens):
-        h = self.embed(tokens) + self.pos[...][: tokens.shape[1]]
-        for block in self.blocks:
-            h = block(h)
-        return self.head(self.ln_f(h))
-
-
 def build_model(problem: Problem) -> nnx.Module:
     """The flax model of ``problem`` holding its canonical initial weights (and, for the CNN,
     BatchNorm statistics)."""
@@ -99,7 +42,7 @@ def build_model(problem: Problem) -> nnx.Module:
             return flax_models.CNN(jnp.float32, nnx.Rngs(0))
     else:
         def make():
-            return CharLM(problem.lm, nnx.Rngs(0))
+            return flax_models.LM(jnp.float32, nnx.Rngs(0), problem.lm)
     # Shapes only: flax's own random init would be thrown away (and costs seconds to compile).
     graphdef, state, rest = nnx.split(nnx.eval_shape(make), nnx.Param, ...)
     state = flax_models.to_state(state, problem.params0, jnp.float32)

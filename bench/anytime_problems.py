@@ -117,24 +117,6 @@ def char_tokens() -> tuple[np.ndarray, list[str]]:
     return np.fromiter((index[c] for c in text), dtype=np.int32, count=len(text)), vocab
 
 
-def lm_param_shapes(lm: dict) -> dict[str, tuple[int, ...]]:
-    """The char LM's parameters and canonical shapes (parity's LM layout, sizes from ``lm``)."""
-    v, d, m = lm["vocab"], lm["width"], lm["mlp"]
-    shapes = {"embed.embedding": (v, d), "pos": (lm["seq"], d)}
-    for layer in range(lm["layers"]):
-        b = f"blocks.{layer}."
-        shapes |= {b + "ln1.scale": (d,), b + "ln1.bias": (d,)}
-        for proj in ("query", "key", "value", "out"):
-            shapes |= {b + f"attn.{proj}.kernel": (d, d)}
-            if proj != "key":  # softmax is blind to a key bias: its gradient is exactly zero
-                shapes |= {b + f"attn.{proj}.bias": (d,)}
-        shapes |= {b + "ln2.scale": (d,), b + "ln2.bias": (d,)}
-        shapes |= {b + "mlp_in.kernel": (d, m), b + "mlp_in.bias": (m,)}
-        shapes |= {b + "mlp_out.kernel": (m, d), b + "mlp_out.bias": (d,)}
-    shapes |= {"ln_f.scale": (d,), "ln_f.bias": (d,), "head.kernel": (d, v), "head.bias": (v,)}
-    return shapes
-
-
 def lm_init(lm: dict, seed: int) -> dict[str, np.ndarray]:
     """Initial LM parameters in float64: LeCun-normal kernels, the residual branches' output
     projections further scaled by ``1 / sqrt(2 layers)`` (GPT-2's rule, so the residual stream
@@ -142,7 +124,7 @@ def lm_init(lm: dict, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng([seed, 10])
     depth_scale = 1 / np.sqrt(2 * lm["layers"])
     params = {}
-    for name, shape in lm_param_shapes(lm).items():
+    for name, shape in canonical.param_shapes("lm", lm).items():
         leaf = name.rsplit(".", 1)[-1]
         if leaf == "kernel":
             value = rng.normal(size=shape) / np.sqrt(shape[0])

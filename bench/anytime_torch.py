@@ -1,8 +1,8 @@
-"""The anytime benchmark's torch side: the char-LM twin and the training loop.
+"""The anytime benchmark's torch side: the models and the training loop.
 
-The digits CNN is parity's torch twin (``parity.models.torch_models``); the char LM below
-mirrors ``bench/anytime_jax.py``'s line for line, loading the same canonical weights (parity's
-layout mapping: a ``Linear`` weight is the transposed kernel).
+Both models are parity's torch twins (``parity.models.torch_models``): the digits CNN, and the
+LM with its sizes taken from the problem, loading the same canonical weights as the JAX side
+(parity's layout mapping: a ``Linear`` weight is the transposed kernel).
 
 Schedule-Free runs use ``sf_torch.AdamWScheduleFree`` and are evaluated at ``x`` from
 ``optimizer.eval_params()`` loaded into a second copy of the model, so evaluating never touches
@@ -15,12 +15,10 @@ BatchNorm statistics at the evaluated weights (parity's ``recalibrate``), for ev
 from __future__ import annotations
 
 import copy
-import math
 import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import sf_torch
@@ -30,71 +28,11 @@ from bench.anytime_runs import RunSpec
 from parity.models import torch_models
 
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, width: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.query = nn.Linear(width, width)
-        self.key = nn.Linear(width, width, bias=False)  # softmax ignores a key bias
-        self.value = nn.Linear(width, width)
-        self.out = nn.Linear(width, width)
-
-    def forward(self, h):
-        b, t, d = h.shape
-        dh = d // self.heads
-
-        def split_heads(a):  # (B, T, D) -> (B, heads, T, dh)
-            return a.reshape(b, t, self.heads, dh).permute(0, 2, 1, 3)
-
-        q, k, v = split_heads(self.query(h)), split_heads(self.key(h)), split_heads(self.value(h))
-        scores = q @ k.permute(0, 1, 3, 2) / math.sqrt(dh)
-        causal = torch.tril(torch.ones(t, t, dtype=torch.bool, device=h.device))
-        weights = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
-        return self.out((weights @ v).permute(0, 2, 1, 3).reshape(b, t, d))
-
-
-class Block(nn.Module):
-    """Pre-norm: ``h + attn(ln1(h))``, then ``h + mlp_out(gelu(mlp_in(ln2(h))))``."""
-
-    def __init__(self, lm: dict):
-        super().__init__()
-        d, m = lm["width"], lm["mlp"]
-        self.ln1 = nn.LayerNorm(d, eps=1e-5)
-        self.attn = CausalSelfAttention(d, lm["heads"])
-        self.ln2 = nn.LayerNorm(d, eps=1e-5)
-        self.mlp_in = nn.Linear(d, m)
-        self.mlp_out = nn.Linear(m, d)
-
-    def forward(self, h):
-        h = h + self.attn(self.ln1(h))
-        return h + self.mlp_out(F.gelu(self.mlp_in(self.ln2(h))))
-
-
-class CharLM(nn.Module):
-    """Characters (B, T) -> next-character logits (B, T, vocab)."""
-
-    def __init__(self, lm: dict):
-        super().__init__()
-        self.embed = nn.Embedding(lm["vocab"], lm["width"])
-        self.pos = nn.Parameter(torch.zeros(lm["seq"], lm["width"]))
-        self.blocks = nn.ModuleList([Block(lm) for _ in range(lm["layers"])])
-        self.ln_f = nn.LayerNorm(lm["width"], eps=1e-5)
-        self.head = nn.Linear(lm["width"], lm["vocab"])
-
-    def forward(self, tokens):
-        h = self.embed(tokens) + self.pos[: tokens.shape[1]]
-        for block in self.blocks:
-            h = block(h)
-        return self.head(self.ln_f(h))
-
-
 def build_model(problem: Problem) -> nn.Module:
     """The torch model of ``problem`` holding its canonical initial weights."""
     if problem.name == "digits":
         return torch_models.build("cnn", problem.params0, problem.buffers0, torch.float32)
-    module = CharLM(problem.lm)
-    torch_models.load(module, problem.params0)
-    return module
+    return torch_models.build("lm", problem.params0, dtype=torch.float32, lm=problem.lm)
 
 
 def make_optimizer(spec: RunSpec, params) -> tuple[torch.optim.Optimizer, object]:

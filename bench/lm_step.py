@@ -60,6 +60,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import sf_torch  # noqa: E402
+from bench.step import format_mb, skipped_lines  # noqa: E402
 
 LR = 1e-3
 BETAS = (0.9, 0.999)
@@ -415,6 +416,34 @@ def _quartiles(times: list[float]) -> tuple[float, float, float]:
     return q25, statistics.median(times), q75
 
 
+def _median_seconds(fn, repeats: int) -> float:
+    """Median wall time of ``repeats`` calls of ``fn``, which must wait for its own work."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _timed_row(times: list[float], opt_times: list[float], losses: list, **fields) -> Row:
+    """A :class:`Row` from the full steps' ``times`` (quartiles), the optimizer-alone
+    ``opt_times`` (median, and its share of the full step's median) and the ``losses``;
+    ``fields`` are the rest of the row."""
+    q25, median, q75 = _quartiles(times)
+    opt_median = statistics.median(opt_times)
+    return Row(
+        median_s=median,
+        q25_s=q25,
+        q75_s=q75,
+        times_s=times,
+        opt_median_s=opt_median,
+        opt_share=opt_median / median,
+        losses=[float(v) for v in losses],
+        **fields,
+    )
+
+
 def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -529,30 +558,23 @@ def torch_row(
 
     switch = None
     if schedule_free:
-        switch_times = []
-        for _ in range(max(3, steps)):
-            t0 = time.perf_counter()
+
+        def round_trip():
             opt.eval()
             opt.train()
             sync()
-            switch_times.append(time.perf_counter() - t0)
-        switch = statistics.median(switch_times)
 
-    q25, median, q75 = _quartiles(times)
-    opt_median = statistics.median(opt_times)
-    return Row(
+        switch = _median_seconds(round_trip, max(3, steps))
+
+    return _timed_row(
+        times,
+        opt_times,
+        losses,
         name=name,
         framework="torch",
         schedule_free=schedule_free,
         impl=impl,
-        median_s=median,
-        q25_s=q25,
-        q75_s=q75,
-        times_s=times,
-        opt_median_s=opt_median,
-        opt_share=opt_median / median,
         switch_s=switch,
-        losses=[float(v) for v in losses],
         full_steps=full_steps,
         n_params=sum(p.numel() for p in params),
         param_bytes=param_bytes,
@@ -682,28 +704,19 @@ def jax_row(
     if schedule_free:
         to_x = jax.jit(sf_optax.eval_params).lower(state, params).compile()
         jax.block_until_ready(to_x(state, params))
-        switch_times = []
-        for _ in range(max(3, steps)):
-            t0 = time.perf_counter()
-            jax.block_until_ready(to_x(state, params))
-            switch_times.append(time.perf_counter() - t0)
-        switch = statistics.median(switch_times)
+        switch = _median_seconds(
+            lambda: jax.block_until_ready(to_x(state, params)), max(3, steps)
+        )
 
-    q25, median, q75 = _quartiles(times)
-    opt_median = statistics.median(opt_times)
-    return Row(
+    return _timed_row(
+        times,
+        opt_times,
+        losses,
         name=name,
         framework="jax",
         schedule_free=schedule_free,
         impl="jit, donated",
-        median_s=median,
-        q25_s=q25,
-        q75_s=q75,
-        times_s=times,
-        opt_median_s=opt_median,
-        opt_share=opt_median / median,
         switch_s=switch,
-        losses=[float(v) for v in losses],
         full_steps=full_steps,
         n_params=sum(leaf.size for leaf in jax.tree.leaves(params)),
         param_bytes=param_bytes,
@@ -837,10 +850,6 @@ def run(args: argparse.Namespace, capture: dict | None = None) -> dict:
     }
 
 
-def _mb(value: int | None) -> str:
-    return "n/a" if value is None else f"{value / 1e6:.1f}"
-
-
 def format_table(result: dict) -> str:
     cfg = result["config"]
     lines = [
@@ -857,8 +866,8 @@ def format_table(result: dict) -> str:
         lines.append(
             f"{r['name']:<18} {r['impl']:<13} {r['median_s'] * 1e3:>9.3f} "
             f"{(r['q75_s'] - r['q25_s']) * 1e3:>8.3f} {r['opt_median_s'] * 1e3:>8.3f} "
-            f"{100 * r['opt_share']:>5.1f}% {switch:>9} {_mb(r['extra_bytes']):>9} "
-            f"{_mb(r['opt_extra_bytes']):>7} "
+            f"{100 * r['opt_share']:>5.1f}% {switch:>9} {format_mb(r['extra_bytes']):>9} "
+            f"{format_mb(r['opt_extra_bytes']):>7} "
             f"{r['losses'][0]:>8.4f}->{r['losses'][-1]:.4f}"
         )
     for fw, q in result["ratios"].items():
@@ -869,8 +878,7 @@ def format_table(result: dict) -> str:
             f"({100 * (q['step'] - 1):+.2f}%, {q['step_added_s'] * 1e3:+.3f} ms), "
             f"optimizer alone {q['optimizer']:.3f}x, extra memory {added}"
         )
-    for s in result["skipped"]:
-        lines.append(f"{s['name']:<18} skipped: {s['reason'][:200]}")
+    lines += skipped_lines(result["skipped"], 18)
     return "\n".join(lines)
 
 

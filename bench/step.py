@@ -402,6 +402,17 @@ def _fmt_bw(bw: float, device: str) -> str:
     return f"{bw / 1e12:.3f} TB/s" if device == "cuda" else f"{bw / 1e9:.2f} GB/s"
 
 
+def format_mb(n_bytes: int | None) -> str:
+    """``n_bytes`` in MB (10^6 bytes) to one decimal, or ``n/a`` where it was not measured."""
+    return "n/a" if n_bytes is None else f"{n_bytes / 1e6:.1f}"
+
+
+def skipped_lines(skipped: list[dict], width: int) -> list[str]:
+    """One table line per row that could not run: its name padded to ``width`` (the table's
+    first column), then the first 200 characters of the reason."""
+    return [f"{s['name']:<{width}} skipped: {s['reason'][:200]}" for s in skipped]
+
+
 def format_table(result: dict) -> str:
     device = result["device"]
     lines = [
@@ -412,13 +423,12 @@ def format_table(result: dict) -> str:
         f"{'extra MB':>9}",
     ]
     for r in result["rows"]:
-        extra = "n/a" if r["extra_mem_bytes"] is None else f"{r['extra_mem_bytes'] / 1e6:.1f}"
+        extra = format_mb(r["extra_mem_bytes"])
         lines.append(
             f"{r['name']:<28} {r['median_s'] * 1e3:>10.3f} {r['bytes'] / 1e6:>10.1f} "
             f"{_fmt_bw(r['bandwidth'], device):>13} {100 * r['copy_share']:>6.1f}% {extra:>9}"
         )
-    for s in result["skipped"]:
-        lines.append(f"{s['name']:<28} skipped: {s['reason'][:200]}")
+    lines += skipped_lines(result["skipped"], 28)
     return "\n".join(lines)
 
 

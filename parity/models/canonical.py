@@ -27,8 +27,44 @@ CNN = dict(image=8, channels=(8, 16), classes=10)  # conv-BN-SiLU twice, 2x2 avg
 LM = dict(vocab=32, width=32, layers=2, heads=2, seq=16, mlp=128)
 
 
-def param_shapes(model: str) -> dict[str, tuple[int, ...]]:
-    """Every parameter of ``model`` and its canonical shape, in a fixed order."""
+def lm_sizes(lm: dict | None = None) -> dict[str, int]:
+    """The LM's sizes: ``lm`` checked, or the parity twin's :data:`LM` when it is None.
+
+    Args:
+      lm: ``{vocab, width, layers, heads, seq, mlp}``, positive integers with ``width`` a
+        multiple of ``heads`` (each head has ``width / heads`` dimensions).
+
+    Returns:
+      The sizes as a new dict.
+    """
+    if lm is None:
+        return dict(LM)
+    if not isinstance(lm, dict) or set(lm) != set(LM):
+        got = sorted(lm) if isinstance(lm, dict) else type(lm).__name__
+        raise ValueError(f"lm must be a dict with exactly the keys {sorted(LM)}, got {got}")
+    bad = {
+        k: v for k, v in lm.items()
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1
+    }
+    if bad:
+        raise ValueError(f"lm sizes must be integers >= 1, got {bad}")
+    if lm["width"] % lm["heads"]:
+        raise ValueError(
+            f"lm width must be a multiple of heads, got width {lm['width']}, heads {lm['heads']}"
+        )
+    return {k: int(v) for k, v in lm.items()}
+
+
+def param_shapes(model: str, lm: dict | None = None) -> dict[str, tuple[int, ...]]:
+    """Every parameter of ``model`` and its canonical shape, in a fixed order.
+
+    ``lm`` gives the LM's sizes (see :func:`lm_sizes`; default :data:`LM`); the other models
+    have fixed sizes and take none.
+    """
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {MODELS}, got {model!r}")
+    if lm is not None and model != "lm":
+        raise ValueError(f"lm sizes apply to model 'lm' only, got model {model!r}")
     if model == "mlp":
         i, h, c = MLP["inputs"], MLP["hidden"], MLP["classes"]
         return {
@@ -47,22 +83,21 @@ def param_shapes(model: str) -> dict[str, tuple[int, ...]]:
             "out.kernel": (pooled, CNN["classes"]),
             "out.bias": (CNN["classes"],),
         }
-    if model == "lm":
-        v, d, m = LM["vocab"], LM["width"], LM["mlp"]
-        shapes = {"embed.embedding": (v, d), "pos": (LM["seq"], d)}
-        for layer in range(LM["layers"]):
-            b = f"blocks.{layer}."
-            shapes |= {b + "ln1.scale": (d,), b + "ln1.bias": (d,)}
-            for proj in ("query", "key", "value", "out"):
-                shapes |= {b + f"attn.{proj}.kernel": (d, d)}
-                if proj != "key":
-                    shapes |= {b + f"attn.{proj}.bias": (d,)}
-            shapes |= {b + "ln2.scale": (d,), b + "ln2.bias": (d,)}
-            shapes |= {b + "mlp_in.kernel": (d, m), b + "mlp_in.bias": (m,)}
-            shapes |= {b + "mlp_out.kernel": (m, d), b + "mlp_out.bias": (d,)}
-        shapes |= {"ln_f.scale": (d,), "ln_f.bias": (d,), "head.kernel": (d, v), "head.bias": (v,)}
-        return shapes
-    raise ValueError(f"model must be one of {MODELS}, got {model!r}")
+    s = lm_sizes(lm)
+    v, d, m = s["vocab"], s["width"], s["mlp"]
+    shapes = {"embed.embedding": (v, d), "pos": (s["seq"], d)}
+    for layer in range(s["layers"]):
+        b = f"blocks.{layer}."
+        shapes |= {b + "ln1.scale": (d,), b + "ln1.bias": (d,)}
+        for proj in ("query", "key", "value", "out"):
+            shapes |= {b + f"attn.{proj}.kernel": (d, d)}
+            if proj != "key":  # softmax is blind to a key bias: its gradient is zero
+                shapes |= {b + f"attn.{proj}.bias": (d,)}
+        shapes |= {b + "ln2.scale": (d,), b + "ln2.bias": (d,)}
+        shapes |= {b + "mlp_in.kernel": (d, m), b + "mlp_in.bias": (m,)}
+        shapes |= {b + "mlp_out.kernel": (m, d), b + "mlp_out.bias": (d,)}
+    shapes |= {"ln_f.scale": (d,), "ln_f.bias": (d,), "head.kernel": (d, v), "head.bias": (v,)}
+    return shapes
 
 
 def buffer_shapes(model: str) -> dict[str, tuple[int, ...]]:

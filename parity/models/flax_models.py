@@ -86,9 +86,10 @@ class CNN(nnx.Module):
 
 
 class CausalSelfAttention(nnx.Module):
-    def __init__(self, dtype, rngs: nnx.Rngs):
-        d = canonical.LM["width"]
-        self.heads = canonical.LM["heads"]
+    def __init__(self, dtype, rngs: nnx.Rngs, config: dict | None = None):
+        s = canonical.lm_sizes(config)
+        d = s["width"]
+        self.heads = s["heads"]
         kw = dict(dtype=dtype, param_dtype=dtype, rngs=rngs)
         self.query = nnx.Linear(d, d, **kw)
         self.key = nnx.Linear(d, d, use_bias=False, **kw)  # softmax ignores a key bias
@@ -114,12 +115,13 @@ class CausalSelfAttention(nnx.Module):
 class Block(nnx.Module):
     """Pre-norm: h + attn(ln1(h)), then h + mlp_out(gelu(mlp_in(ln2(h))))."""
 
-    def __init__(self, dtype, rngs: nnx.Rngs):
-        d, m = canonical.LM["width"], canonical.LM["mlp"]
+    def __init__(self, dtype, rngs: nnx.Rngs, config: dict | None = None):
+        s = canonical.lm_sizes(config)
+        d, m = s["width"], s["mlp"]
         ln = dict(epsilon=1e-5, use_fast_variance=False, dtype=dtype, param_dtype=dtype, rngs=rngs)
         kw = dict(dtype=dtype, param_dtype=dtype, rngs=rngs)
         self.ln1 = nnx.LayerNorm(d, **ln)
-        self.attn = CausalSelfAttention(dtype, rngs)
+        self.attn = CausalSelfAttention(dtype, rngs, s)
         self.ln2 = nnx.LayerNorm(d, **ln)
         self.mlp_in = nnx.Linear(d, m, **kw)
         self.mlp_out = nnx.Linear(m, d, **kw)
@@ -130,13 +132,17 @@ class Block(nnx.Module):
 
 
 class LM(nnx.Module):
-    """Tokens (B, T) -> next-token logits (B, T, vocab): embeddings, blocks, LayerNorm, head."""
+    """Tokens (B, T) -> next-token logits (B, T, vocab): embeddings, blocks, LayerNorm, head.
 
-    def __init__(self, dtype, rngs: nnx.Rngs):
-        s = canonical.LM
+    ``config`` holds the sizes (``canonical.lm_sizes``); the default is the parity twin's
+    ``canonical.LM``.
+    """
+
+    def __init__(self, dtype, rngs: nnx.Rngs, config: dict | None = None):
+        s = canonical.lm_sizes(config)
         self.embed = nnx.Embed(s["vocab"], s["width"], dtype=dtype, param_dtype=dtype, rngs=rngs)
         self.pos = nnx.Param(jnp.zeros((s["seq"], s["width"]), dtype))
-        self.blocks = nnx.List([Block(dtype, rngs) for _ in range(s["layers"])])
+        self.blocks = nnx.List([Block(dtype, rngs, s) for _ in range(s["layers"])])
         self.ln_f = nnx.LayerNorm(
             s["width"], epsilon=1e-5, use_fast_variance=False, dtype=dtype, param_dtype=dtype,
             rngs=rngs,
@@ -175,9 +181,18 @@ def _names_and_treedef(state: nnx.State):
     return names, treedef
 
 
-def build(model: str, params: dict, buffers: dict | None = None, dtype=jnp.float32) -> nnx.Module:
-    """The flax twin of ``model`` holding the canonical ``params`` (and BatchNorm ``buffers``)."""
-    module = _CLASSES[model](dtype, nnx.Rngs(0))
+def build(
+    model: str, params: dict, buffers: dict | None = None, dtype=jnp.float32,
+    lm: dict | None = None,
+) -> nnx.Module:
+    """The flax twin of ``model`` holding the canonical ``params`` (and BatchNorm ``buffers``).
+
+    ``lm``: the LM's sizes (``canonical.lm_sizes``), for ``model == "lm"`` only; default
+    ``canonical.LM``.
+    """
+    canonical.param_shapes(model, lm)  # a bad model or bad sizes: ValueError before building
+    extra = (lm,) if lm is not None else ()
+    module = _CLASSES[model](dtype, nnx.Rngs(0), *extra)
     graphdef, state, rest = nnx.split(module, nnx.Param, ...)
     state = to_state(state, params, dtype)
     if buffers:

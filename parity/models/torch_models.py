@@ -98,10 +98,11 @@ class CNN(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self):
+    def __init__(self, config: dict | None = None):
         super().__init__()
-        d = canonical.LM["width"]
-        self.heads = canonical.LM["heads"]
+        s = canonical.lm_sizes(config)
+        d = s["width"]
+        self.heads = s["heads"]
         self.query = nn.Linear(d, d)
         self.key = nn.Linear(d, d, bias=False)  # softmax ignores a key bias
         self.value = nn.Linear(d, d)
@@ -124,11 +125,14 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self):
+    """Pre-norm: ``h + attn(ln1(h))``, then ``h + mlp_out(gelu(mlp_in(ln2(h))))``."""
+
+    def __init__(self, config: dict | None = None):
         super().__init__()
-        d, m = canonical.LM["width"], canonical.LM["mlp"]
+        s = canonical.lm_sizes(config)
+        d, m = s["width"], s["mlp"]
         self.ln1 = nn.LayerNorm(d, eps=1e-5)
-        self.attn = CausalSelfAttention()
+        self.attn = CausalSelfAttention(s)
         self.ln2 = nn.LayerNorm(d, eps=1e-5)
         self.mlp_in = nn.Linear(d, m)
         self.mlp_out = nn.Linear(m, d)
@@ -139,12 +143,18 @@ class Block(nn.Module):
 
 
 class LM(nn.Module):
-    def __init__(self):
+    """Tokens (B, T) -> next-token logits (B, T, vocab).
+
+    ``config`` holds the sizes (``canonical.lm_sizes``); the default is the parity twin's
+    ``canonical.LM``.
+    """
+
+    def __init__(self, config: dict | None = None):
         super().__init__()
-        s = canonical.LM
+        s = canonical.lm_sizes(config)
         self.embed = nn.Embedding(s["vocab"], s["width"])
         self.pos = nn.Parameter(torch.zeros(s["seq"], s["width"]))
-        self.blocks = nn.ModuleList([Block() for _ in range(s["layers"])])
+        self.blocks = nn.ModuleList([Block(s) for _ in range(s["layers"])])
         self.ln_f = nn.LayerNorm(s["width"], eps=1e-5)
         self.head = nn.Linear(s["width"], s["vocab"])
 
@@ -169,8 +179,8 @@ def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 # -- canonical <-> torch --------------------------------------------------------------------------
 
 
-def _check_names(model: str, module: nn.Module) -> None:
-    expected = {canonical.torch_name(n) for n in canonical.param_shapes(model)}
+def _check_names(model: str, module: nn.Module, lm: dict | None = None) -> None:
+    expected = {canonical.torch_name(n) for n in canonical.param_shapes(model, lm)}
     expected |= {canonical.torch_name(n) for n in canonical.buffer_shapes(model)}
     found = {n for n, _ in module.named_parameters()} | {n for n, _ in module.named_buffers()}
     if expected != found:
@@ -180,10 +190,19 @@ def _check_names(model: str, module: nn.Module) -> None:
         )
 
 
-def build(model: str, params: dict, buffers: dict | None = None, dtype=torch.float32) -> nn.Module:
-    """The torch twin of ``model`` holding the canonical ``params`` (and BatchNorm ``buffers``)."""
-    module = _CLASSES[model]().to(dtype)
-    _check_names(model, module)
+def build(
+    model: str, params: dict, buffers: dict | None = None, dtype=torch.float32,
+    lm: dict | None = None,
+) -> nn.Module:
+    """The torch twin of ``model`` holding the canonical ``params`` (and BatchNorm ``buffers``).
+
+    ``lm``: the LM's sizes (``canonical.lm_sizes``), for ``model == "lm"`` only; default
+    ``canonical.LM``.
+    """
+    canonical.param_shapes(model, lm)  # a bad model or bad sizes: ValueError before building
+    extra = (lm,) if lm is not None else ()
+    module = _CLASSES[model](*extra).to(dtype)
+    _check_names(model, module, lm)
     load(module, params, buffers)
     return module
 
@@ -200,15 +219,19 @@ def load(module: nn.Module, params: dict, buffers: dict | None = None) -> None:
         target.copy_(torch.from_numpy(value))
 
 
-def param_names(model: str, module: nn.Module) -> list[str]:
-    """Canonical names in the order of ``module.parameters()`` (the optimizer's order)."""
-    by_torch = {canonical.torch_name(n): n for n in canonical.param_shapes(model)}
+def param_names(model: str, module: nn.Module, lm: dict | None = None) -> list[str]:
+    """Canonical names in the order of ``module.parameters()`` (the optimizer's order); ``lm``
+    as in :func:`build`."""
+    by_torch = {canonical.torch_name(n): n for n in canonical.param_shapes(model, lm)}
     return [by_torch[n] for n, _ in module.named_parameters()]
 
 
-def to_canonical(model: str, module: nn.Module, tensors=None) -> dict[str, np.ndarray]:
-    """``{canonical name: numpy}`` of the params (or of ``tensors``, in parameter order)."""
-    names = param_names(model, module)
+def to_canonical(
+    model: str, module: nn.Module, tensors=None, lm: dict | None = None
+) -> dict[str, np.ndarray]:
+    """``{canonical name: numpy}`` of the params (or of ``tensors``, in parameter order);
+    ``lm`` as in :func:`build`."""
+    names = param_names(model, module, lm)
     if tensors is None:
         tensors = [p for p in module.parameters()]
     return {n: canonical.from_torch_layout(n, _numpy(t)) for n, t in zip(names, tensors)}
