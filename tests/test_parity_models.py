@@ -200,3 +200,25 @@ def test_flax_model_is_a_plain_nnx_module():
     for _ in range(5):
         optimizer.update(module, nnx.grad(loss_fn)(module))
     assert float(loss_fn(module)) < before
+
+
+def test_lm_with_other_sizes_agrees_across_frameworks():
+    # The LM twin at non-default sizes (what bench.anytime trains): both frameworks load the
+    # same float64 weights and give the same logits; bad sizes are refused by name.
+    lm = dict(vocab=11, width=12, layers=3, heads=3, seq=9, mlp=20)
+    rng = np.random.default_rng(4)
+    shapes = canonical.param_shapes("lm", lm)
+    assert shapes["blocks.2.mlp_in.kernel"] == (12, 20) and "blocks.3.ln1.scale" not in shapes
+    params = {k: rng.normal(size=s) * 0.3 for k, s in shapes.items()}
+    flax_lm = flax_models.build("lm", params, None, jnp.float64, lm=lm)
+    torch_lm = torch_models.build("lm", params, None, torch.float64, lm=lm)
+    tokens = rng.integers(0, 11, size=(2, 9))
+    logits_flax = np.asarray(flax_lm(jnp.asarray(tokens)))
+    logits_torch = torch_lm(torch.as_tensor(tokens)).detach().numpy()
+    assert logits_flax.shape == (2, 9, 11)
+    assert_close(logits_torch, logits_flax, 1e-12, "logits")
+    back = torch_models.to_canonical("lm", torch_lm, lm=lm)
+    for name, value in params.items():
+        np.testing.assert_array_equal(back[name], value)
+    with pytest.raises(ValueError, match="heads"):
+        canonical.param_shapes("lm", dict(lm, heads=5))
