@@ -113,3 +113,19 @@ def test_hlo_dump_and_the_big_sets_halves(tmp_path):
     mats = bench.param_set("big-matrices", 0.01).shapes
     vecs = bench.param_set("big-vectors", 0.01).shapes
     assert mats == ((20, 4096),) * 32 and vecs == ((41,),) * 64
+
+
+def test_jax_rows_count_the_bytes_of_the_state_they_keep():
+    # bf16 params: ours keeps z and v in float32 (22 B/param moved), optax.contrib keeps v in
+    # bf16 (18 B/param); the rows count what each really moves.
+    ps = bench.param_set("bf16", scale=1 / 512)
+    n = ps.n_params
+    rows = {
+        r.name: r
+        for r in bench.run_jax(
+            ps, "cpu", 0, 1, 1, [], names=["sf_optax adamw jit", "optax.contrib adamw jit"]
+        )
+    }
+    y_and_g = (2 + 2 + 2) * n  # y read and written, g read, bf16
+    assert rows["sf_optax adamw jit"].bytes == y_and_g + (2 * 4 + 2 * 4) * n
+    assert rows["optax.contrib adamw jit"].bytes == y_and_g + (2 * 4 + 2 * 2) * n
