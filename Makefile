@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 lint: $(STAMP)
-	$(PY) -m ruff check sf_optax sf_torch parity examples bench tests
+	$(PY) -m ruff check sf_optax sf_torch sf_schedules parity examples bench tests
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q tests
