@@ -532,7 +532,6 @@ if triton is not None:
         _store(y_ptr, y, Y_DTYPE, mask)
         _store(z_ptr, z, S_DTYPE, mask)
 
-
     @triton.jit
     def _fused_lerp_kernel(
         meta_ptr,  # int64: [weight as float64 bits | p addresses | z addresses]
@@ -576,20 +575,43 @@ if tl is not None:
     }
 
 
+def _lerp_pair_problem(p_dtype: torch.dtype, z_dtype: torch.dtype) -> str | None:
+    if z_dtype != p_dtype and z_dtype.itemsize <= p_dtype.itemsize:
+        return (
+            f"fused=True switches params whose z is as wide or wider (float32 z for bf16 "
+            f"params), got {p_dtype} params with {z_dtype} z"
+        )
+    return None
+
+
 def _lerp_fused_problem(params, zs) -> str | None:
     if triton is None:
         return _NO_TRITON
+    # Fast path, with C-level loops (as in _group_fused_problem): one device, dtypes the
+    # kernel switches, everything contiguous.
+    on_device = operator.attrgetter("is_cpu" if _INTERPRET else "is_cuda")
+    dtype = operator.attrgetter("dtype")
+    pairs = set(zip(map(dtype, params), map(dtype, zs)))
+    if (
+        all(map(on_device, params))
+        and all(map(on_device, zs))
+        and len(set(map(torch.Tensor.get_device, params)) | set(map(torch.Tensor.get_device, zs)))
+        <= 1
+        and {d for pair in pairs for d in pair} <= _FUSED_DTYPE_SET
+        and not any(_lerp_pair_problem(*pair) for pair in pairs)
+        and all(map(torch.Tensor.is_contiguous, params))
+        and all(map(torch.Tensor.is_contiguous, zs))
+    ):
+        return None
     for p, z in zip(params, zs):
         problem = _device_problem(p) or _device_problem(z)
         if problem is not None:
             return problem
         if p.device != z.device:
             return f"fused=True needs z on the param's device ({p.device}), got {z.device}"
-        if z.dtype != p.dtype and z.dtype.itemsize <= p.dtype.itemsize:
-            return (
-                f"fused=True switches params whose z is as wide or wider (float32 z for bf16 "
-                f"params), got {p.dtype} params with {z.dtype} z"
-            )
+        problem = _lerp_pair_problem(p.dtype, z.dtype)
+        if problem is not None:
+            return problem
         if not _same_dense_layout(p, z, None, None):
             return (
                 "fused=True needs each param and its z to share one dense layout; pass "
@@ -615,18 +637,15 @@ def _meta(bits: list[int], addrs: list[int], device: torch.device) -> torch.Tens
 
 
 def _lerp_fused(params, zs, weight: float) -> None:
-    buckets: dict = {}
-    for p, z in zip(params, zs):
-        buckets.setdefault((p.device, p.dtype, z.dtype), ([], []))
-        lists = buckets[(p.device, p.dtype, z.dtype)]
-        lists[0].append(p)
-        lists[1].append(z)
     bits = list(struct.unpack("<q", struct.pack("<d", weight)))
-    for (device, p_dtype, s_dtype), (ps, zs_) in buckets.items():
-        block_tensor, block_start, numel = _block_tables(device, tuple(p.numel() for p in ps))
+    data_ptr = torch.Tensor.data_ptr
+    # _buckets keys by (device, y, g, state dtypes): p stands in for both y and g here.
+    for (_, p_dtype, _, s_dtype), (ps, _, zs_, _) in _buckets(params, params, zs, zs).items():
+        device = ps[0].device
+        block_tensor, block_start, numel = _block_tables(device, tuple(map(torch.Tensor.numel, ps)))
         if block_tensor.numel() == 0:
             continue
-        addrs = [p.data_ptr() for p in ps] + [z.data_ptr() for z in zs_]
+        addrs = [*map(data_ptr, ps), *map(data_ptr, zs_)]
         _launch(
             _fused_lerp_kernel,
             (block_tensor.numel(),),
@@ -646,9 +665,7 @@ def _lerp_fused(params, zs, weight: float) -> None:
 
 def _update_fused(ys, gs, zs, vs, s: StepScalars) -> None:
     kernel = _fused_update_kernel
-    coefs = (
-        s.lr, s.c, s.y_coef, s.b2, 1.0 - s.b2, s.bias_correction2, s.eps, s.weight_decay
-    )
+    coefs = (s.lr, s.c, s.y_coef, s.b2, 1.0 - s.b2, s.bias_correction2, s.eps, s.weight_decay)
     bits = list(struct.unpack(f"<{_N_SCALARS}q", struct.pack(f"<{_N_SCALARS}d", *coefs)))
     for (_, y_dtype, g_dtype, s_dtype), (ys_, gs_, zs_, vs_) in _buckets(ys, gs, zs, vs).items():
         device = ys_[0].device
