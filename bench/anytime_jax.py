@@ -30,7 +30,7 @@ from flax import nnx
 import sf_optax
 import sf_optax.schedules
 from bench.anytime_problems import Problem
-from bench.anytime_runs import RunSpec
+from bench.anytime_runs import RunSpec, run_record
 from parity.models import flax_models
 
 
@@ -166,13 +166,9 @@ class Trainer:
             if step + 1 in evals:
                 observe()
         seconds = time.perf_counter() - start
-        return {
-            "eval_steps": list(spec.eval_steps),
-            "eval_loss": losses,
-            "eval_acc": accs if self.problem.has_accuracy else None,
-            "lrs_used": [float(v) for v in jax.device_get(used)] if used else None,
-            "seconds": seconds,
-        }
+        lrs_used = [float(v) for v in jax.device_get(used)] if used else None
+        accs = accs if self.problem.has_accuracy else None
+        return run_record(spec, losses, accs, lrs_used, seconds)
 
 
 def backend() -> str:

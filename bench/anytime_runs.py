@@ -107,6 +107,19 @@ def plan(
     return runs
 
 
+def run_record(spec: RunSpec, losses, accs, lrs_used, seconds: float) -> dict:
+    """What one run reports, the same from both frameworks' trainers: eval losses (and
+    accuracies, or None) at ``spec.eval_steps``, the learning rates the baseline steps really
+    used (None for Schedule-Free), and the wall time."""
+    return {
+        "eval_steps": list(spec.eval_steps),
+        "eval_loss": losses,
+        "eval_acc": accs,
+        "lrs_used": lrs_used,
+        "seconds": seconds,
+    }
+
+
 def value_at(run: dict, step: int, key: str = "eval_loss") -> float:
     """A recorded run's ``key`` (``eval_loss`` / ``eval_acc``) at ``step``."""
     return run[key][run["eval_steps"].index(step)]

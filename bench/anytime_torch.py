@@ -24,7 +24,7 @@ from torch import nn
 import sf_torch
 import sf_torch.schedules
 from bench.anytime_problems import Problem
-from bench.anytime_runs import RunSpec
+from bench.anytime_runs import RunSpec, run_record
 from parity.models import torch_models
 
 
@@ -130,13 +130,8 @@ class Trainer:
             if step + 1 in evals:
                 observe()
         seconds = time.perf_counter() - start
-        return {
-            "eval_steps": list(spec.eval_steps),
-            "eval_loss": losses,
-            "eval_acc": accs if self.problem.has_accuracy else None,
-            "lrs_used": lrs or None,
-            "seconds": seconds,
-        }
+        accs = accs if self.problem.has_accuracy else None
+        return run_record(spec, losses, accs, lrs or None, seconds)
 
 
 def backend(device: str) -> str:
