@@ -115,9 +115,31 @@ def radam_rectification(b2: float, silent_sgd_phase: bool = True):
     return schedule
 
 
+def add_decayed_weights(weight_decay: Any = 0.0, mask: Any = None):
+    """``gn + weight_decay * y``, computed in float32 or wider.
+
+    ``optax.add_decayed_weights`` multiplies in the params' dtype: with bf16 params both the
+    coefficient (0.01 becomes 0.01001) and the product are rounded to 8 bits, where sf_torch
+    (and the reference) decay in the state's float32. ``mask`` as in optax.
+    """
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("add_decayed_weights needs the current parameters (y)")
+
+        def add(d, y):
+            cdt = jnp.promote_types(jnp.result_type(d, y), jnp.float32)
+            return d.astype(cdt) + jnp.asarray(weight_decay, cdt) * y.astype(cdt)
+
+        return jax.tree.map(add, updates, params), state
+
+    decay = optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+    return decay if mask is None else optax.masked(decay, mask)
+
+
 def _direction_with_decay(direction, weight_decay, mask):
     check_range("weight_decay", weight_decay, 0.0)
-    return optax.chain(direction, optax.add_decayed_weights(weight_decay, mask))
+    return optax.chain(direction, add_decayed_weights(weight_decay, mask))
 
 
 def adamw(

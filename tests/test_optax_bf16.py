@@ -45,3 +45,23 @@ def test_exact_x_keeps_bf16_at_fp32_quality_on_the_toy():
     contrib_bf16 = bf16_toy.run("optax.contrib bf16", steps)["eval_loss_x"]
     assert exact < 1.5 * fp32
     assert contrib_bf16 > 100 * fp32
+
+
+def test_weight_decay_of_bf16_params_is_taken_in_float32():
+    # One step from z = y: z1 = y - lr (g / (sqrt(v1 / (1 - b2)) + eps) + wd y), in float64 from
+    # the bf16 values. A decay taken in bf16 (coefficient 0.3 -> 0.30078, product rounded to 8
+    # bits) would put z off by ~lr wd |y| 2**-9, some 3e-5 relative here.
+    lr, wd, b2, eps = 0.05, 0.3, 0.999, 1e-8
+    rng = np.random.default_rng(0)
+    y = jnp.asarray(rng.normal(size=256), jnp.bfloat16)
+    g = jnp.asarray(rng.normal(size=256) * 0.1, jnp.bfloat16)
+    y64, g64 = np.asarray(y, np.float64), np.asarray(g, np.float64)
+    for tx, direction in (
+        (sf_optax.adamw(lr, b2=b2, eps=eps, weight_decay=wd, state_dtype=jnp.float32),
+         g64 / (np.sqrt((1 - b2) * g64**2 / (1 - b2)) + eps)),
+        (sf_optax.sgd(lr, weight_decay=wd, state_dtype=jnp.float32), g64),
+    ):
+        _, state = tx.update(g, tx.init(y), y)
+        z1 = np.asarray(sf_optax.find_state(state).z, np.float64)
+        want = y64 - lr * (direction + wd * y64)
+        assert np.abs(z1 - want).max() / np.abs(want).max() < 1e-6
