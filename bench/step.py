@@ -192,7 +192,13 @@ def torch_row_names(ps: ParamSet, device: str) -> list[str]:
     return names
 
 
-JAX_ROW_NAMES = ["jax copy", "sf_optax adamw jit", "sf_optax sgd jit", "optax.contrib adamw jit"]
+JAX_ROW_NAMES = [
+    "jax copy",
+    "sf_optax adamw jit",
+    "sf_optax sgd jit",
+    "optax.contrib adamw jit",
+    "sf_optax eval_params jit",
+]
 
 
 def row_names(ps: ParamSet, device: str) -> list[str]:
@@ -395,11 +401,28 @@ def run_jax(
         median, times = timed(step, (params, state, grads), lambda a, out: (out[0], out[1], a[2]))
         return Row(name, "jax", _kind_of(name), median, times, moved, 0, 0, extra)
 
+    def eval_params_row(name):
+        # JAX's train()/eval(): x = (y - (1 - b1) z) / b1 as new arrays (reads y, z; writes x).
+        import sf_optax
+
+        opt = jax_optimizer("sf_optax adamw jit", ps)
+        params, _ = tensors()
+        state = opt.init(params)
+        view = jax.jit(lambda params, state: sf_optax.eval_params(state, params))
+        extra = _jax_extra_bytes(view.lower(params, state).compile())
+        median, times = timed(view, (params, state), lambda a, out: a)
+        return Row(name, "jax", "switch", median, times, useful_bytes("switch", ps), 0, 0, extra)
+
     rows = []
     with jax.default_device(dev):
         for name in names or JAX_ROW_NAMES:
             try:
-                rows.append(copy_row() if name == "jax copy" else step_row(name))
+                if name == "jax copy":
+                    rows.append(copy_row())
+                elif name == "sf_optax eval_params jit":
+                    rows.append(eval_params_row(name))
+                else:
+                    rows.append(step_row(name))
             except Exception as e:  # noqa: BLE001  (one row that cannot run must not sink the rest)
                 skipped.append({"name": name, "reason": f"{type(e).__name__}: {e}"})
                 print(f"skipped {name}: {type(e).__name__}: {e}")

@@ -37,6 +37,7 @@ def test_every_row_present_with_positive_finite_times(result):
         "sf_optax adamw jit",
         "sf_optax sgd jit",
         "optax.contrib adamw jit",
+        "sf_optax eval_params jit",
     }
     assert result["skipped"] == []
     rows = {r["name"]: r for r in result["rows"]}
