@@ -457,9 +457,11 @@ def torch_optimizer(name: str, params, device: str) -> torch.optim.Optimizer:
             params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, **impl
         )
     if name == "sf_torch adamw":
-        # fused=None: sf_torch picks its fused kernel when every param is on CUDA.
+        # fused=None: sf_torch picks its fused kernel when every param is on CUDA; on the CPU
+        # both rows run torch's multi-tensor ops, so that the two steps are built alike.
+        impl = {} if device == "cuda" else dict(foreach=True)
         return sf_torch.AdamWScheduleFree(
-            params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY
+            params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, **impl
         )
     raise ValueError(f"torch row must be one of {TORCH_ROWS}, got {name!r}")
 

@@ -310,8 +310,8 @@ class AdamWScheduleFree(ScheduleFreeOptimizer):
         warmup_steps: linear warmup of the lr over this many steps, >= 0.
         r: the average weighs step k by ``(k+1)**r``, >= 0.
         weight_lr_power: ... and by ``lr_max**weight_lr_power``, >= 0.
-        foreach: use torch's multi-tensor ops (None counts as True); False steps one tensor at
-            a time.
+        foreach: True: torch's multi-tensor ops; False: one tensor at a time; None: the
+            multi-tensor ops for CUDA params, one tensor at a time on the CPU (as torch does).
         fused: True: one Triton kernel per group (CUDA; CPU under TRITON_INTERPRET=1), an error
             if it cannot run. None: that kernel where every param is a CUDA tensor, else as
             False. It takes precedence over ``foreach``.
@@ -330,7 +330,7 @@ class AdamWScheduleFree(ScheduleFreeOptimizer):
         warmup_steps: int = 0,
         r: float = 0.0,
         weight_lr_power: float = 2.0,
-        foreach: bool | None = True,
+        foreach: bool | None = None,
         *,
         fused: bool | None = None,
         state_dtype: torch.dtype | None = None,
@@ -366,7 +366,7 @@ class SGDScheduleFree(ScheduleFreeOptimizer):
         warmup_steps: int = 0,
         r: float = 0.0,
         weight_lr_power: float = 2,
-        foreach: bool | None = True,
+        foreach: bool | None = None,
         *,
         fused: bool | None = None,
         state_dtype: torch.dtype | None = None,
@@ -402,7 +402,7 @@ class RAdamScheduleFree(ScheduleFreeOptimizer):
         weight_decay: float = 0,
         r: float = 0.0,
         weight_lr_power: float = 2.0,
-        foreach: bool | None = True,
+        foreach: bool | None = None,
         silent_sgd_phase: bool = True,
         *,
         fused: bool | None = None,

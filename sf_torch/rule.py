@@ -251,29 +251,49 @@ def _update_loop(ys, gs, zs, vs, s: StepScalars) -> None:
             y.copy_(yw)
 
 
+_FOREACH_CHUNK = 1 << 25  # elements per multi-tensor call: bounds its temporaries (gn, ...)
+
+
+def _chunks(ys, gs, zs, vs, limit: int):
+    """The bucket's lists cut into runs of at most ``limit`` elements (a larger tensor alone)."""
+    start, total = 0, 0
+    for i, n in enumerate(map(torch.Tensor.numel, ys)):
+        if total and total + n > limit:
+            yield ys[start:i], gs[start:i], zs[start:i], vs[start:i]
+            start, total = i, 0
+        total += n
+    if start < len(ys):
+        yield ys[start:], gs[start:], zs[start:], vs[start:]
+
+
 def _update_foreach(ys, gs, zs, vs, s: StepScalars) -> None:
-    for ys_, gs_, zs_, vs_ in _buckets(ys, gs, zs, vs).values():
-        work = zs_[0].dtype
-        yw = ys_ if ys_[0].dtype == work else [y.to(work) for y in ys_]
-        gw = gs_ if gs_[0].dtype == work else [g.to(work) for g in gs_]
-        if s.has_v:
-            torch._foreach_mul_(vs_, s.b2)
-            torch._foreach_addcmul_(vs_, gw, gw, value=1.0 - s.b2)
-        if s.normalize:
-            denom = torch._foreach_div(vs_, s.bias_correction2)
-            torch._foreach_sqrt_(denom)
-            torch._foreach_add_(denom, s.eps)
-            gn = torch._foreach_div(gw, denom)
-            del denom
-            if s.weight_decay != 0:
-                torch._foreach_add_(gn, yw, alpha=s.weight_decay)
-        else:
-            gn = torch._foreach_add(gw, yw, alpha=s.weight_decay) if s.weight_decay != 0 else gw
-        torch._foreach_lerp_(yw, zs_, weight=s.c)
-        torch._foreach_add_(yw, gn, alpha=s.y_coef)
-        torch._foreach_sub_(zs_, gn, alpha=s.lr)
-        if yw is not ys_:
-            torch._foreach_copy_(ys_, yw)
+    for bucket in _buckets(ys, gs, zs, vs).values():
+        for chunk in _chunks(*bucket, _FOREACH_CHUNK):
+            _update_foreach_chunk(*chunk, s)
+
+
+def _update_foreach_chunk(ys_, gs_, zs_, vs_, s: StepScalars) -> None:
+    work = zs_[0].dtype
+    yw = ys_ if ys_[0].dtype == work else [y.to(work) for y in ys_]
+    gw = gs_ if gs_[0].dtype == work else [g.to(work) for g in gs_]
+    if s.has_v:
+        torch._foreach_mul_(vs_, s.b2)
+        torch._foreach_addcmul_(vs_, gw, gw, value=1.0 - s.b2)
+    if s.normalize:
+        denom = torch._foreach_div(vs_, s.bias_correction2)
+        torch._foreach_sqrt_(denom)
+        torch._foreach_add_(denom, s.eps)
+        gn = torch._foreach_div(gw, denom)
+        del denom
+        if s.weight_decay != 0:
+            torch._foreach_add_(gn, yw, alpha=s.weight_decay)
+    else:
+        gn = torch._foreach_add(gw, yw, alpha=s.weight_decay) if s.weight_decay != 0 else gw
+    torch._foreach_lerp_(yw, zs_, weight=s.c)
+    torch._foreach_add_(yw, gn, alpha=s.y_coef)
+    torch._foreach_sub_(zs_, gn, alpha=s.lr)
+    if yw is not ys_:
+        torch._foreach_copy_(ys_, yw)
 
 
 def _buckets(ys, gs, zs, vs) -> dict:
@@ -424,8 +444,11 @@ def choose_impl(
 
     ``fused=True``: the Triton kernel, or a RuntimeError saying why it cannot run.
     ``fused=None``: the Triton kernel when every param is a CUDA tensor it can step (never the
-    interpreter), else as ``fused=False``. ``fused=False``: ``foreach`` unless ``foreach=False``
-    (None counts as True), else the loop.
+    interpreter), else as ``fused=False``. ``fused=False``: ``foreach=True``: torch's
+    multi-tensor ops; ``foreach=False``: the loop; ``foreach=None``: multi-tensor ops when every
+    param is a CUDA tensor, else the loop (as torch's optimizers choose: on the CPU the
+    multi-tensor ops run the same per-tensor kernels, and their whole-list temporaries cost
+    memory and time, e.g. DeepSpeed's CPU-offloaded masters).
     """
     if fused or (fused is None and not _INTERPRET):
         problem = _group_fused_problem(params, grads, states)
@@ -433,7 +456,9 @@ def choose_impl(
             return "fused"
         if fused:
             raise RuntimeError(problem)
-    return "loop" if foreach is False else "foreach"
+    if foreach is None:
+        foreach = all(map(operator.attrgetter("is_cuda"), params))
+    return "foreach" if foreach else "loop"
 
 
 def update(impl: str, ys, gs, zs, vs, s: StepScalars) -> None:

@@ -121,3 +121,31 @@ def test_param_groups_no_grad_and_empty_group_match_reference(kind, foreach):
     assert [k for k, _, _ in c] == [k for k, _, _ in c_ref] == [60] * 4
     for (_, ws, lm), (_, ws_ref, lm_ref) in zip(c, c_ref):
         assert ws == pytest.approx(ws_ref, rel=1e-15) and lm == lm_ref
+
+
+def test_cpu_default_is_the_loop_and_chunked_foreach_matches_it(monkeypatch):
+    # foreach=None picks the loop for CPU params (as torch's optimizers do); the multi-tensor
+    # path cut into chunks (here of 40 elements, so most tensors are a chunk of their own and
+    # the small ones share) steps exactly like the reference's foreach, chunk by chunk.
+    from sf_torch import rule
+
+    problem = Problem(seed=8, shapes=[(6, 5), (7,), (2, 3, 2), (3,), (40,), (50,)])
+    params = problem.params()
+    grads = [torch.ones_like(p) for p in params]
+    assert rule.choose_impl(params, grads, [None] * 6, None, None) == "loop"
+    assert rule.choose_impl(params, grads, [None] * 6, True, None) == "foreach"
+
+    calls = []
+    chunk = rule._update_foreach_chunk
+    monkeypatch.setattr(rule, "_FOREACH_CHUNK", 40)
+    monkeypatch.setattr(
+        rule, "_update_foreach_chunk", lambda *a: (calls.append(len(a[0])), chunk(*a))
+    )
+    kw = dict(lr=0.02, warmup_steps=3, weight_decay=0.1)
+    y_ref, x_ref = run(
+        lambda ps: schedulefree.AdamWScheduleFree(ps, foreach=True, **kw), problem, 30,
+        reference=True,
+    )
+    y, x = run(lambda ps: sf_torch.AdamWScheduleFree(ps, foreach=True, **kw), problem, 30)
+    assert calls[:4] == [2, 2, 1, 1]  # (30+7) | (12+3) | 40 | 50 elements
+    assert max_rel_diff(y, y_ref) == 0.0 and max_rel_diff(x, x_ref) == 0.0
