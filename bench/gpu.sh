@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The GPU figures of bench/RESULTS.md, in one go (one H100: ~10 minutes). Writes JSON, HLO and
+# tables under ${OUT:-reports/gpu}. Run from the repository root with torch (CUDA), jax (CUDA),
+# optax, flax and schedulefree importable.
+set -euo pipefail
+out="${OUT:-reports/gpu}"
+mkdir -p "$out"
+python -m pytest -q tests/test_torch_fused_gpu.py | tail -3
+for set in big bf16 small big-matrices big-vectors; do
+    python -m bench.step --device cuda --set "$set" --json "$out/step_$set.json" \
+        --hlo "$out/hlo" | tee "$out/step_$set.txt"
+done
+for dtype in float32 bfloat16; do
+    python -m bench.lm_step --device cuda --size gpt2-small --dtype "$dtype" --framework both \
+        --json "$out/lm_step_$dtype.json" | tee "$out/lm_step_$dtype.txt"
+done
