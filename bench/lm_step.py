@@ -60,7 +60,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import sf_torch  # noqa: E402
-from bench.step import format_mb, skipped_lines  # noqa: E402
+from bench.step import format_mb, jax_extra_bytes, skipped_lines  # noqa: E402
 
 LR = 1e-3
 BETAS = (0.9, 0.999)
@@ -603,20 +603,6 @@ def jax_optimizer(name: str):
     raise ValueError(f"JAX row must be one of {JAX_ROWS}, got {name!r}")
 
 
-def _jax_footprint(compiled) -> int | None:
-    """Bytes the compiled step touches: arguments + temporaries + non-aliased outputs."""
-    try:
-        m = compiled.memory_analysis()
-        return int(
-            m.argument_size_in_bytes
-            + m.temp_size_in_bytes
-            + m.output_size_in_bytes
-            - m.alias_size_in_bytes
-        )
-    except Exception:  # noqa: BLE001  (not every backend reports it)
-        return None
-
-
 def jax_row(
     name: str,
     cfg: LMConfig,
@@ -662,7 +648,7 @@ def jax_row(
         return sum(leaf.nbytes for leaf in jax.tree.leaves(tree))
 
     param_bytes, state_bytes, batch_bytes = nbytes(params), nbytes(state), inputs.nbytes * 2
-    footprint = _jax_footprint(step)
+    footprint = jax_extra_bytes(step, with_arguments=True)
     peak = footprint
     extra = None if peak is None else peak - (2 * param_bytes + state_bytes + batch_bytes)
 
@@ -689,7 +675,7 @@ def jax_row(
     # made from the params do, and spare compiling the backward pass a second time.
     grads = jax.jit(lambda p: jax.tree.map(lambda a: 1e-3 * a, p))(params)
     update = jax.jit(opt_step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
-    opt_footprint = _jax_footprint(update)
+    opt_footprint = jax_extra_bytes(update, with_arguments=True)
     opt_extra = None
     if opt_footprint is not None:
         opt_extra = opt_footprint - (2 * param_bytes + state_bytes)

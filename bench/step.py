@@ -284,10 +284,14 @@ def run_torch(
 # JAX
 
 
-def _jax_extra_bytes(compiled) -> int | None:
+def jax_extra_bytes(compiled, with_arguments: bool = False) -> int | None:
+    """XLA's memory analysis of a compiled program: temporaries plus the outputs that do not
+    reuse a donated input (plus the arguments with ``with_arguments``); None where the backend
+    does not report it."""
     try:
         m = compiled.memory_analysis()
-        return int(m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes)
+        extra = m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+        return int(extra + (m.argument_size_in_bytes if with_arguments else 0))
     except Exception:  # noqa: BLE001  (not every backend reports it)
         return None
 
@@ -362,7 +366,7 @@ def run_jax(
         dst = jnp.zeros_like(src)
         # dst is donated: the copy's output reuses its memory, so each call moves the bytes anew.
         copy = jax.jit(lambda d, s: s.copy(), donate_argnums=0)
-        extra = _jax_extra_bytes(copy.lower(dst, src).compile())
+        extra = jax_extra_bytes(copy.lower(dst, src).compile())
         median, times = timed(copy, (dst, src), lambda a, out: (out, a[1]))
         kind = "copy"
         return Row("jax copy", "jax", kind, median, times, useful_bytes(kind, ps), 0, 0, extra)
@@ -391,7 +395,7 @@ def run_jax(
         state = opt.init(params)
         moved = _jax_moved_bytes(params, grads, state)
         compiled = step.lower(params, state, grads).compile()
-        extra = _jax_extra_bytes(compiled)
+        extra = jax_extra_bytes(compiled)
         if hlo_dir:
             # The optimized HLO: one multi-output fusion per tensor is what a step should be.
             os.makedirs(hlo_dir, exist_ok=True)
@@ -409,7 +413,7 @@ def run_jax(
         params, _ = tensors()
         state = opt.init(params)
         view = jax.jit(lambda params, state: sf_optax.eval_params(state, params))
-        extra = _jax_extra_bytes(view.lower(params, state).compile())
+        extra = jax_extra_bytes(view.lower(params, state).compile())
         median, times = timed(view, (params, state), lambda a, out: a)
         return Row(name, "jax", "switch", median, times, useful_bytes("switch", ps), 0, 0, extra)
 

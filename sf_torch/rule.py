@@ -180,14 +180,24 @@ def _lerp_(p: torch.Tensor, z: torch.Tensor, weight: float) -> None:
         p.copy_(p.to(z.dtype).lerp_(z, weight))
 
 
+def view_weight(view: str, b1: float) -> float:
+    """The lerp weight toward z that gives a view from the other: ``x = lerp(y, z, 1 - 1/b1)``,
+    ``y = lerp(x, z, 1 - b1)``."""
+    if view == "x":
+        return 1.0 - 1.0 / b1
+    if view == "y":
+        return 1.0 - b1
+    raise ValueError(f"view must be 'x' or 'y', got {view!r}")
+
+
 def to_x_(p: torch.Tensor, z: torch.Tensor, b1: float) -> None:
     """y -> x in place: ``x = (y - (1-b1) z) / b1``, computed in z's dtype."""
-    _lerp_(p, z, 1.0 - 1.0 / b1)
+    _lerp_(p, z, view_weight("x", b1))
 
 
 def to_y_(p: torch.Tensor, z: torch.Tensor, b1: float) -> None:
     """x -> y in place: ``y = b1 x + (1-b1) z``, computed in z's dtype."""
-    _lerp_(p, z, 1.0 - b1)
+    _lerp_(p, z, view_weight("y", b1))
 
 
 def switch_impl(params, zs, fused: bool | None) -> str:
@@ -210,9 +220,7 @@ def switch_(view: str, params, zs, b1: float, impl: str = "loop") -> None:
     ``_lerp_`` but without its temporary float32 copy of p when the dtypes differ (bf16 params,
     float32 z).
     """
-    if view not in ("x", "y"):
-        raise ValueError(f"view must be 'x' or 'y', got {view!r}")
-    weight = 1.0 - 1.0 / b1 if view == "x" else 1.0 - b1
+    weight = view_weight(view, b1)
     if impl == "fused":
         _lerp_fused(params, zs, weight)
     else:
@@ -223,7 +231,7 @@ def switch_(view: str, params, zs, b1: float, impl: str = "loop") -> None:
 def x_of(p: torch.Tensor, z: torch.Tensor, b1: float) -> torch.Tensor:
     """``x`` from ``y = p`` as a new tensor, equal to what ``to_x_`` would write into ``p``."""
     x = p.detach().to(z.dtype, copy=True)
-    x.lerp_(z.to(p.device), 1.0 - 1.0 / b1)
+    x.lerp_(z.to(p.device), view_weight("x", b1))
     return x.to(p.dtype)
 
 

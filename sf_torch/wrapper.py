@@ -117,17 +117,21 @@ class ScheduleFreeWrapper:
     def eval(self) -> None:
         """Put ``x`` into the params. Idempotent."""
         if self.train_mode:
-            for p, st in self.sf_state.items():
-                rule.to_x_(p, st["z"], self.momentum)
+            self._switch("x")
         self.train_mode = False
 
     @torch.no_grad()
     def train(self) -> None:
         """Put ``y`` back into the params. Idempotent."""
         if not self.train_mode:
-            for p, st in self.sf_state.items():
-                rule.to_y_(p, st["z"], self.momentum)
+            self._switch("y")
         self.train_mode = True
+
+    def _switch(self, view: str) -> None:
+        # The optimizers' switch: one Triton launch on CUDA, the per-tensor lerp elsewhere.
+        params = list(self.sf_state)
+        zs = [st["z"] for st in self.sf_state.values()]
+        rule.switch_(view, params, zs, self.momentum, rule.switch_impl(params, zs, None))
 
     @torch.no_grad()
     def eval_params(self) -> list[torch.Tensor]:
