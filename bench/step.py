@@ -117,7 +117,7 @@ def useful_bytes(kind: str, ps: ParamSet) -> int:
 class Row:
     name: str
     framework: str
-    kind: str  # adamw | sgd | switch | copy
+    kind: str  # adamw | sgd | switch | copy | floor (dispatch alone: no bytes)
     median_s: float
     times_s: list[float]
     bytes: int
@@ -127,7 +127,7 @@ class Row:
 
 
 def _kind_of(name: str) -> str:
-    for kind in ("copy", "switch", "sgd"):
+    for kind in ("copy", "switch", "sgd", "floor"):
         if kind in name.split(" "):
             return kind
     return "adamw"
@@ -198,6 +198,7 @@ JAX_ROW_NAMES = [
     "sf_optax sgd jit",
     "optax.contrib adamw jit",
     "sf_optax eval_params jit",
+    "jax dispatch floor",
 ]
 
 
@@ -234,8 +235,19 @@ def _measure_torch(fn, device, warmup, repeats, inner):
         fn()
         torch.cuda.synchronize()
         extra = torch.cuda.max_memory_allocated() - base
-    times = [_time_torch(fn, device, inner) for _ in range(repeats)]
+    first = _time_torch(fn, device, inner)
+    more = _repeats(repeats, first, inner) - 1
+    times = [first] + [_time_torch(fn, device, inner) for _ in range(more)]
     return statistics.median(times), times, extra
+
+
+ROW_SECONDS = 4.0  # timed seconds a row may take: slow rows get fewer samples (at least 3)
+
+
+def _repeats(repeats: int, seconds_per_step: float, inner: int) -> int:
+    """``repeats``, cut so that a row's samples take about ROW_SECONDS (never below 3)."""
+    fit = int(ROW_SECONDS / max(seconds_per_step * inner, 1e-9))
+    return max(min(repeats, fit), min(repeats, 3))
 
 
 def _torch_row(name, ps, device, warmup, repeats, inner) -> Row:
@@ -352,13 +364,16 @@ def run_jax(
             args = advance(args, out)
         jax.block_until_ready(out)
         times = []
-        for _ in range(repeats):
+        n = repeats
+        while len(times) < n:
             t0 = time.perf_counter()
             for _ in range(inner):
                 out = step(*args)
                 args = advance(args, out)
             jax.block_until_ready(out)
             times.append((time.perf_counter() - t0) / inner)
+            if len(times) == 1:
+                n = _repeats(repeats, times[0], inner)
         return statistics.median(times), times
 
     def copy_row():
@@ -417,11 +432,25 @@ def run_jax(
         median, times = timed(view, (params, state), lambda a, out: a)
         return Row(name, "jax", "switch", median, times, useful_bytes("switch", ps), 0, 0, extra)
 
+    def floor_row(name):
+        # The same buffers as sf_optax's AdamW step in and out of a jitted call that does no
+        # arithmetic (the donated params and state come back as they are): what JAX's dispatch
+        # alone costs per step for this many arrays, whatever the optimizer computes.
+        opt = jax_optimizer("sf_optax adamw jit", ps)
+        params, grads = tensors()
+        state = opt.init(params)
+        floor = jax.jit(lambda params, state, grads: (params, state), donate_argnums=(0, 1))
+        extra = jax_extra_bytes(floor.lower(params, state, grads).compile())
+        median, times = timed(floor, (params, state, grads), lambda a, out: (out[0], out[1], a[2]))
+        return Row(name, "jax", "floor", median, times, 0, 0, 0, extra)
+
     rows = []
     with jax.default_device(dev):
         for name in names or JAX_ROW_NAMES:
             try:
-                if name == "jax copy":
+                if name == "jax dispatch floor":
+                    rows.append(floor_row(name))
+                elif name == "jax copy":
                     rows.append(copy_row())
                 elif name == "sf_optax eval_params jit":
                     rows.append(eval_params_row(name))
@@ -472,6 +501,15 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def select_rows(names: list[str], patterns: str | None) -> list[str]:
+    """The rows whose name contains one of the comma-separated ``patterns`` (all without any),
+    always with the copy rows (every share is measured against them)."""
+    if not patterns:
+        return list(names)
+    wanted = [w.strip() for w in patterns.split(",") if w.strip()]
+    return [n for n in names if _kind_of(n) == "copy" or any(w in n for w in wanted)]
+
+
 def run(args) -> dict:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda needs a CUDA build of torch and a visible GPU")
@@ -479,14 +517,20 @@ def run(args) -> dict:
         print("note: the full big/bf16 sets are meant for a GPU; pass --scale to shrink them")
     ps = param_set(args.set, args.scale)
     repeats = args.repeats or (20 if args.device == "cuda" else 5)
-    inner = args.inner or (10 if args.device == "cuda" else 1)
+    # 50 steps per sample on CUDA: the first call of a sample waits for the host (JAX's dispatch
+    # of hundreds of buffers takes ~1 ms), which 10 steps would not amortise.
+    inner = args.inner or (50 if args.device == "cuda" else 1)
     skipped: list = []
-    rows = run_torch(ps, args.device, args.warmup, repeats, inner, skipped)
+    torch_names = select_rows(torch_row_names(ps, args.device), args.rows)
+    rows = run_torch(ps, args.device, args.warmup, repeats, inner, skipped, names=torch_names)
     gc.collect()
     if args.device == "cuda":
         torch.cuda.empty_cache()
-    if not args.no_jax:
-        rows += run_jax(ps, args.device, args.warmup, repeats, inner, skipped, hlo_dir=args.hlo)
+    jax_names = select_rows(JAX_ROW_NAMES, args.rows)
+    if not args.no_jax and any(_kind_of(n) != "copy" for n in jax_names):
+        rows += run_jax(
+            ps, args.device, args.warmup, repeats, inner, skipped, names=jax_names, hlo_dir=args.hlo
+        )
     if ps.name == "small":
         # The same bytes in one tensor: what the step would cost without per-tensor overhead.
         one = ParamSet("small as one tensor", ((ps.n_params,),), ps.param_dtype, ps.state_dtype)
@@ -537,13 +581,23 @@ def main(argv: list[str] | None = None) -> dict:
         "--scale", type=float, default=1.0, help="multiply the rows of big/bf16 (e.g. 0.25)"
     )
     parser.add_argument(
-        "--repeats", type=int, default=None, help="timed samples per row (20 on cuda, 5 on cpu)"
+        "--repeats",
+        type=int,
+        default=None,
+        help=f"timed samples per row (20 on cuda, 5 on cpu; fewer where they would take more "
+        f"than {ROW_SECONDS:.0f} s)",
     )
     parser.add_argument(
-        "--inner", type=int, default=None, help="steps per timed sample (10 on cuda, 1 on cpu)"
+        "--inner", type=int, default=None, help="steps per timed sample (50 on cuda, 1 on cpu)"
     )
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--no-jax", action="store_true", help="torch rows only")
+    parser.add_argument(
+        "--rows",
+        default=None,
+        help="only the rows whose name contains one of these comma-separated words "
+        "(e.g. 'fused,sf_optax'; the copy rows always run)",
+    )
     parser.add_argument("--json", default=None, help="write the result here")
     parser.add_argument(
         "--hlo", default=None, help="write each JAX step's optimized HLO into this folder"

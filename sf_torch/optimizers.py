@@ -25,13 +25,14 @@ counter changes, so a step that raises leaves the optimizer as it was.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterable
 from itertools import chain
 from typing import Any
 
 import torch
 
-from . import rule
+from . import fused_plan, rule
 from ._validation import (
     check_betas,
     check_count,
@@ -45,6 +46,19 @@ _EVAL_MODE_STEP = (
     "step() was called in eval mode: call optimizer.train() before training steps "
     "(and optimizer.eval() before evaluating or saving a checkpoint)"
 )
+
+
+# Group entries that the optimizer itself changes every step (not hyperparameters to check).
+_COUNTERS = frozenset(("k", "train_mode", "weight_sum", "lr_max", "scheduled_lr"))
+_IMMUTABLE = frozenset((float, int, bool, type(None), str, torch.dtype))
+
+
+def _frozen(value):
+    """``value`` where it cannot change in place, else a new object (never ``is`` anything)."""
+    kind = type(value)
+    if kind in _IMMUTABLE or (kind is tuple and all(type(v) in _IMMUTABLE for v in value)):
+        return value
+    return object()
 
 
 class ScheduleFreeOptimizer(torch.optim.Optimizer):
@@ -75,6 +89,8 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
             state_dtype=state_dtype,
         )
         super().__init__(params, defaults)
+        self.state = fused_plan.tracked(self.state)
+        self._plans: dict[int, fused_plan.FusedPlan] = {}  # group index -> planned fused step
 
     # -- groups and checks ---------------------------------------------------------------------
 
@@ -119,16 +135,35 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
     def _check_ready(self) -> None:
         if not all(group["train_mode"] for group in self.param_groups):
             raise RuntimeError(_EVAL_MODE_STEP)
-        for group in self.param_groups:
+        checked = self.__dict__.setdefault("_checked_groups", {})
+        keys = [k for k in self.defaults if k not in _COUNTERS]
+        for index, group in enumerate(self.param_groups):
+            # The checks run again whenever a hyperparameter is not the very (immutable) object
+            # they last passed: a new value, a group replaced, or a mutable value (a tensor lr,
+            # a list of betas), which is checked every step.
+            values = tuple(map(_frozen, map(group.get, keys)))
+            last = checked.get(index)
+            if last is not None and last[0] is group and all(map(operator.is_, values, last[1])):
+                continue
             self._check_group(group)
+            checked[index] = (group, values)
 
-    def _plan(self) -> list[tuple[dict[str, Any], list, list, list, str | None]]:
+    def _plan(self) -> list[tuple[dict[str, Any], list, list, list, Any]]:
         """Each group's params with a gradient, those gradients, their states (None where the
         first step has yet to create one) and the group's step implementation; changes
-        nothing. Each ``.grad`` and each state is looked up once per step."""
+        nothing. Each ``.grad`` and each state is looked up once per step.
+
+        A group with a ``FusedPlan`` that its check finds current gets ``(group, None, None,
+        None, (plan, checked))`` instead: the plan steps it without any per-tensor Python."""
         plan = []
         state = self.state
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
+            planned = self._plans.get(index)
+            if planned is not None:
+                checked = planned.prepare_step(group, state)
+                if checked is not None:
+                    plan.append((group, None, None, None, (planned, checked)))
+                    continue
             params, grads = [], []
             for p in group["params"]:
                 g = p.grad
@@ -182,8 +217,8 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         """Move every param that has a gradient by the step last counted by advance_scalars()."""
         self._check_ready()
         plan = self._plan()
-        for group, params, _, _, _ in plan:
-            if params and group["k"] < 1:
+        for group, params, _, _, impl in plan:
+            if (params or not isinstance(impl, str | None)) and group["k"] < 1:
                 raise RuntimeError(
                     "apply_update() needs a counted step: call advance_scalars() first"
                 )
@@ -196,17 +231,29 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
             group.update(new)
 
     def _apply(self, plan) -> None:
-        for group, params, grads, states, impl in plan:
+        for index, (group, params, grads, states, impl) in enumerate(plan):
+            if not isinstance(impl, str | None):
+                planned, checked = impl
+                planned.step(checked, rule.scalars(group, self.kind))
+                continue
+            self._plans.pop(index, None)
             if not params:
                 continue
             s = rule.scalars(group, self.kind)
-            zs, vs = [], []
+            zs, vs, dicts = [], [], []
             for p, st in zip(params, states):
                 if not st or "z" not in st:
                     st = self.init_state(p, group)
+                dicts.append(st)
                 zs.append(st["z"])
                 vs.append(st["exp_avg_sq"] if s.has_v else None)
             rule.update(impl, params, grads, zs, vs, s)
+            if impl == "fused" and fused_plan.plannable(params, grads, zs, vs, s.has_v):
+                stepped_ids = set(map(id, params))
+                stepped = [id(p) in stepped_ids for p in group["params"]]
+                self._plans[index] = fused_plan.FusedPlan(
+                    group, stepped, dicts, zs, vs, self.state, s.has_v
+                )
 
     def init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
         """``p``'s state, created as the first step finds it if missing: ``z`` a copy of the
@@ -236,8 +283,12 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
     def _switch(self, view: str) -> None:
         to_train = view == "y"
         plan = []  # every group's implementation first: an error moves nothing
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             if group["train_mode"] == to_train:
+                continue
+            planned = self._plans.get(index)
+            if planned is not None and planned.can_switch(group, self.state):
+                plan.append((group, None, None, planned))
                 continue
             params, zs = [], []
             for p in group["params"]:
@@ -247,7 +298,11 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
                     zs.append(state["z"])
             plan.append((group, params, zs, rule.switch_impl(params, zs, group["fused"])))
         for group, params, zs, impl in plan:
-            rule.switch_(view, params, zs, rule.b1_of(group, self.kind), impl)
+            b1 = rule.b1_of(group, self.kind)
+            if isinstance(impl, fused_plan.FusedPlan):
+                impl.switch(rule.view_weight(view, b1))
+            else:
+                rule.switch_(view, params, zs, b1, impl)
             group["train_mode"] = to_train
 
     @torch.no_grad()
@@ -272,6 +327,7 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
     # -- checkpoints ---------------------------------------------------------------------------
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._plans = {}
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             # Checkpoints of the reference classes lack this package's keys (fused, state_dtype).
@@ -292,6 +348,8 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.state = fused_plan.tracked(self.state)
+        self._plans = {}
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)

@@ -38,6 +38,7 @@ def test_every_row_present_with_positive_finite_times(result):
         "sf_optax sgd jit",
         "optax.contrib adamw jit",
         "sf_optax eval_params jit",
+        "jax dispatch floor",
     }
     assert result["skipped"] == []
     rows = {r["name"]: r for r in result["rows"]}
@@ -46,6 +47,9 @@ def test_every_row_present_with_positive_finite_times(result):
         assert len(r["times_s"]) == 3
         assert all(math.isfinite(t) and t > 0 for t in r["times_s"]), r["name"]
         assert math.isfinite(r["median_s"]) and r["median_s"] > 0
+        if r["kind"] == "floor":  # dispatch alone: no bytes, so no bandwidth
+            assert r["bytes"] == 0 and r["bandwidth"] == 0
+            continue
         assert math.isfinite(r["bandwidth"]) and r["bandwidth"] > 0
         assert math.isfinite(r["copy_share"]) and r["copy_share"] > 0
     assert max(r["copy_share"] for r in rows.values() if r["kind"] == "copy") == pytest.approx(1)
@@ -56,7 +60,8 @@ def test_bytes_match_a_count_from_the_shapes(result):
         math.prod(s) for s in [(64, 128), (128,), (32, 32), (32,), (3, 5, 7)]
     )  # the tiny set, spelled out again
     assert result["n_params"] == n == TINY_NUMEL
-    per_param = {"adamw": 28, "sgd": 20, "switch": 12, "copy": 8}  # fp32 params, grads, state
+    # fp32 params, grads, state; the dispatch floor moves nothing
+    per_param = {"adamw": 28, "sgd": 20, "switch": 12, "copy": 8, "floor": 0}
     for r in result["rows"]:
         kind = "adamw" if "adamw" in r["name"] else r["kind"]
         assert r["bytes"] == per_param[kind] * n, r["name"]
@@ -130,3 +135,24 @@ def test_jax_rows_count_the_bytes_of_the_state_they_keep():
     y_and_g = (2 + 2 + 2) * n  # y read and written, g read, bf16
     assert rows["sf_optax adamw jit"].bytes == y_and_g + (2 * 4 + 2 * 4) * n
     assert rows["optax.contrib adamw jit"].bytes == y_and_g + (2 * 4 + 2 * 2) * n
+
+
+def test_rows_selects_by_name_and_keeps_the_copies():
+    names = bench.torch_row_names(bench.param_set("tiny"), "cuda") + bench.JAX_ROW_NAMES
+    picked = bench.select_rows(names, "fused, sf_optax adamw")
+    assert picked == [
+        "torch copy",
+        "sf_torch adamw fused",
+        "sf_torch sgd fused",
+        "sf_torch switch fused",
+        "jax copy",
+        "sf_optax adamw jit",
+    ]
+    assert bench.select_rows(names, None) == names
+
+
+def test_repeats_shrink_for_slow_rows_but_not_below_three():
+    assert bench._repeats(20, 1e-4, 50) == 20  # 0.1 s of samples: all of them
+    assert bench._repeats(20, 0.02, 50) == 4  # 1 s a sample: what fits in ROW_SECONDS
+    assert bench._repeats(20, 10.0, 50) == 3
+    assert bench._repeats(2, 10.0, 50) == 2  # never more than asked

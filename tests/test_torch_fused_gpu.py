@@ -203,3 +203,38 @@ def test_switch_kernel_against_float64(dtype):
     opt.train()
     back = [p.detach().clone() for p in opt.param_groups[0]["params"]]
     assert max_rel_diff(back, ys) <= 4 * ulp
+
+
+def test_planned_step_on_cuda_through_in_place_grads_and_a_side_stream():
+    # The planned fast path (sf_torch.fused_plan) against the loop, float64: grads kept in place
+    # (addresses unchanged: only the coefficients are sent), new grads, and steps taken on
+    # another stream (the plan is rebuilt there rather than racing the first stream).
+    results = []
+    for flags in (dict(fused=True), dict(fused=False, foreach=False)):
+        params = _params(torch.float64)
+        opt = sf_torch.AdamWScheduleFree(params, lr=1e-3, warmup_steps=3, weight_decay=0.1, **flags)
+        gen = torch.Generator(device="cuda").manual_seed(2)
+        side = torch.cuda.Stream()
+        for step in range(12):
+            for p in params:
+                g = torch.randn(p.shape, generator=gen, device="cuda", dtype=torch.float64)
+                if step % 3 and p.grad is not None:
+                    p.grad.copy_(g)
+                else:
+                    p.grad = g
+            if step in (6, 7):
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    opt.step()
+                torch.cuda.current_stream().wait_stream(side)
+            else:
+                opt.step()
+            if step == 9:
+                opt.eval()
+                opt.train()
+        torch.cuda.synchronize()
+        if flags.get("fused"):
+            assert len(opt._plans) == 1
+        results.append(([p.detach().clone() for p in params], opt.eval_params()))
+    assert max_rel_diff(results[0][0], results[1][0]) <= 1e-12
+    assert max_rel_diff(results[0][1], results[1][1]) <= 1e-12
