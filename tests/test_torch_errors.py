@@ -198,3 +198,25 @@ def test_fused_refuses_a_param_with_gaps_before_anything_moves(monkeypatch):
     with pytest.raises(RuntimeError, match="share one dense layout"):
         opt.step()
     _assert_same(_snapshot(opt, params), before)
+
+
+@pytest.mark.parametrize("mutable", ["tensor lr", "list betas"])
+def test_hyperparameters_changed_in_place_are_still_checked(mutable):
+    # The step skips its hyperparameter checks while every value is the same immutable object
+    # it last checked; values that can change in place are checked at every step.
+    problem = Problem(seed=2)
+    params = problem.params()
+    lr, betas = torch.tensor(0.01, dtype=torch.float64), [0.9, 0.999]
+    opt = sf_torch.AdamWScheduleFree(params, lr=lr, betas=betas)
+    train(opt, problem, params, 2)
+    backward(problem, params)
+    if mutable == "tensor lr":
+        lr.fill_(-1.0)
+        match = "lr must be in"
+    else:
+        betas[0] = 2.0
+        match = re.escape("betas[0] must be in (0, 1]")
+    before = _snapshot(opt, params)
+    with pytest.raises(ValueError, match=match):
+        opt.step()
+    _assert_same(_snapshot(opt, params), before)
