@@ -6,10 +6,15 @@ set -euo pipefail
 out="${OUT:-reports/gpu}"
 mkdir -p "$out"
 python -m pytest -q tests/test_torch_fused_gpu.py | tail -3
-for set in big bf16 small big-matrices big-vectors; do
+for set in big bf16 big-matrices big-vectors; do
     python -m bench.step --device cuda --set "$set" --json "$out/step_$set.json" \
         --hlo "$out/hlo" | tee "$out/step_$set.txt"
 done
+# The small set's JAX rows take ~0.1 s a step: 20 steps per sample keep the run short.
+python -m bench.step --device cuda --set small --inner 20 --json "$out/step_small.json" \
+    | tee "$out/step_small.txt"
+python -m bench.jax_variants --device gpu --json "$out/jax_variants.json" \
+    | tee "$out/jax_variants.txt"
 for dtype in float32 bfloat16; do
     python -m bench.lm_step --device cuda --size gpt2-small --dtype "$dtype" --framework both \
         --json "$out/lm_step_$dtype.json" | tee "$out/lm_step_$dtype.txt"

@@ -674,6 +674,15 @@ def _launch(kernel, grid, device: torch.device, *args, **kwargs) -> None:
         kernel[grid](*args, **kwargs)
 
 
+def _launch_blocks(kernel, device: torch.device, tables, *args, **constexprs) -> None:
+    """``kernel`` over one bucket: a program per block of ``tables`` (``_block_tables``), the
+    tables after ``args``, the block size as ``BLOCK``."""
+    block_tensor, block_start, numel, block = tables
+    grid = (block_tensor.numel(),)
+    _launch(kernel, grid, device, *args, block_tensor, block_start, numel, BLOCK=block,
+            num_warps=_NUM_WARPS, **constexprs)
+
+
 def host_int64(n: int, device: torch.device) -> torch.Tensor:
     """An uninitialised int64 host buffer of ``n`` entries, pinned when ``device`` is CUDA (so
     that copying it to the device does not wait; torch's host allocator keeps a pinned block
@@ -716,16 +725,12 @@ def launch_update(
     bits, on the device), ``addresses`` the g, y, z and v address tables (v's unused without
     v), ``tables`` the bucket's ``_block_tables``; ``dtypes`` are y's, g's and the state's."""
     y_dtype, g_dtype, s_dtype = dtypes
-    block_tensor, block_start, numel, block = tables
-    _launch(
+    _launch_blocks(
         _fused_update_kernel,
-        (block_tensor.numel(),),
         device,
+        tables,
         scalars,
         *addresses,
-        block_tensor,
-        block_start,
-        numel,
         Y_DTYPE=_TL_DTYPES[y_dtype],
         G_DTYPE=_TL_DTYPES[g_dtype],
         S_DTYPE=_TL_DTYPES[s_dtype],
@@ -733,8 +738,6 @@ def launch_update(
         HAS_V=s.has_v,
         NORMALIZE=s.normalize,
         DECAY=s.weight_decay != 0,
-        BLOCK=block,
-        num_warps=_NUM_WARPS,
     )
 
 
@@ -748,21 +751,15 @@ def launch_lerp(
     """One launch of the switch kernel: ``weight`` (float64 bits, on the device), the p and z
     address tables, the bucket's ``_block_tables``; ``dtypes`` are p's and z's."""
     p_dtype, s_dtype = dtypes
-    block_tensor, block_start, numel, block = tables
-    _launch(
+    _launch_blocks(
         _fused_lerp_kernel,
-        (block_tensor.numel(),),
         device,
+        tables,
         weight,
         *addresses,
-        block_tensor,
-        block_start,
-        numel,
         P_DTYPE=_TL_DTYPES[p_dtype],
         S_DTYPE=_TL_DTYPES[s_dtype],
         F64=torch.float64 in (p_dtype, s_dtype),
-        BLOCK=block,
-        num_warps=_NUM_WARPS,
     )
 
 

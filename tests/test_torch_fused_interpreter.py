@@ -11,10 +11,8 @@ param groups, and over tensors of several kernel blocks.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
+import interpreter_child
 import pytest
 
 TOL_F64_REF = 1e-12
@@ -192,18 +190,7 @@ def _checks() -> dict:
 
 @pytest.fixture(scope="module")
 def report() -> dict:
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    here = os.path.dirname(os.path.abspath(__file__))
-    env["PYTHONPATH"] = os.pathsep.join([here, env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return interpreter_child.run(__file__)
 
 
 def test_fused_matches_reference_float64(report):

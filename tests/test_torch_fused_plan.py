@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import pickle
-import subprocess
-import sys
 from collections import defaultdict
 
+import interpreter_child
 import pytest
 import torch
 
@@ -316,18 +314,7 @@ def _scenario() -> dict:
 
 @pytest.fixture(scope="module")
 def scenario() -> dict:
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    here = os.path.dirname(os.path.abspath(__file__))
-    env["PYTHONPATH"] = os.pathsep.join([here, env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return interpreter_child.run(__file__)
 
 
 def test_planned_step_equals_loop_through_changes(scenario):
