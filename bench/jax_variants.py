@@ -80,7 +80,6 @@ import gc  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
-import statistics  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 import warnings  # noqa: E402
@@ -91,6 +90,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import sf_optax  # noqa: E402
+from bench.timing import time_jax_steps  # noqa: E402
 from sf_optax.alias import ScaleBySecondMomentState  # noqa: E402
 from sf_optax.transform import ScheduleFreeState, warmup_factor  # noqa: E402
 
@@ -635,20 +635,7 @@ def extra_bytes(compiled):
 
 
 def timed(step, args, advance, warmup, repeats, inner):
-    out = None
-    for _ in range(warmup):
-        out = step(*args)
-        args = advance(args, out)
-    jax.block_until_ready(out)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            out = step(*args)
-            args = advance(args, out)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / inner)
-    return statistics.median(times), times, args
+    return time_jax_steps(step, args, advance, warmup, repeats, inner, cap=False)
 
 
 @jax.jit

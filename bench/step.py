@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass  # noqa: E402
 import torch  # noqa: E402
 
 import sf_torch  # noqa: E402
+from bench.timing import ROW_SECONDS, capped_repeats, time_jax_steps  # noqa: E402
 
 LR_ADAMW = 1e-3
 LR_SGD = 0.1
@@ -236,18 +237,9 @@ def _measure_torch(fn, device, warmup, repeats, inner):
         torch.cuda.synchronize()
         extra = torch.cuda.max_memory_allocated() - base
     first = _time_torch(fn, device, inner)
-    more = _repeats(repeats, first, inner) - 1
+    more = capped_repeats(repeats, first, inner) - 1
     times = [first] + [_time_torch(fn, device, inner) for _ in range(more)]
     return statistics.median(times), times, extra
-
-
-ROW_SECONDS = 4.0  # timed seconds a row may take: slow rows get fewer samples (at least 3)
-
-
-def _repeats(repeats: int, seconds_per_step: float, inner: int) -> int:
-    """``repeats``, cut so that a row's samples take about ROW_SECONDS (never below 3)."""
-    fit = int(ROW_SECONDS / max(seconds_per_step * inner, 1e-9))
-    return max(min(repeats, fit), min(repeats, 3))
 
 
 def _torch_row(name, ps, device, warmup, repeats, inner) -> Row:
@@ -358,23 +350,8 @@ def run_jax(
 
     def timed(step, args, advance):
         """Median seconds per step; ``advance`` maps (args, out) to the next call's args."""
-        out = None
-        for _ in range(warmup):
-            out = step(*args)
-            args = advance(args, out)
-        jax.block_until_ready(out)
-        times = []
-        n = repeats
-        while len(times) < n:
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                out = step(*args)
-                args = advance(args, out)
-            jax.block_until_ready(out)
-            times.append((time.perf_counter() - t0) / inner)
-            if len(times) == 1:
-                n = _repeats(repeats, times[0], inner)
-        return statistics.median(times), times
+        median, times, _ = time_jax_steps(step, args, advance, warmup, repeats, inner)
+        return median, times
 
     def copy_row():
         src = jax.random.normal(jax.random.PRNGKey(0), (ps.n_params,), jnp.float32).astype(dtype)

@@ -13,6 +13,7 @@ import schedulefree
 import torch
 
 from bench import step as bench
+from bench.timing import capped_repeats
 
 TINY_NUMEL = sum(math.prod(s) for s in bench.param_set("tiny").shapes)
 
@@ -152,7 +153,7 @@ def test_rows_selects_by_name_and_keeps_the_copies():
 
 
 def test_repeats_shrink_for_slow_rows_but_not_below_three():
-    assert bench._repeats(20, 1e-4, 50) == 20  # 0.1 s of samples: all of them
-    assert bench._repeats(20, 0.02, 50) == 4  # 1 s a sample: what fits in ROW_SECONDS
-    assert bench._repeats(20, 10.0, 50) == 3
-    assert bench._repeats(2, 10.0, 50) == 2  # never more than asked
+    assert capped_repeats(20, 1e-4, 50) == 20  # 0.1 s of samples: all of them
+    assert capped_repeats(20, 0.02, 50) == 4  # 1 s a sample: what fits in ROW_SECONDS
+    assert capped_repeats(20, 10.0, 50) == 3
+    assert capped_repeats(2, 10.0, 50) == 2  # never more than asked
