@@ -144,10 +144,6 @@ class PySnapshot:
         ]
         self._grads = [0] * len(self._states)
 
-    @property
-    def n_stepped(self) -> int:
-        return len(self._states)
-
     def check(self, params, out, offset, with_grads):
         if len(params) != len(self._params):
             return STALE
@@ -285,9 +281,8 @@ class FusedPlan:
         self.state_map = state_map
         self.version = state_map.version
         self.stream = _current_stream(self.device)
-        self.all_stepped = all(stepped)
         self.switchable = (
-            self.all_stepped and rule._lerp_pair_problem(ys[0].dtype, zs[0].dtype) is None
+            all(stepped) and rule._lerp_pair_problem(ys[0].dtype, zs[0].dtype) is None
         )
         numels = tuple(map(torch.Tensor.numel, ys))
         self.tables = rule._block_tables(self.device, numels, rule.block_size(ys[0].dtype))
@@ -375,8 +370,13 @@ class FusedPlan:
 
 
 def plannable(ys, gs, zs, vs, has_v: bool) -> bool:
-    """Whether a group's fused step can be planned: one bucket, everything contiguous (what the
-    general path has checked already, apart from the bucket count)."""
+    """Whether a group's fused step can be planned: one bucket, everything contiguous. (The
+    fused kernel also steps other dense layouts, e.g. channels_last, but the plan's check
+    would find those stale at every step and a plan would be rebuilt for nothing.)"""
     if not ys:
+        return False
+    contiguous = torch.Tensor.is_contiguous
+    tensors = (ys, gs, zs, vs) if has_v else (ys, gs, zs)
+    if not all(all(map(contiguous, ts)) for ts in tensors):
         return False
     return len(rule._buckets(ys, gs, zs, vs if has_v else zs)) == 1

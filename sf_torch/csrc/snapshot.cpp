@@ -173,8 +173,6 @@ class Snapshot {
     for (size_t k = 0; k < grads_.size(); ++k) grads_[k] = reinterpret_cast<const void*>(addr[k]);
   }
 
-  size_t n_stepped() const { return grads_.size(); }
-
  private:
   std::vector<std::string> keys_;
   std::vector<py::object> key_objs_;
@@ -204,8 +202,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<py::list, std::vector<bool>, py::list, std::vector<bool>,
                     std::vector<std::string>>())
       .def("check", &Snapshot::check)
-      .def("remember_grads", &Snapshot::remember_grads)
-      .def_property_readonly("n_stepped", &Snapshot::n_stepped);
+      .def("remember_grads", &Snapshot::remember_grads);
   m.def("put_scalars", &put_scalars);
   m.def("set_grain", [](int64_t grain) { g_grain = grain; });
 }
