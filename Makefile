@@ -10,6 +10,8 @@ export PIP_CACHE_DIR ?= $(HOME)/.cache/pip
 export TORCH_EXTENSIONS_DIR ?= $(CACHE)/torch_extensions
 export DS_ACCELERATOR ?= cpu
 export PYTHONDONTWRITEBYTECODE := 1
+# pytest-xdist workers; test files are kept whole on one worker (module fixtures run once).
+TEST_WORKERS ?= 2
 
 .PHONY: setup demo test lint clean
 
@@ -27,7 +29,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check sf_optax sf_torch sf_schedules parity examples bench tests
 
 test: $(STAMP) lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 demo: $(STAMP)
 	$(PY) -m parity run

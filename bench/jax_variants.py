@@ -25,6 +25,10 @@ Variants (every one takes (params, state, grads), donates params and state, retu
   V2  direct            hand-written elementwise math per leaf, returns new (y, z, v) directly
   V2b direct-optax      V2 but y written as (y32 + (y_next - y32)).astype(y.dtype), as optax's
                         updates/apply_updates split does (V2b - V2 = cost of the split)
+  V2c direct-optax-barrier
+                        V2b with the step's scalars computed once, behind
+                        jax.lax.optimization_barrier, so that XLA cannot copy the scalar math
+                        into every leaf's fusion (small fusions can then be fused horizontally)
   V1  packed-small      V2b's math; leaves with fewer than --pack-threshold elements are
                         handled together: their z/v state is kept across steps as ONE flat
                         buffer per dtype, and each call concatenates their y and g per dtype
@@ -242,9 +246,12 @@ def v0_sf_optax(state_dtype):
     return Variant("V0 sf_optax", make_state, step, canon)
 
 
-def v2_direct(direct: bool):
+def v2_direct(direct: bool, barrier: bool = False):
     def step(params, state, grads):
         scal, new = sf_scalars(*_scalars_of(state))
+        if barrier:
+            names = sorted(scal)
+            scal = dict(zip(names, jax.lax.optimization_barrier(tuple(scal[n] for n in names))))
         out = [
             elem(y, g, z, v, direct=direct, **scal)
             for y, g, z, v in zip(params, grads, state["z"], state["v"])
@@ -254,6 +261,8 @@ def v2_direct(direct: bool):
         return [o[0] for o in out], new
 
     name = "V2 direct" if direct else "V2b direct-optax"
+    if barrier:
+        name = "V2c direct-optax-barrier"
     return Variant(name, _plain_state, step, _plain_canon)
 
 
@@ -847,6 +856,7 @@ class Runner:
                 v0_sf_optax(sdt),
                 v2_direct(True),
                 v2_direct(False),
+                v2_direct(False, barrier=True),
                 v1_packed(a.pack_threshold, True),
                 v1_packed(a.pack_threshold, False),
             ]

@@ -9,7 +9,8 @@ same run (a copy reads and writes the buffer: 2x its bytes).
 Rows: torch ``copy_`` and a jitted JAX copy (the references); sf_torch AdamW and SGD with each
 step implementation the device has (loop, foreach, and fused on CUDA); the reference
 ``schedulefree.AdamWScheduleFree`` (foreach; fp32 sets only, its state follows the params'
-dtype); sf_torch's train()/eval() switch; sf_optax.adamw, sf_optax.sgd and
+dtype); sf_torch's train()/eval() switch; sf_optax.adamw, sf_optax.sgd (each also with
+``pack_small_leaves``: leaves below 65536 elements share flat state slots) and
 optax.contrib.schedule_free_adamw, jitted with the params and state donated.
 
 Parameter sets: ``big`` (32 x 2048x4096 + 64 x 4096, fp32, 268.7M params), ``bf16`` (the same
@@ -48,6 +49,7 @@ from bench.timing import ROW_SECONDS, capped_repeats, time_jax_steps  # noqa: E4
 LR_ADAMW = 1e-3
 LR_SGD = 0.1
 WEIGHT_DECAY = 0.01
+PACK_SMALL_LEAVES = 2**16  # the "packed" sf_optax rows: leaves below this share state slots
 
 # ---------------------------------------------------------------------------------------------
 # Parameter sets
@@ -197,6 +199,8 @@ JAX_ROW_NAMES = [
     "jax copy",
     "sf_optax adamw jit",
     "sf_optax sgd jit",
+    "sf_optax adamw packed jit",
+    "sf_optax sgd packed jit",
     "optax.contrib adamw jit",
     "sf_optax eval_params jit",
     "jax dispatch floor",
@@ -307,10 +311,15 @@ def jax_optimizer(name: str, ps: ParamSet):
     import sf_optax
 
     state_dtype = None if ps.state_dtype == ps.param_dtype else jnp.dtype(ps.state_dtype)
-    if name == "sf_optax adamw jit":
-        return sf_optax.adamw(LR_ADAMW, weight_decay=WEIGHT_DECAY, state_dtype=state_dtype)
-    if name == "sf_optax sgd jit":
-        return sf_optax.sgd(LR_SGD, weight_decay=WEIGHT_DECAY, state_dtype=state_dtype)
+    pack = PACK_SMALL_LEAVES if "packed" in name.split(" ") else 0
+    if name in ("sf_optax adamw jit", "sf_optax adamw packed jit"):
+        return sf_optax.adamw(
+            LR_ADAMW, weight_decay=WEIGHT_DECAY, state_dtype=state_dtype, pack_small_leaves=pack
+        )
+    if name in ("sf_optax sgd jit", "sf_optax sgd packed jit"):
+        return sf_optax.sgd(
+            LR_SGD, weight_decay=WEIGHT_DECAY, state_dtype=state_dtype, pack_small_leaves=pack
+        )
     if name == "optax.contrib adamw jit":
         return optax.contrib.schedule_free_adamw(
             LR_ADAMW, weight_decay=WEIGHT_DECAY, state_dtype=state_dtype

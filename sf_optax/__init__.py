@@ -20,11 +20,13 @@ from sf_optax.alias import (
     scale_by_second_moment,
     sgd,
 )
+from sf_optax.packing import PackedState, unpacked_state
 from sf_optax.sharding import state_shardings
 from sf_optax.transform import ScheduleFreeState, schedule_free
 from sf_optax.views import eval_params, find_state, train_params
 
 __all__ = [
+    "PackedState",
     "ScaleBySecondMomentState",
     "ScheduleFreeState",
     "adamw",
@@ -37,6 +39,7 @@ __all__ = [
     "sgd",
     "state_shardings",
     "train_params",
+    "unpacked_state",
 ]
 
 # The Flax helpers (sf_optax/flax.py) import flax, and their checkpoints orbax, when first used,

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from sf_optax._checks import check_range
+from sf_optax.packing import check_pack_size, packed
 from sf_optax.transform import schedule_free
 
 
@@ -142,6 +143,15 @@ def _direction_with_decay(direction, weight_decay, mask):
     return optax.chain(direction, add_decayed_weights(weight_decay, mask))
 
 
+def _maybe_packed(build, pack_small_leaves, mask):
+    """``build(mask)``, or with ``pack_small_leaves`` > 0 the same over packed small leaves
+    (:mod:`sf_optax.packing`); ``build`` is called once here so that bad hyperparameters raise
+    when the optimizer is made."""
+    size = check_pack_size(pack_small_leaves)
+    tx = build(mask)
+    return tx if size == 0 else packed(build, size, mask)
+
+
 def adamw(
     learning_rate: optax.ScalarOrSchedule = 0.0025,
     b1: float = 0.9,
@@ -155,6 +165,7 @@ def adamw(
     mask: Any = None,
     state_dtype: Any = None,
     exact_x: bool = False,
+    pack_small_leaves: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     """Schedule-Free AdamW, as ``schedulefree.AdamWScheduleFree``.
 
@@ -172,18 +183,25 @@ def adamw(
       mask: optax-style mask (tree of bools or callable) of the params that get weight decay.
       state_dtype: dtype of ``z`` and ``v`` (e.g. float32 state for bf16 params).
       exact_x: also store ``x``; allows ``b1 = 0``.
+      pack_small_leaves: leaves with fewer elements than this share one flat state buffer per
+        dtype and are stepped together (:mod:`sf_optax.packing`); 0 (default): one buffer per
+        parameter.
     """
     direction = scale_by_second_moment(b2, eps, state_dtype=state_dtype)
-    return schedule_free(
-        _direction_with_decay(direction, weight_decay, mask),
-        learning_rate,
-        b1=b1,
-        warmup_steps=warmup_steps,
-        r=r,
-        weight_lr_power=weight_lr_power,
-        state_dtype=state_dtype,
-        exact_x=exact_x,
-    )
+
+    def build(mask):
+        return schedule_free(
+            _direction_with_decay(direction, weight_decay, mask),
+            learning_rate,
+            b1=b1,
+            warmup_steps=warmup_steps,
+            r=r,
+            weight_lr_power=weight_lr_power,
+            state_dtype=state_dtype,
+            exact_x=exact_x,
+        )
+
+    return _maybe_packed(build, pack_small_leaves, mask)
 
 
 def sgd(
@@ -197,21 +215,27 @@ def sgd(
     mask: Any = None,
     state_dtype: Any = None,
     exact_x: bool = False,
+    pack_small_leaves: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     """Schedule-Free SGD, as ``schedulefree.SGDScheduleFree`` (``b1`` is its ``momentum``).
 
-    ``gn = g + weight_decay * y``; one buffer (``z``) per parameter.
+    ``gn = g + weight_decay * y``; one buffer (``z``) per parameter. ``pack_small_leaves`` as
+    in :func:`adamw`.
     """
-    return schedule_free(
-        _direction_with_decay(optax.identity(), weight_decay, mask),
-        learning_rate,
-        b1=b1,
-        warmup_steps=warmup_steps,
-        r=r,
-        weight_lr_power=weight_lr_power,
-        state_dtype=state_dtype,
-        exact_x=exact_x,
-    )
+
+    def build(mask):
+        return schedule_free(
+            _direction_with_decay(optax.identity(), weight_decay, mask),
+            learning_rate,
+            b1=b1,
+            warmup_steps=warmup_steps,
+            r=r,
+            weight_lr_power=weight_lr_power,
+            state_dtype=state_dtype,
+            exact_x=exact_x,
+        )
+
+    return _maybe_packed(build, pack_small_leaves, mask)
 
 
 def radam(
@@ -227,12 +251,13 @@ def radam(
     mask: Any = None,
     state_dtype: Any = None,
     exact_x: bool = False,
+    pack_small_leaves: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     """Schedule-Free RAdam, as ``schedulefree.RAdamScheduleFree``: no warmup is needed.
 
     The rectification scales the learning rate (and hence the averaging weight); while the
     variance estimate is unreliable (``rho_t <= 4``) the step is skipped (``silent_sgd_phase``)
-    or is a plain SGD step.
+    or is a plain SGD step. ``pack_small_leaves`` as in :func:`adamw`.
     """
     check_range("b2", b2, 0.0, 1.0, high_open=True)
     rect = radam_rectification(b2, silent_sgd_phase)
@@ -242,12 +267,16 @@ def radam(
         check_range("learning_rate", learning_rate, 0.0)
         schedule = lambda k: learning_rate * rect(k)  # noqa: E731
     direction = scale_by_second_moment(b2, eps, rectify=True, state_dtype=state_dtype)
-    return schedule_free(
-        _direction_with_decay(direction, weight_decay, mask),
-        schedule,
-        b1=b1,
-        r=r,
-        weight_lr_power=weight_lr_power,
-        state_dtype=state_dtype,
-        exact_x=exact_x,
-    )
+
+    def build(mask):
+        return schedule_free(
+            _direction_with_decay(direction, weight_decay, mask),
+            schedule,
+            b1=b1,
+            r=r,
+            weight_lr_power=weight_lr_power,
+            state_dtype=state_dtype,
+            exact_x=exact_x,
+        )
+
+    return _maybe_packed(build, pack_small_leaves, mask)

@@ -2,8 +2,10 @@
 
 Every buffer shaped like the parameters (``z``, ``v``, ``x``) takes its parameter's sharding;
 everything else (the scalars ``k``, ``weight_sum``, ``lr_max``, ``b1`` and any base state that
-is not parameter-shaped) is replicated over the mesh. Use the result as ``out_shardings`` of a
-jitted ``init`` and as ``in_shardings``/``out_shardings`` of the train step.
+is not parameter-shaped) is replicated over the mesh. With ``pack_small_leaves`` a slot of
+packed small leaves is replicated too; parameters big enough to be a slot alone keep their
+sharding. Use the result as ``out_shardings`` of a jitted ``init`` and as
+``in_shardings``/``out_shardings`` of the train step.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import Any
 import jax
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
+
+from sf_optax.packing import PackedState
 
 
 def state_shardings(
@@ -36,16 +40,39 @@ def state_shardings(
             f"{len(meshes)} meshes among {len(sharding_leaves)} leaves"
         )
     replicated = NamedSharding(meshes.pop(), PartitionSpec())
-    shapes = [jax.numpy.shape(p) for p in param_leaves]
     abstract = jax.eval_shape(optimizer.init, params)
+    return _assign(abstract, param_leaves, param_def, sharding_leaves, replicated)
+
+
+def _assign(abstract, param_leaves, param_def, sharding_leaves, replicated):
+    shapes = [jax.numpy.shape(p) for p in param_leaves]
 
     def params_shaped(node) -> bool:
         leaves, treedef = jax.tree.flatten(node)
         return treedef == param_def and [leaf.shape for leaf in leaves] == shapes
 
+    def packed_state(node) -> bool:
+        return isinstance(node, PackedState)
+
     def assign(node):
+        if packed_state(node):
+            # Inside, the params are the layout's slots: a leaf alone keeps its sharding, a
+            # slot of packed small leaves is replicated.
+            layout = node.layout
+            slot_leaves = [
+                jax.ShapeDtypeStruct(shape, jax.numpy.float32) for shape in layout.slot_shapes
+            ]
+            slot_shardings = [replicated] * layout.n_slots
+            for sharding, (slot, offset) in zip(sharding_leaves, layout.slots):
+                if offset < 0:
+                    slot_shardings[slot] = sharding
+            slot_def = jax.tree.structure(tuple(slot_leaves))
+            inner = _assign(node.inner, slot_leaves, slot_def, slot_shardings, replicated)
+            return PackedState(inner, layout)
         if params_shaped(node):
             return param_def.unflatten(sharding_leaves)
         return jax.tree.map(lambda _: replicated, node)
 
-    return jax.tree.map(assign, abstract, is_leaf=params_shaped)
+    return jax.tree.map(
+        assign, abstract, is_leaf=lambda n: packed_state(n) or params_shaped(n)
+    )

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sf_optax.packing import find_packing
 from sf_optax.transform import ScheduleFreeState
 
 
@@ -68,6 +69,21 @@ def _compute_dtype(*arrays) -> jnp.dtype:
     return jnp.promote_types(jnp.result_type(*arrays), jnp.float32)
 
 
+def _through_packing(view):
+    """``view(opt_state, tree)`` also for a packed state (``pack_small_leaves``): the tree is
+    packed into the state's slots and the result cut back into the tree's shapes."""
+
+    def wrapped(opt_state: Any, tree: optax.Params) -> optax.Params:
+        layout = find_packing(opt_state)
+        if layout is None:
+            return view(opt_state, tree)
+        return layout.unpack(view(opt_state, layout.pack(tree)), tree)
+
+    wrapped.__name__, wrapped.__doc__ = view.__name__, view.__doc__
+    return wrapped
+
+
+@_through_packing
 def eval_params(opt_state: Any, params: optax.Params) -> optax.Params:
     """The evaluation point ``x`` for training params ``y``; each leaf keeps its dtype."""
     state = find_state(opt_state)
@@ -83,6 +99,7 @@ def eval_params(opt_state: Any, params: optax.Params) -> optax.Params:
     return _map_params(to_x, params, state.z)
 
 
+@_through_packing
 def train_params(opt_state: Any, eval_params: optax.Params) -> optax.Params:
     """The training point ``y = b1 x + (1 - b1) z`` for evaluation params ``x``."""
     state = find_state(opt_state)

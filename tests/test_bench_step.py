@@ -37,6 +37,8 @@ def test_every_row_present_with_positive_finite_times(result):
         "jax copy",
         "sf_optax adamw jit",
         "sf_optax sgd jit",
+        "sf_optax adamw packed jit",
+        "sf_optax sgd packed jit",
         "optax.contrib adamw jit",
         "sf_optax eval_params jit",
         "jax dispatch floor",
@@ -130,11 +132,13 @@ def test_jax_rows_count_the_bytes_of_the_state_they_keep():
     rows = {
         r.name: r
         for r in bench.run_jax(
-            ps, "cpu", 0, 1, 1, [], names=["sf_optax adamw jit", "optax.contrib adamw jit"]
+            ps, "cpu", 0, 1, 1, [],
+            names=["sf_optax adamw jit", "sf_optax adamw packed jit", "optax.contrib adamw jit"],
         )
     }
     y_and_g = (2 + 2 + 2) * n  # y read and written, g read, bf16
     assert rows["sf_optax adamw jit"].bytes == y_and_g + (2 * 4 + 2 * 4) * n
+    assert rows["sf_optax adamw packed jit"].bytes == y_and_g + (2 * 4 + 2 * 4) * n
     assert rows["optax.contrib adamw jit"].bytes == y_and_g + (2 * 4 + 2 * 2) * n
 
 
@@ -148,6 +152,7 @@ def test_rows_selects_by_name_and_keeps_the_copies():
         "sf_torch switch fused",
         "jax copy",
         "sf_optax adamw jit",
+        "sf_optax adamw packed jit",
     ]
     assert bench.select_rows(names, None) == names
 

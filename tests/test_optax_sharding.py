@@ -152,3 +152,26 @@ def test_propagation_without_explicit_shardings(mesh):
     updates, state = jax.jit(tx.update)(grads, state, params)
     for k, leaf in sf_optax.find_state(state).z.items():
         assert leaf.sharding.is_equivalent_to(shardings[k], leaf.ndim)
+
+
+def test_packed_small_leaves_sharded_run(mesh):
+    # w (128 elements) and emb (128) are slots alone and keep their shardings; b (8) and scale
+    # (1) share one replicated slot. The sharded run equals the unpacked single-device run.
+    tx = sf_optax.adamw(0.01, warmup_steps=3, weight_decay=0.01, pack_small_leaves=64)
+    shardings = {k: NamedSharding(mesh, spec) for k, spec in SPECS.items()}
+    params, state = run(tx, 12, shardings, donate=True)
+    ref_params, ref_state = run(sf_optax.adamw(0.01, warmup_steps=3, weight_decay=0.01), 12)
+    sf = sf_optax.find_state(state)
+    z_slots, v_slots = sf.z, sf.base_state[0].nu
+    # leaf order b, emb, scale, w: the slots alone first (emb, w), then b and scale (8 + 1)
+    assert [tuple(a.shape) for a in z_slots] == [(32, 4), (16, 8), (9,)]
+    for slots in (z_slots, v_slots):
+        assert slots[0].sharding.is_equivalent_to(shardings["emb"], 2)
+        assert slots[1].sharding.is_equivalent_to(shardings["w"], 2)
+        assert slots[2].sharding.is_fully_replicated
+    x = jax.jit(sf_optax.eval_params)(state, params)
+    ref_x = sf_optax.eval_params(ref_state, ref_params)
+    for k in SHAPES:
+        assert x[k].shape == SHAPES[k]
+        np.testing.assert_allclose(np.asarray(params[k]), np.asarray(ref_params[k]), 1e-6, 1e-6)
+        np.testing.assert_allclose(np.asarray(x[k]), np.asarray(ref_x[k]), 1e-6, 1e-6)
