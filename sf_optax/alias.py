@@ -165,7 +165,7 @@ def adamw(
     mask: Any = None,
     state_dtype: Any = None,
     exact_x: bool = False,
-    pack_small_leaves: int = 0,
+    pack_small_leaves: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Schedule-Free AdamW, as ``schedulefree.AdamWScheduleFree``.
 
@@ -184,8 +184,8 @@ def adamw(
       state_dtype: dtype of ``z`` and ``v`` (e.g. float32 state for bf16 params).
       exact_x: also store ``x``; allows ``b1 = 0``.
       pack_small_leaves: leaves with fewer elements than this share one flat state buffer per
-        dtype and are stepped together (:mod:`sf_optax.packing`); 0 (default): one buffer per
-        parameter.
+        dtype and are stepped together (:mod:`sf_optax.packing`); None (default) or 0: one
+        buffer per parameter.
     """
     direction = scale_by_second_moment(b2, eps, state_dtype=state_dtype)
 
@@ -215,7 +215,7 @@ def sgd(
     mask: Any = None,
     state_dtype: Any = None,
     exact_x: bool = False,
-    pack_small_leaves: int = 0,
+    pack_small_leaves: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Schedule-Free SGD, as ``schedulefree.SGDScheduleFree`` (``b1`` is its ``momentum``).
 
@@ -251,7 +251,7 @@ def radam(
     mask: Any = None,
     state_dtype: Any = None,
     exact_x: bool = False,
-    pack_small_leaves: int = 0,
+    pack_small_leaves: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Schedule-Free RAdam, as ``schedulefree.RAdamScheduleFree``: no warmup is needed.
 

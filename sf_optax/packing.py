@@ -188,7 +188,10 @@ class PackedState:
 
 
 def check_pack_size(pack_small_leaves: Any) -> int:
-    """``pack_small_leaves`` checked: a Python int >= 0 (0: no packing)."""
+    """``pack_small_leaves`` checked: None or a Python int >= 0 (None, 0: no packing). The
+    default is None so that ``optax.inject_hyperparams`` does not take it for a hyperparameter."""
+    if pack_small_leaves is None:
+        return 0
     if isinstance(pack_small_leaves, bool) or not isinstance(pack_small_leaves, (int, np.integer)):
         raise TypeError(
             "pack_small_leaves must be a Python int (it decides the state's layout), got "

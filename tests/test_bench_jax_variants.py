@@ -25,7 +25,13 @@ import pytest
 
 from bench import jax_variants as bench
 
-XLA_VARIANTS = ("V2 direct", "V2b direct-optax", "V1 packed-small", "V1b packed-small-perleaf")
+XLA_VARIANTS = (
+    "V2 direct",
+    "V2b direct-optax",
+    "V2c direct-optax-barrier",
+    "V1 packed-small",
+    "V1b packed-small-perleaf",
+)
 SCALE = 0.001  # big-vectors: 64 vectors of round(4096 * 0.001) = 4 elements
 REPEATS = 2
 
