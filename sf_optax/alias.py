@@ -143,11 +143,22 @@ def _direction_with_decay(direction, weight_decay, mask):
     return optax.chain(direction, add_decayed_weights(weight_decay, mask))
 
 
-def _maybe_packed(build, pack_small_leaves, mask):
-    """``build(mask)``, or with ``pack_small_leaves`` > 0 the same over packed small leaves
-    (:mod:`sf_optax.packing`); ``build`` is called once here so that bad hyperparameters raise
-    when the optimizer is made."""
+def _schedule_free_with_decay(
+    direction, weight_decay, mask, learning_rate, pack_small_leaves, **schedule_free_kwargs
+):
+    """``schedule_free`` around ``direction`` + weight decay, or with ``pack_small_leaves`` > 0
+    the same over packed small leaves (:mod:`sf_optax.packing`), where the mask becomes the
+    slots' mask. The unpacked optimizer is built here in both cases, so that bad
+    hyperparameters raise when the optimizer is made."""
     size = check_pack_size(pack_small_leaves)
+
+    def build(mask):
+        return schedule_free(
+            _direction_with_decay(direction, weight_decay, mask),
+            learning_rate,
+            **schedule_free_kwargs,
+        )
+
     tx = build(mask)
     return tx if size == 0 else packed(build, size, mask)
 
@@ -188,20 +199,19 @@ def adamw(
         buffer per parameter.
     """
     direction = scale_by_second_moment(b2, eps, state_dtype=state_dtype)
-
-    def build(mask):
-        return schedule_free(
-            _direction_with_decay(direction, weight_decay, mask),
-            learning_rate,
-            b1=b1,
-            warmup_steps=warmup_steps,
-            r=r,
-            weight_lr_power=weight_lr_power,
-            state_dtype=state_dtype,
-            exact_x=exact_x,
-        )
-
-    return _maybe_packed(build, pack_small_leaves, mask)
+    return _schedule_free_with_decay(
+        direction,
+        weight_decay,
+        mask,
+        learning_rate,
+        pack_small_leaves,
+        b1=b1,
+        warmup_steps=warmup_steps,
+        r=r,
+        weight_lr_power=weight_lr_power,
+        state_dtype=state_dtype,
+        exact_x=exact_x,
+    )
 
 
 def sgd(
@@ -222,20 +232,19 @@ def sgd(
     ``gn = g + weight_decay * y``; one buffer (``z``) per parameter. ``pack_small_leaves`` as
     in :func:`adamw`.
     """
-
-    def build(mask):
-        return schedule_free(
-            _direction_with_decay(optax.identity(), weight_decay, mask),
-            learning_rate,
-            b1=b1,
-            warmup_steps=warmup_steps,
-            r=r,
-            weight_lr_power=weight_lr_power,
-            state_dtype=state_dtype,
-            exact_x=exact_x,
-        )
-
-    return _maybe_packed(build, pack_small_leaves, mask)
+    return _schedule_free_with_decay(
+        optax.identity(),
+        weight_decay,
+        mask,
+        learning_rate,
+        pack_small_leaves,
+        b1=b1,
+        warmup_steps=warmup_steps,
+        r=r,
+        weight_lr_power=weight_lr_power,
+        state_dtype=state_dtype,
+        exact_x=exact_x,
+    )
 
 
 def radam(
@@ -267,16 +276,15 @@ def radam(
         check_range("learning_rate", learning_rate, 0.0)
         schedule = lambda k: learning_rate * rect(k)  # noqa: E731
     direction = scale_by_second_moment(b2, eps, rectify=True, state_dtype=state_dtype)
-
-    def build(mask):
-        return schedule_free(
-            _direction_with_decay(direction, weight_decay, mask),
-            schedule,
-            b1=b1,
-            r=r,
-            weight_lr_power=weight_lr_power,
-            state_dtype=state_dtype,
-            exact_x=exact_x,
-        )
-
-    return _maybe_packed(build, pack_small_leaves, mask)
+    return _schedule_free_with_decay(
+        direction,
+        weight_decay,
+        mask,
+        schedule,
+        pack_small_leaves,
+        b1=b1,
+        r=r,
+        weight_lr_power=weight_lr_power,
+        state_dtype=state_dtype,
+        exact_x=exact_x,
+    )

@@ -45,15 +45,14 @@ class Layout:
         self.slot_mask: tuple[bool, ...] | None = None if slot_mask is None else tuple(slot_mask)
         self.max_size = int(max_size)
         alone = [False] * self.n_slots
-        sizes = [0] * self.n_slots
+        shapes_of: list[tuple[int, ...]] = [(0,)] * self.n_slots
         for shape, (slot, offset) in zip(self.shapes, self.slots):
-            alone[slot] = offset < 0
-            sizes[slot] += math.prod(shape)
+            if offset < 0:
+                alone[slot], shapes_of[slot] = True, shape
+            else:
+                shapes_of[slot] = (max(shapes_of[slot][0], offset + math.prod(shape)),)
         self.slots_alone: tuple[bool, ...] = tuple(alone)
-        self.slot_shapes: tuple[tuple[int, ...], ...] = tuple(
-            self.shapes[[s for s, _ in self.slots].index(i)] if alone[i] else (sizes[i],)
-            for i in range(self.n_slots)
-        )
+        self.slot_shapes: tuple[tuple[int, ...], ...] = tuple(shapes_of)
 
     def _key(self):
         return (self.shapes, self.dtypes, self.slots, self.n_slots, self.slot_mask, self.max_size)
@@ -71,8 +70,9 @@ class Layout:
             f"packed below {self.max_size} elements; {self.n_slots} slots)"
         )
 
-    def _leaves(self, tree, what: str) -> list:
-        leaves = jax.tree.leaves(tree)
+    def _leaves(self, tree, what: str):
+        """The leaves and treedef of a params-shaped tree, checked against the layout."""
+        leaves, treedef = jax.tree.flatten(tree)
         shapes = [tuple(jnp.shape(leaf)) for leaf in leaves]
         if len(leaves) != len(self.shapes) or shapes != list(self.shapes):
             raise ValueError(
@@ -80,11 +80,11 @@ class Layout:
                 f"{len(self.shapes)} leaves of shapes {_short(self.shapes)}, got {len(leaves)} "
                 f"of shapes {_short(shapes)}; pass the params this state was built for"
             )
-        return leaves
+        return leaves, treedef
 
     def pack(self, tree, what: str = "params") -> tuple:
         """The slots (a tuple of arrays) of a tree shaped like the params."""
-        leaves = self._leaves(tree, what)
+        leaves, _ = self._leaves(tree, what)
         parts: list[list] = [[] for _ in range(self.n_slots)]
         for leaf, (slot, offset) in zip(leaves, self.slots):
             parts[slot].append(leaf if offset < 0 else jnp.reshape(leaf, (-1,)))
@@ -95,8 +95,7 @@ class Layout:
 
     def unpack(self, slots, like) -> Any:
         """A tree with the structure of ``like`` (params-shaped) from the slots."""
-        leaves, treedef = jax.tree.flatten(like)
-        self._leaves(like, "params")
+        _, treedef = self._leaves(like, "params")
         arrays = jax.tree.leaves(slots)
         if len(arrays) != self.n_slots:
             raise ValueError(f"expected {self.n_slots} packed slots, got {len(arrays)}")
@@ -115,7 +114,7 @@ def _short(shapes) -> str:
     return str(shapes) if len(shapes) <= 4 else f"[{shapes[0]}, {shapes[1]}, ..., {shapes[-1]}]"
 
 
-def _mask_bits(mask, params, n: int) -> list[bool] | None:
+def _mask_bits(mask, params) -> list[bool] | None:
     if mask is None:
         return None
     tree = mask(params) if callable(mask) else mask
@@ -141,7 +140,7 @@ def make_layout(params, max_size: int, mask=None) -> Layout:
     leaves = jax.tree.leaves(params)
     shapes = [tuple(jnp.shape(leaf)) for leaf in leaves]
     dtypes = [jnp.dtype(jnp.result_type(leaf)).name for leaf in leaves]
-    bits = _mask_bits(mask, params, len(leaves))
+    bits = _mask_bits(mask, params)
     slots: list[Slot] = [(-1, -1)] * len(leaves)
     slot_mask: list[bool] = []
     n_slots = 0
@@ -207,10 +206,17 @@ def packed(
 ) -> optax.GradientTransformationExtraArgs:
     """``build(slot_mask)`` (an elementwise transformation, given the weight-decay mask of the
     slots, or None) run over the params packed by :func:`make_layout`."""
+    built: dict[Any, optax.GradientTransformationExtraArgs] = {}
+
+    def inner_for(layout: Layout):
+        # One inner transformation per slot mask, built once (update runs it every step).
+        if layout.slot_mask not in built:
+            built[layout.slot_mask] = optax.with_extra_args_support(build(layout.slot_mask))
+        return built[layout.slot_mask]
 
     def init_fn(params):
         layout = make_layout(params, max_size, mask)
-        inner = optax.with_extra_args_support(build(layout.slot_mask))
+        inner = inner_for(layout)
         return PackedState(inner.init(layout.pack(params)), layout)
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -222,7 +228,7 @@ def packed(
                 "update(grads, opt_state, params)"
             )
         layout = state.layout
-        inner = optax.with_extra_args_support(build(layout.slot_mask))
+        inner = inner_for(layout)
         packed_updates, inner_state = inner.update(
             layout.pack(updates, "updates"), state.inner, layout.pack(params), **extra_args
         )
@@ -231,19 +237,22 @@ def packed(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def nodes_of(opt_state: Any, cls: type) -> list:
+    """Every ``cls`` node inside ``opt_state`` (or inside ``opt_state.opt_state`` for a holder
+    such as ``flax.nnx.Optimizer`` or a ``TrainState``)."""
+    holder = getattr(opt_state, "opt_state", None)
+    if holder is not None and not isinstance(opt_state, cls):
+        opt_state = holder
+    leaves = jax.tree.leaves(opt_state, is_leaf=lambda n: isinstance(n, cls))
+    return [node for node in leaves if isinstance(node, cls)]
+
+
 def find_packing(opt_state: Any) -> Layout | None:
     """The layout of the one :class:`PackedState` inside ``opt_state``, or None."""
-    holder = getattr(opt_state, "opt_state", None)
-    if holder is not None and not isinstance(opt_state, PackedState):
-        opt_state = holder
-    found = [
-        node.layout
-        for node in jax.tree.leaves(opt_state, is_leaf=lambda n: isinstance(n, PackedState))
-        if isinstance(node, PackedState)
-    ]
+    found = nodes_of(opt_state, PackedState)
     if len(found) > 1:
         raise ValueError(f"expected at most one packed sf_optax state, found {len(found)}")
-    return found[0] if found else None
+    return found[0].layout if found else None
 
 
 def unpacked_state(opt_state: Any, params: optax.Params) -> Any:

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sf_optax.packing import find_packing
+from sf_optax.packing import find_packing, nodes_of
 from sf_optax.transform import ScheduleFreeState
 
 
@@ -24,14 +24,7 @@ def find_state(opt_state: Any) -> ScheduleFreeState:
     ``opt_state`` may also be an object holding it as ``.opt_state`` (``flax.nnx.Optimizer``,
     ``flax.training.train_state.TrainState``).
     """
-    holder = getattr(opt_state, "opt_state", None)
-    if holder is not None and not isinstance(opt_state, ScheduleFreeState):
-        opt_state = holder
-    found = [
-        node
-        for node in jax.tree.leaves(opt_state, is_leaf=lambda n: isinstance(n, ScheduleFreeState))
-        if isinstance(node, ScheduleFreeState)
-    ]
+    found = nodes_of(opt_state, ScheduleFreeState)
     if len(found) != 1:
         raise ValueError(
             f"expected exactly one sf_optax ScheduleFreeState in the optimizer state, found "

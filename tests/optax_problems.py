@@ -47,12 +47,38 @@ def max_rel_diff(a: dict, b: dict) -> float:
     return worst
 
 
-def run_reference(cls, problem: Problem, steps: int, **kwargs):
-    """Runs a `schedulefree` reference class; returns (y, x) as numpy dicts after `steps`."""
+def run_optax(tx, problem: Problem, steps: int):
+    """Runs an optax transformation with a jitted step from the problem's init; returns the
+    params (y) and the optimizer state after ``steps``."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    params = {k: jnp.asarray(v) for k, v in problem.init.items()}
+    state = tx.init(params)
+
+    @jax.jit
+    def apply(grads, state, params):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    for step in range(steps):
+        params, state = apply(problem.grads(params, step), state, params)
+    return params, state
+
+
+def run_reference(cls, problem: Problem, steps: int, groups=None, **kwargs):
+    """Runs a `schedulefree` reference class; returns (y, x) as numpy dicts after `steps`.
+    ``groups``: optional list of (param names, group options) for the reference's param
+    groups (default: one group of every param)."""
     import torch
 
     params = {k: torch.tensor(v, dtype=torch.float64) for k, v in problem.init.items()}
-    opt = cls(list(params.values()), **kwargs)
+    if groups is None:
+        opt = cls(list(params.values()), **kwargs)
+    else:
+        param_groups = [{"params": [params[n] for n in names], **opts} for names, opts in groups]
+        opt = cls(param_groups, **kwargs)
     opt.train()
     for step in range(steps):
         grads = problem.grads({k: p.numpy() for k, p in params.items()}, step)

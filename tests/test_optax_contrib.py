@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 import schedulefree
-from optax_problems import Problem, max_rel_diff, run_reference
+from optax_problems import Problem, max_rel_diff, run_optax, run_reference
 
 import sf_optax
 
@@ -22,18 +22,7 @@ def x64():
         yield
 
 
-def trajectory(tx, problem, steps):
-    params = {k: jnp.asarray(v) for k, v in problem.init.items()}
-    state = tx.init(params)
-
-    @jax.jit
-    def apply(grads, state, params):
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
-    for step in range(steps):
-        params, state = apply(problem.grads(params, step), state, params)
-    return params, state
+trajectory = run_optax
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])

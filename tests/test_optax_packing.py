@@ -13,8 +13,7 @@ import numpy as np
 import optax
 import pytest
 import schedulefree
-import torch
-from optax_problems import Problem, max_rel_diff, run_reference
+from optax_problems import Problem, max_rel_diff, run_optax, run_reference
 
 import sf_optax
 
@@ -29,16 +28,7 @@ def x64():
 
 
 def run_packed(tx, problem, steps=STEPS):
-    params = {k: jnp.asarray(v) for k, v in problem.init.items()}
-    state = tx.init(params)
-
-    @jax.jit
-    def apply(grads, state, params):
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
-    for step in range(steps):
-        params, state = apply(problem.grads(params, step), state, params)
+    params, state = run_optax(tx, problem, steps)
     x = sf_optax.eval_params(state, params)
     as_np = lambda t: {k: np.asarray(v) for k, v in t.items()}  # noqa: E731
     return as_np(params), as_np(x), state
@@ -86,23 +76,10 @@ def test_mask_matches_reference_param_groups():
     y, x, state = run_packed(tx, problem)
     assert len(sf_optax.find_state(state).z) == 2
 
-    params = {k: torch.tensor(v, dtype=torch.float64) for k, v in problem.init.items()}
-    opt = schedulefree.AdamWScheduleFree(
-        [
-            {"params": [params["w"], params["s"]], "weight_decay": 0.1},
-            {"params": [params["b"]], "weight_decay": 0.0},
-        ],
-        lr=0.05,
+    groups = [(("w", "s"), {"weight_decay": 0.1}), (("b",), {"weight_decay": 0.0})]
+    ref_y, ref_x = run_reference(
+        schedulefree.AdamWScheduleFree, problem, STEPS, groups=groups, lr=0.05
     )
-    opt.train()
-    for step in range(STEPS):
-        grads = problem.grads({k: p.numpy() for k, p in params.items()}, step)
-        for k, p in params.items():
-            p.grad = torch.tensor(grads[k])
-        opt.step()
-    ref_y = {k: p.numpy().copy() for k, p in params.items()}
-    opt.eval()
-    ref_x = {k: p.numpy().copy() for k, p in params.items()}
     assert max_rel_diff(y, ref_y) <= TOL
     assert max_rel_diff(x, ref_x) <= TOL
     # and the mask mattered: without it b would have been decayed too
