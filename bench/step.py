@@ -7,11 +7,14 @@ useful bytes and compared with a plain device copy of the parameters' bytes, mea
 same run (a copy reads and writes the buffer: 2x its bytes).
 
 Rows: torch ``copy_`` and a jitted JAX copy (the references); sf_torch AdamW and SGD with each
-step implementation the device has (loop, foreach, and fused on CUDA); the reference
+step implementation the device has (loop, foreach, and on CUDA fused, and "graph": the fused
+step with ``capturable=True`` captured in a CUDA graph and replayed); the reference
 ``schedulefree.AdamWScheduleFree`` (foreach; fp32 sets only, its state follows the params'
 dtype); sf_torch's train()/eval() switch; sf_optax.adamw, sf_optax.sgd (each also with
 ``pack_small_leaves``: leaves below 65536 elements share flat state slots) and
-optax.contrib.schedule_free_adamw, jitted with the params and state donated.
+optax.contrib.schedule_free_adamw, jitted with the params and state donated; the "fori" rows
+time FORI_STEPS packed steps inside one jitted ``lax.fori_loop`` (per step), the cost of the
+step in a training loop that stays on the device, without JAX's per-call cost per array.
 
 Parameter sets: ``big`` (32 x 2048x4096 + 64 x 4096, fp32, 268.7M params), ``bf16`` (the same
 shapes in bf16 with fp32 state), ``small`` (2000 x 64x64 + 4 x 1024x1024) and ``tiny`` (for CI).
@@ -50,6 +53,7 @@ LR_ADAMW = 1e-3
 LR_SGD = 0.1
 WEIGHT_DECAY = 0.01
 PACK_SMALL_LEAVES = 2**16  # the "packed" sf_optax rows: leaves below this share state slots
+FORI_STEPS = 20  # steps per call of the "fori" rows (a jitted lax.fori_loop of steps)
 
 # ---------------------------------------------------------------------------------------------
 # Parameter sets
@@ -174,6 +178,7 @@ def torch_optimizer(name: str, params, ps: ParamSet) -> torch.optim.Optimizer:
         "loop": dict(foreach=False, fused=False),
         "foreach": dict(foreach=True, fused=False),
         "fused": dict(fused=True),
+        "graph": dict(fused=True, capturable=True),
     }
     if kind == "adamw":
         return sf_torch.AdamWScheduleFree(
@@ -185,13 +190,13 @@ def torch_optimizer(name: str, params, ps: ParamSet) -> torch.optim.Optimizer:
 
 
 def torch_row_names(ps: ParamSet, device: str) -> list[str]:
-    impls = ["loop", "foreach"] + (["fused"] if device == "cuda" else [])
+    impls = ["loop", "foreach"] + (["fused", "graph"] if device == "cuda" else [])
     names = ["torch copy"]
     names += [f"sf_torch adamw {i}" for i in impls]
     names += [f"sf_torch sgd {i}" for i in impls]
     if ps.param_dtype == ps.state_dtype:
         names.append("schedulefree adamw foreach")
-    names += [f"sf_torch switch {i}" for i in impls if i != "loop"]
+    names += [f"sf_torch switch {i}" for i in impls if i not in ("loop", "graph")]
     return names
 
 
@@ -201,6 +206,8 @@ JAX_ROW_NAMES = [
     "sf_optax sgd jit",
     "sf_optax adamw packed jit",
     "sf_optax sgd packed jit",
+    "sf_optax adamw packed fori",
+    "sf_optax sgd packed fori",
     "optax.contrib adamw jit",
     "sf_optax eval_params jit",
     "jax dispatch floor",
@@ -246,6 +253,21 @@ def _measure_torch(fn, device, warmup, repeats, inner):
     return statistics.median(times), times, extra
 
 
+def captured_step(opt: torch.optim.Optimizer, warmup: int):
+    """``opt.step()`` (capturable=True) captured in a CUDA graph after ``warmup`` steps on a
+    side stream, as torch's docs do it; returns the graph's ``replay``."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(max(warmup, 1)):
+            opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    return graph.replay
+
+
 def _torch_row(name, ps, device, warmup, repeats, inner) -> Row:
     kind = _kind_of(name)
     if kind == "copy":
@@ -267,6 +289,9 @@ def _torch_row(name, ps, device, warmup, repeats, inner) -> Row:
 
             median, times, extra = _measure_torch(switch_pair, device, warmup, repeats, inner)
             median, times = median / 2, [t / 2 for t in times]
+        elif name.endswith(" graph"):
+            replay = captured_step(opt, warmup)
+            median, times, extra = _measure_torch(replay, device, warmup, repeats, inner)
         else:
             median, times, extra = _measure_torch(opt.step, device, warmup, repeats, inner)
     return Row(name, "torch", kind, median, times, useful_bytes(kind, ps), extra_mem_bytes=extra)
@@ -385,13 +410,22 @@ def run_jax(
         return params, grads
 
     def step_row(name):
-        opt = jax_optimizer(name, ps)
+        # "fori": FORI_STEPS steps in one jitted lax.fori_loop, as in a training loop that
+        # stays on the device: the step's own cost, without the per-call cost of its arrays.
+        fori = name.endswith(" fori")
+        opt = jax_optimizer(name.removesuffix(" fori") + " jit" if fori else name, ps)
 
         def step_fn(params, state, grads):
             updates, state = opt.update(grads, state, params)
             return optax.apply_updates(params, updates), state
 
-        step = jax.jit(step_fn, donate_argnums=(0, 1))
+        def loop_fn(params, state, grads):
+            def body(_, carry):
+                return step_fn(*carry, grads)
+
+            return jax.lax.fori_loop(0, FORI_STEPS, body, (params, state))
+
+        step = jax.jit(loop_fn if fori else step_fn, donate_argnums=(0, 1))
         params, grads = tensors()
         state = opt.init(params)
         moved = _jax_moved_bytes(params, grads, state)
@@ -404,6 +438,8 @@ def run_jax(
             with open(path, "w") as f:
                 f.write(compiled.as_text())
         median, times = timed(step, (params, state, grads), lambda a, out: (out[0], out[1], a[2]))
+        if fori:
+            median, times = median / FORI_STEPS, [t / FORI_STEPS for t in times]
         return Row(name, "jax", _kind_of(name), median, times, moved, 0, 0, extra)
 
     def eval_params_row(name):
@@ -520,13 +556,25 @@ def run(args) -> dict:
     if ps.name == "small":
         # The same bytes in one tensor: what the step would cost without per-tensor overhead.
         one = ParamSet("small as one tensor", ((ps.n_params,),), ps.param_dtype, ps.state_dtype)
-        impl = "fused" if args.device == "cuda" else "foreach"
+        impls = ["fused", "graph"] if args.device == "cuda" else ["foreach"]
         flat = run_torch(
-            one, args.device, args.warmup, repeats, inner, skipped, names=[f"sf_torch adamw {impl}"]
+            one,
+            args.device,
+            args.warmup,
+            repeats,
+            inner,
+            skipped,
+            names=[f"sf_torch adamw {impl}" for impl in impls],
         )
         if not args.no_jax:
             flat += run_jax(
-                one, args.device, args.warmup, repeats, inner, skipped, names=["sf_optax adamw jit"]
+                one,
+                args.device,
+                args.warmup,
+                repeats,
+                inner,
+                skipped,
+                names=["sf_optax adamw jit", "sf_optax adamw fori"],
             )
         for r in flat:
             r.name += " [1 tensor]"

@@ -33,6 +33,10 @@ from . import rule
 
 SAME, GRADS_MOVED, STALE = 0, 1, 2
 
+# A plan's device table: the coefficients, the capturable step's hyperparameters, then the
+# addresses of g, y, z and v.
+_HEAD = rule._N_SCALARS + rule._N_HYPER
+
 # ---------------------------------------------------------------------------------------------
 # The optimizers' state mapping
 
@@ -139,9 +143,7 @@ class PySnapshot:
         self._stepped = [bool(s) for s in stepped]
         self._keys = tuple(keys)
         self._states = list(states)
-        self._buffers = [
-            [(st[k], st[k].data_ptr()) for k in self._keys] for st in self._states
-        ]
+        self._buffers = [[(st[k], st[k].data_ptr()) for k in self._keys] for st in self._states]
         self._grads = [0] * len(self._states)
 
     def check(self, params, out, offset, with_grads):
@@ -281,19 +283,23 @@ class FusedPlan:
         self.state_map = state_map
         self.version = state_map.version
         self.stream = _current_stream(self.device)
-        self.switchable = (
-            all(stepped) and rule._lerp_pair_problem(ys[0].dtype, zs[0].dtype) is None
-        )
+        self.switchable = all(stepped) and rule._lerp_pair_problem(ys[0].dtype, zs[0].dtype) is None
         numels = tuple(map(torch.Tensor.numel, ys))
         self.tables = rule._block_tables(self.device, numels, rule.block_size(ys[0].dtype))
         data_ptr = torch.Tensor.data_ptr
         v_addrs = list(map(data_ptr, vs)) if has_v else [0] * n
-        host = [0] * (rule._N_SCALARS + n)  # the coefficients and g's addresses come per step
+        # The coefficients, the capturable step's hyperparameters and g's addresses come per
+        # step; y's, z's and v's are fixed.
+        host = [0] * (_HEAD + n)
         host += [*map(data_ptr, ys), *map(data_ptr, zs), *v_addrs]
         self.meta = torch.tensor(host, dtype=torch.int64).to(self.device)
-        self.addresses = rule.address_slices(self.meta, rule._N_SCALARS, n, 4)
-        self.head = self.meta[: rule._N_SCALARS + n]
+        self.addresses = rule.address_slices(self.meta, _HEAD, n, 4)
+        self.head = self.meta[: _HEAD + n]
         self.scalars = self.meta[: rule._N_SCALARS]
+        self.hyper = self.meta[rule._N_SCALARS : _HEAD]
+        self.hyper_and_grads = self.meta[rule._N_SCALARS : _HEAD + n]
+        self.captured = False  # a CUDA graph holds this plan's buffers: see retire()
+        self._captures: list[torch.Tensor] = []  # host buffers that captured copies read
         keys = ("z", "exp_avg_sq") if has_v else ("z",)
         # State dicts whose changes count in state_map's version need no look inside.
         checked = [not is_tracked(st, state_map) for st in states]
@@ -302,53 +308,88 @@ class FusedPlan:
         self._staging = [None, None]
         self._turn = 0
 
-    def _usable(self, group, state_map) -> bool:
+    def _usable(self, group, state_map, any_stream: bool = False) -> bool:
         return (
             type(group["params"]) is list
             and group["fused"] is self.fused_flag
             and state_map is self.state_map
             and state_map.version == self.version
-            and _current_stream(self.device) == self.stream
+            and (any_stream or _current_stream(self.device) == self.stream)
         )
 
     def _host_buffer(self):
-        """The next of two host staging buffers (pinned on CUDA) with views of its scalar part,
-        once the copy that last read it has run: the copy queued two steps ago is done long
-        before, so the wait costs an event query."""
+        """The next of two host staging buffers (pinned on CUDA), once the copy that last read
+        it has run: the copy queued two steps ago is done long before, so the wait costs an
+        event query."""
         self._turn ^= 1
         buf = self._staging[self._turn]
         if buf is None:
-            host = rule.host_int64(rule._N_SCALARS + self.n, self.device)
+            host = rule.host_int64(_HEAD + self.n, self.device)
             event = torch.cuda.Event() if self.device.type == "cuda" else None
-            buf = self._staging[self._turn] = (host, host[: rule._N_SCALARS], event)
-        elif buf[2] is not None:
-            buf[2].synchronize()
+            buf = self._staging[self._turn] = (host, event)
+        elif buf[1] is not None:
+            buf[1].synchronize()
         return buf
 
-    def prepare_step(self, group, state_map):
+    def prepare_step(self, group, state_map, capturing: bool = False):
         """The gradients' addresses, checked, for ``step``; None when the plan is stale.
-        Changes nothing the step depends on."""
-        if not self._usable(group, state_map):
+        Changes nothing the step depends on.
+
+        ``capturing`` (a CUDA graph is being captured): the host buffer is a new one that the
+        plan keeps (the graph's copy reads it at every replay), and the gradients' addresses
+        are sent even where they did not move, so that each replay restores its own."""
+        if not self._usable(group, state_map, any_stream=capturing):
             return None
-        buf = self._host_buffer()
-        status = self.snapshot.check(group["params"], buf[0], rule._N_SCALARS, True)
+        if capturing:
+            buf = (rule.host_int64(_HEAD + self.n, self.device), None)
+        else:
+            buf = self._host_buffer()
+        status = self.snapshot.check(group["params"], buf[0], _HEAD, True)
         if status == STALE:
             return None
+        if capturing:
+            self._captures.append(buf[0])
+            self.captured = True
+            status = GRADS_MOVED
         return buf, status
 
     def step(self, prepared, s: rule.StepScalars) -> None:
         """Sends the coefficients (and the gradients' addresses where they moved) and launches
         the kernel."""
-        (host, host_scalars, event), status = prepared
+        (host, event), status = prepared
         _put_scalars(host, rule.step_coefficients(s))
         if status == SAME:
-            self.scalars.copy_(host_scalars, non_blocking=True)
+            self.scalars.copy_(host[: rule._N_SCALARS], non_blocking=True)
         else:
             self.head.copy_(host, non_blocking=True)
-            self.snapshot.remember_grads(host, rule._N_SCALARS)
+            self.snapshot.remember_grads(host, _HEAD)
         if event is not None:
             event.record()
-        rule.launch_update(self.device, self.dtypes, s, self.scalars, self.addresses, self.tables)
+        flags = rule.scalar_flags(s)
+        rule.launch_update(
+            self.device, self.dtypes, flags, self.scalars, self.addresses, self.tables
+        )
+
+    def step_capturable(self, prepared, group, kind: str, counters: torch.Tensor) -> None:
+        """The capturable step: sends the hyperparameters (and the gradients' addresses where
+        they moved), then one program advances ``counters`` and writes the coefficients on the
+        device, and the update kernel reads them there. Nothing the step computes passes
+        through the host, so a CUDA graph that captured it replays every later step."""
+        (host, event), status = prepared
+        _put_scalars(host[rule._N_SCALARS :], rule.hyperparameters(group, kind))
+        if status == SAME:
+            self.hyper.copy_(host[rule._N_SCALARS : _HEAD], non_blocking=True)
+        else:
+            self.hyper_and_grads.copy_(host[rule._N_SCALARS :], non_blocking=True)
+            self.snapshot.remember_grads(host, _HEAD)
+        if event is not None:
+            event.record()
+        silent = bool(group.get("silent_sgd_phase", False))
+        rule.launch_advance(self.device, kind, silent, counters, self.scalars, self.hyper)
+        flags = rule.capturable_flags(kind, group)
+        rule.launch_update(
+            self.device, self.dtypes, flags, self.scalars, self.addresses, self.tables
+        )
 
     def can_switch(self, group, state_map) -> bool:
         """Whether ``switch`` may move this group's params (each has a z, as built)."""
@@ -367,6 +408,35 @@ class FusedPlan:
         p_and_z = (self.addresses[1], self.addresses[2])
         dtypes = (self.dtypes[0], self.dtypes[2])
         rule.launch_lerp(self.device, dtypes, weight_slot, p_and_z, self.tables)
+
+
+def capturable_problem(params, grads, states) -> str | None:
+    """Why a capturable group's params and gradients cannot be planned (None when they can):
+    a capturable step is always a planned one, so the group must form one bucket (one device,
+    one dtype for params and gradients) of contiguous tensors, which the fused kernel steps."""
+    if not params:
+        return None
+    problem = rule._group_fused_problem(params, grads, states)
+    if problem is not None:
+        return problem
+    contiguous = torch.Tensor.is_contiguous
+    for p, g in zip(params, grads):
+        if not (contiguous(p) and contiguous(g)):
+            return (
+                "capturable=True needs contiguous params and gradients, got a param of shape "
+                f"{tuple(p.shape)} with strides {p.stride()} (gradient strides {g.stride()})"
+            )
+    keys = rule._buckets(params, grads, params, params)
+    if len(keys) != 1:
+        found = sorted(
+            f"{y} params with {g} gradients" + (f" on cuda:{dev}" if dev >= 0 else "")
+            for dev, y, g, _ in keys
+        )
+        return (
+            "capturable=True needs one device and one dtype per param group (params and "
+            f"gradients alike), got {', '.join(found)}: put each in a group of its own"
+        )
+    return None
 
 
 def plannable(ys, gs, zs, vs, has_v: bool) -> bool:

@@ -50,6 +50,19 @@ _EVAL_MODE_STEP = (
 
 # Group entries that the optimizer itself changes every step (not hyperparameters to check).
 _COUNTERS = frozenset(("k", "train_mode", "weight_sum", "lr_max", "scheduled_lr"))
+# The counters a capturable group keeps on its device, in the advance kernel's order.
+_DEVICE_COUNTERS = ("k", "lr_max", "weight_sum", "scheduled_lr")
+
+_CAPTURE_STALE = (
+    "a CUDA graph is being captured, but param group {index} has no current fused plan "
+    "(no step yet, or its params, gradients' layout or state changed): take at least one "
+    "step outside the capture first (torch's warm-up iterations), with the gradients the "
+    "captured step will have"
+)
+_CAPTURE_NOT_CAPTURABLE = (
+    "a CUDA graph is being captured, but param group {index} has capturable=False: its step "
+    "computes its scalars on the host, which a replay would not repeat; pass capturable=True"
+)
 _IMMUTABLE = frozenset((float, int, bool, type(None), str, torch.dtype))
 
 
@@ -76,6 +89,7 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         foreach: bool | None,
         fused: bool | None,
         state_dtype: torch.dtype | None,
+        capturable: bool = False,
     ):
         defaults = dict(
             hyperparameters,
@@ -87,10 +101,14 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
             foreach=foreach,
             fused=fused,
             state_dtype=state_dtype,
+            capturable=capturable,
         )
+        self._plans: dict[int, fused_plan.FusedPlan] = {}  # group index -> planned fused step
+        # capturable groups: group index -> (float64 counters on the device, their views)
+        self._counters: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, ...]]] = {}
+        self._retired: list[fused_plan.FusedPlan] = []  # replaced plans a CUDA graph may read
         super().__init__(params, defaults)
         self.state = fused_plan.tracked(self.state)
-        self._plans: dict[int, fused_plan.FusedPlan] = {}  # group index -> planned fused step
 
     # -- groups and checks ---------------------------------------------------------------------
 
@@ -99,7 +117,11 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         group = self.param_groups[-1]
         try:
             self._check_group(group)
-            if group["fused"]:
+            if group["capturable"] and not group["params"]:
+                raise ValueError(
+                    "capturable=True needs params in the group: its counters live on their device"
+                )
+            if group["fused"] or group["capturable"]:
                 problem = rule.fused_problem(group["params"])
                 if problem is not None:
                     raise RuntimeError(problem)
@@ -131,6 +153,13 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         for name in ("foreach", "fused"):
             if group[name] not in (None, True, False):
                 raise ValueError(f"{name} must be in (None, True, False), got {group[name]!r}")
+        if group["capturable"] not in (True, False):
+            raise ValueError(f"capturable must be in (True, False), got {group['capturable']!r}")
+        if group["capturable"] and group["fused"] is False:
+            raise ValueError(
+                "capturable=True steps with the fused kernel: fused must be in (None, True), "
+                "got False"
+            )
 
     def _check_ready(self) -> None:
         if not all(group["train_mode"] for group in self.param_groups):
@@ -157,13 +186,25 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         None, (plan, checked))`` instead: the plan steps it without any per-tensor Python."""
         plan = []
         state = self.state
+        capturing = self._capturing()
         for index, group in enumerate(self.param_groups):
+            capturable = group["capturable"]
+            if capturing and not capturable:
+                raise RuntimeError(_CAPTURE_NOT_CAPTURABLE.format(index=index))
             planned = self._plans.get(index)
             if planned is not None:
-                checked = planned.prepare_step(group, state)
+                checked = planned.prepare_step(group, state, capturing)
                 if checked is not None:
+                    if capturing and not self._counters_current(index, group):
+                        raise RuntimeError(
+                            f"a CUDA graph is being captured, but param group {index}'s "
+                            "counters (k, lr_max, weight_sum, scheduled_lr) were set by hand "
+                            "since its last step: take one step outside the capture first"
+                        )
                     plan.append((group, None, None, None, (planned, checked)))
                     continue
+            if capturing:
+                raise RuntimeError(_CAPTURE_STALE.format(index=index))
             params, grads = [], []
             for p in group["params"]:
                 g = p.grad
@@ -180,10 +221,53 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
                 )
             states = [state.get(p) for p in params]
             impl = None
-            if params:
+            if capturable:
+                problem = fused_plan.capturable_problem(params, grads, states)
+                if problem is not None:
+                    raise RuntimeError(problem)
+                impl = "capturable"
+            elif params:
                 impl = rule.choose_impl(params, grads, states, group["foreach"], group["fused"])
             plan.append((group, params, grads, states, impl))
         return plan
+
+    @staticmethod
+    def _capturing() -> bool:
+        """Whether a CUDA graph is being captured on the current stream."""
+        return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+    # -- capturable groups' counters -----------------------------------------------------------
+
+    def _counters_current(self, index: int, group: dict[str, Any]) -> bool:
+        entry = self._counters.get(index)
+        return entry is not None and all(
+            group[key] is view for key, view in zip(_DEVICE_COUNTERS, entry[1])
+        )
+
+    def _device_counters(self, index: int, group: dict[str, Any]) -> torch.Tensor:
+        """A capturable group's counters as one float64 tensor on its params' device; the
+        group's ``k``, ``lr_max``, ``weight_sum`` and ``scheduled_lr`` are 0-d views of it.
+        Values set by hand (or loaded) are copied into the same tensor, which a captured graph
+        keeps reading."""
+        entry = self._counters.get(index)
+        device = group["params"][0].device
+        if entry is not None and entry[0].device == device and self._counters_current(index, group):
+            return entry[0]
+        values = torch.tensor([float(group[key]) for key in _DEVICE_COUNTERS], dtype=torch.float64)
+        if entry is not None and entry[0].device == device:
+            counters = entry[0]
+            counters.copy_(values)
+        else:
+            counters = values.to(device)
+        views = tuple(counters[i] for i in range(len(_DEVICE_COUNTERS)))
+        group.update(zip(_DEVICE_COUNTERS, views))
+        self._counters[index] = (counters, views)
+        return counters
+
+    def _drop_plan(self, index: int) -> None:
+        planned = self._plans.pop(index, None)
+        if planned is not None and planned.captured:
+            self._retired.append(planned)  # a graph may still read its device tables
 
     # -- the step ------------------------------------------------------------------------------
 
@@ -210,12 +294,14 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
     def advance_scalars(self) -> None:
         """Count one step in every param group (``k``, ``lr_max``, ``weight_sum``)."""
         self._check_ready()
+        self._no_split_step("advance_scalars")
         self._advance()
 
     @torch.no_grad()
     def apply_update(self) -> None:
         """Move every param that has a gradient by the step last counted by advance_scalars()."""
         self._check_ready()
+        self._no_split_step("apply_update")
         plan = self._plan()
         for group, params, _, _, impl in plan:
             if (params or not isinstance(impl, str | None)) and group["k"] < 1:
@@ -224,19 +310,35 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
                 )
         self._apply(plan)
 
+    def _no_split_step(self, name: str) -> None:
+        if any(group["capturable"] for group in self.param_groups):
+            raise RuntimeError(
+                f"{name}() is not available with capturable=True (its counters advance on the "
+                "device, with the update): call step()"
+            )
+
     def _advance(self) -> None:
         # Every group's new counters first, then all stored: an error leaves none counted.
-        counters = [rule.advance(group, self.kind) for group in self.param_groups]
-        for group, new in zip(self.param_groups, counters):
+        # Capturable groups count on the device, in _apply.
+        groups = [group for group in self.param_groups if not group["capturable"]]
+        counters = [rule.advance(group, self.kind) for group in groups]
+        for group, new in zip(groups, counters):
             group.update(new)
 
     def _apply(self, plan) -> None:
         for index, (group, params, grads, states, impl) in enumerate(plan):
             if not isinstance(impl, str | None):
                 planned, checked = impl
-                planned.step(checked, rule.scalars(group, self.kind))
+                if group["capturable"]:
+                    counters = self._device_counters(index, group)
+                    planned.step_capturable(checked, group, self.kind, counters)
+                else:
+                    planned.step(checked, rule.scalars(group, self.kind))
                 continue
-            self._plans.pop(index, None)
+            self._drop_plan(index)
+            if impl == "capturable":
+                self._first_capturable_step(index, group, params, grads, states)
+                continue
             if not params:
                 continue
             s = rule.scalars(group, self.kind)
@@ -254,6 +356,41 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
                 self._plans[index] = fused_plan.FusedPlan(
                     group, stepped, dicts, zs, vs, self.state, s.has_v
                 )
+
+    def _first_capturable_step(self, index, group, params, grads, states) -> None:
+        """A capturable group's step without a current plan (outside any capture): creates
+        the missing state, plans the group and takes the step with the plan."""
+        counters = self._device_counters(index, group)
+        if not params:  # nothing to move: the counters still advance, as in every group
+            scratch = torch.zeros(fused_plan._HEAD, dtype=torch.int64)
+            fused_plan.py_put_scalars(
+                scratch[rule._N_SCALARS :], rule.hyperparameters(group, self.kind)
+            )
+            scratch = scratch.to(counters.device)
+            silent = bool(group.get("silent_sgd_phase", False))
+            rule.launch_advance(
+                counters.device,
+                self.kind,
+                silent,
+                counters,
+                scratch[: rule._N_SCALARS],
+                scratch[rule._N_SCALARS :],
+            )
+            return
+        has_v = self.kind != "sgd"
+        dicts = [
+            st if st and "z" in st else self.init_state(p, group) for p, st in zip(params, states)
+        ]
+        zs = [st["z"] for st in dicts]
+        vs = [st["exp_avg_sq"] for st in dicts] if has_v else [None] * len(dicts)
+        stepped_ids = set(map(id, params))
+        stepped = [id(p) in stepped_ids for p in group["params"]]
+        planned = fused_plan.FusedPlan(group, stepped, dicts, zs, vs, self.state, has_v)
+        prepared = planned.prepare_step(group, self.state)
+        if prepared is None:  # cannot happen right after planning: it would be a bug here
+            raise AssertionError("a new capturable plan found itself stale")
+        planned.step_capturable(prepared, group, self.kind, counters)
+        self._plans[index] = planned
 
     def init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
         """``p``'s state, created as the first step finds it if missing: ``z`` a copy of the
@@ -326,8 +463,20 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
 
     # -- checkpoints ---------------------------------------------------------------------------
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict, with a capturable group's device counters as Python numbers
+        (``k`` an int), as every other group keeps them."""
+        out = super().state_dict()
+        for group in out["param_groups"]:
+            for key in _DEVICE_COUNTERS:
+                value = group.get(key)
+                if isinstance(value, torch.Tensor):
+                    group[key] = int(value.item()) if key == "k" else float(value.item())
+        return out
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._plans = {}
+        for index in list(self._plans):
+            self._drop_plan(index)
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             # Checkpoints of the reference classes lack this package's keys (fused, state_dtype).
@@ -349,7 +498,11 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.state = fused_plan.tracked(self.state)
-        self._plans = {}
+        self.__dict__.setdefault("_plans", {})
+        self.__dict__.setdefault("_counters", {})
+        self.__dict__.setdefault("_retired", [])
+        for index in list(self._plans):
+            self._drop_plan(index)
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -374,6 +527,14 @@ class AdamWScheduleFree(ScheduleFreeOptimizer):
             if it cannot run. None: that kernel where every param is a CUDA tensor, else as
             False. It takes precedence over ``foreach``.
         state_dtype: dtype of z and v (e.g. torch.float32 for bf16 params); None: the params'.
+        capturable: True: the step can be captured in a CUDA graph (``torch.cuda.graph``) and
+            replayed. The fused kernel steps each group (``fused`` must not be False; one
+            device and dtype per group, contiguous tensors), and the counters (``k``,
+            ``lr_max``, ``weight_sum``, ``scheduled_lr``) live on the device as 0-d float64
+            tensors in the group (``state_dict()`` saves them as numbers). Take one step
+            before capturing (torch's warm-up iterations); a replay uses the hyperparameters
+            and gradient buffers of the captured step, as every CUDA graph does.
+            ``advance_scalars()``/``apply_update()`` are not available.
     """
 
     kind = "adamw"
@@ -392,6 +553,7 @@ class AdamWScheduleFree(ScheduleFreeOptimizer):
         *,
         fused: bool | None = None,
         state_dtype: torch.dtype | None = None,
+        capturable: bool = False,
     ):
         hyperparameters = dict(
             lr=lr,
@@ -402,7 +564,7 @@ class AdamWScheduleFree(ScheduleFreeOptimizer):
             r=r,
             weight_lr_power=weight_lr_power,
         )
-        super().__init__(params, hyperparameters, foreach, fused, state_dtype)
+        super().__init__(params, hyperparameters, foreach, fused, state_dtype, capturable)
 
 
 class SGDScheduleFree(ScheduleFreeOptimizer):
@@ -428,6 +590,7 @@ class SGDScheduleFree(ScheduleFreeOptimizer):
         *,
         fused: bool | None = None,
         state_dtype: torch.dtype | None = None,
+        capturable: bool = False,
     ):
         hyperparameters = dict(
             lr=lr,
@@ -437,7 +600,7 @@ class SGDScheduleFree(ScheduleFreeOptimizer):
             r=r,
             weight_lr_power=weight_lr_power,
         )
-        super().__init__(params, hyperparameters, foreach, fused, state_dtype)
+        super().__init__(params, hyperparameters, foreach, fused, state_dtype, capturable)
 
 
 class RAdamScheduleFree(ScheduleFreeOptimizer):
@@ -465,6 +628,7 @@ class RAdamScheduleFree(ScheduleFreeOptimizer):
         *,
         fused: bool | None = None,
         state_dtype: torch.dtype | None = None,
+        capturable: bool = False,
     ):
         hyperparameters = dict(
             lr=lr,
@@ -475,4 +639,4 @@ class RAdamScheduleFree(ScheduleFreeOptimizer):
             weight_lr_power=weight_lr_power,
             silent_sgd_phase=silent_sgd_phase,
         )
-        super().__init__(params, hyperparameters, foreach, fused, state_dtype)
+        super().__init__(params, hyperparameters, foreach, fused, state_dtype, capturable)

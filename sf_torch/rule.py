@@ -69,6 +69,10 @@ try:
     import triton.language as tl
 except Exception:  # noqa: BLE001  (any failure only disables the fused path)
     triton = tl = None
+try:
+    from triton.language.extra import libdevice
+except Exception:  # noqa: BLE001  (only the capturable step's float64 pow needs it)
+    libdevice = None
 
 KINDS = ("adamw", "sgd", "radam")
 
@@ -328,7 +332,11 @@ def _buckets(ys, gs, zs, vs) -> dict:
 
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _FUSED_DTYPE_SET = frozenset(_FUSED_DTYPES)
-_N_SCALARS = 8  # lr, c, y_coef, b2, 1 - b2, bias_correction2, eps, weight_decay
+# lr, c, y_coef, b2, 1 - b2, bias_correction2, eps, weight_decay, normalize (1.0 or 0.0)
+_N_SCALARS = 9
+# The capturable step's hyperparameters, on the device: lr, b1, b2, eps, weight_decay,
+# warmup_steps, r, weight_lr_power (float64 bit patterns, like the coefficients).
+_N_HYPER = 8
 _BLOCK = 1024  # elements per program (32- and 64-bit params)
 _BLOCK_16BIT = 512  # for 16-bit params: measured faster on an H200 for SGD (91% vs 88% of copy)
 _NUM_WARPS = 4
@@ -337,6 +345,7 @@ _NUM_WARPS = 4
 def block_size(p_dtype: torch.dtype) -> int:
     """Elements per program of the kernels for params of ``p_dtype``."""
     return _BLOCK_16BIT if p_dtype.itemsize == 2 else _BLOCK
+
 
 # triton.jit decides at decoration (here, at import) whether kernels run in Triton's CPU
 # interpreter, from TRITON_INTERPRET; the checks below follow that same decision.
@@ -529,7 +538,7 @@ if triton is not None:
         S_DTYPE: tl.constexpr,
         F64: tl.constexpr,  # compute in float64 (else float32)
         HAS_V: tl.constexpr,
-        NORMALIZE: tl.constexpr,
+        NORMALIZE: tl.constexpr,  # 0: gn = g; 1: g / (sqrt(v / bc2) + eps); 2: as scalar 8 says
         DECAY: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
@@ -557,13 +566,16 @@ if triton is not None:
             v = tl.load(v_ptr, mask=mask).to(ct)
             v = v * b2 + one_minus_b2 * g * g
             _store(v_ptr, v, S_DTYPE, mask)
-        if NORMALIZE:
+        if NORMALIZE != 0:
             # IEEE-rounded sqrt and division in float32, as torch computes them.
             bc2 = tl.zeros_like(v) + bias_correction2
             if F64:
                 gn = g / (tl.sqrt(v / bc2) + eps)
             else:
                 gn = tl.div_rn(g, tl.sqrt_rn(tl.div_rn(v, bc2)) + eps)
+            if NORMALIZE == 2:  # RAdam's capturable step: the advance kernel decided
+                flag = tl.load(scalars_ptr + 8).to(tl.float64, bitcast=True)
+                gn = tl.where(flag != 0.0, gn, g)
         else:
             gn = g
         if DECAY:
@@ -594,6 +606,78 @@ if triton is not None:
         p = tl.load(p_ptr, mask=mask).to(ct)
         z = tl.load(z_ptr, mask=mask).to(ct)
         _store(p_ptr, _lerp(p, z, w), P_DTYPE, mask)
+
+    @triton.jit
+    def _pow(x, p, INTERPRET: tl.constexpr):
+        """``x ** p`` in float64 for ``x >= 0`` as Python computes it (``0 ** 0 == 1``).
+        libdevice's pow on the GPU; the interpreter has no libdevice, but its exp and log are
+        numpy's float64 ones (on the GPU, Triton's float64 exp and log are not: ~1e-8)."""
+        safe = tl.where(x > 0.0, x, 1.0)
+        if INTERPRET:
+            out = tl.exp(p * tl.log(safe))
+        else:
+            out = libdevice.pow(safe, p)
+        out = tl.where(x > 0.0, out, 0.0)
+        return tl.where(p == 0.0, 1.0, out)
+
+    @triton.jit
+    def _f64_at(ptr, i):
+        return tl.load(ptr + i).to(tl.float64, bitcast=True)
+
+    @triton.jit
+    def _put_f64(ptr, i, value):
+        tl.store(ptr + i, value.to(tl.float64).to(tl.int64, bitcast=True))
+
+    @triton.jit
+    def _advance_kernel(
+        counters_ptr,  # float64: k, lr_max, weight_sum, scheduled_lr (read, then advanced)
+        scalars_ptr,  # int64 out: the update kernel's _N_SCALARS coefficients (float64 bits)
+        hyper_ptr,  # int64: the _N_HYPER hyperparameters (float64 bits)
+        KIND: tl.constexpr,  # 0 adamw, 1 sgd, 2 radam
+        SILENT: tl.constexpr,  # RAdam's silent_sgd_phase
+        INTERPRET: tl.constexpr,
+    ):
+        """``advance`` and ``scalars`` of one group on the device, one program: the capturable
+        step's counters never leave the device, so a CUDA graph can replay the step."""
+        lr = _f64_at(hyper_ptr, 0)
+        b1 = _f64_at(hyper_ptr, 1)
+        b2 = _f64_at(hyper_ptr, 2)
+        warmup = _f64_at(hyper_ptr, 5)
+        k = tl.load(counters_ptr + 0)
+        step = k + 1.0
+        b2_t = _pow(b2, step, INTERPRET)
+        if KIND == 2:
+            rho_inf = 2.0 / tl.where(b2 < 1.0, 1.0 - b2, 1.0) - 1.0
+            rho_k = rho_inf - 2.0 * step * b2_t / tl.where(b2_t < 1.0, 1.0 - b2_t, 1.0)
+            on = rho_k > 4.0
+            num = (rho_k - 4.0) * (rho_k - 2.0) * rho_inf
+            den = tl.where(on, (rho_inf - 4.0) * (rho_inf - 2.0) * rho_k, 1.0)
+            rect = tl.sqrt(tl.where(on, num / den, 1.0))
+            lr_t = lr * tl.where(on, rect, 0.0 if SILENT else 1.0)
+            normalize = tl.where(on, 1.0, 0.0)
+        else:
+            sched = tl.where(k < warmup, step / tl.maximum(warmup, 1.0), 1.0)
+            lr_t = lr * sched
+            normalize = tl.zeros_like(lr) + (1.0 if KIND == 0 else 0.0)
+        lr_max = tl.maximum(tl.load(counters_ptr + 1), lr_t)
+        weight = _pow(step, _f64_at(hyper_ptr, 6), INTERPRET) * _pow(
+            lr_max, _f64_at(hyper_ptr, 7), INTERPRET
+        )
+        weight_sum = tl.load(counters_ptr + 2) + weight
+        c = tl.where(weight_sum != 0.0, weight / tl.where(weight_sum != 0.0, weight_sum, 1.0), 0.0)
+        _put_f64(scalars_ptr, 0, lr_t)
+        _put_f64(scalars_ptr, 1, c)
+        _put_f64(scalars_ptr, 2, lr_t * (b1 * (1.0 - c) - 1.0))
+        _put_f64(scalars_ptr, 3, b2)
+        _put_f64(scalars_ptr, 4, 1.0 - b2)
+        _put_f64(scalars_ptr, 5, 1.0 - b2_t)
+        _put_f64(scalars_ptr, 6, _f64_at(hyper_ptr, 3))
+        _put_f64(scalars_ptr, 7, _f64_at(hyper_ptr, 4))
+        _put_f64(scalars_ptr, 8, normalize)
+        tl.store(counters_ptr + 0, step)
+        tl.store(counters_ptr + 1, lr_max)
+        tl.store(counters_ptr + 2, weight_sum)
+        tl.store(counters_ptr + 3, lr_t)
 
 
 @functools.lru_cache(maxsize=64)
@@ -679,8 +763,18 @@ def _launch_blocks(kernel, device: torch.device, tables, *args, **constexprs) ->
     tables after ``args``, the block size as ``BLOCK``."""
     block_tensor, block_start, numel, block = tables
     grid = (block_tensor.numel(),)
-    _launch(kernel, grid, device, *args, block_tensor, block_start, numel, BLOCK=block,
-            num_warps=_NUM_WARPS, **constexprs)
+    _launch(
+        kernel,
+        grid,
+        device,
+        *args,
+        block_tensor,
+        block_start,
+        numel,
+        BLOCK=block,
+        num_warps=_NUM_WARPS,
+        **constexprs,
+    )
 
 
 def host_int64(n: int, device: torch.device) -> torch.Tensor:
@@ -698,7 +792,44 @@ def float_bits(values) -> list[int]:
 
 def step_coefficients(s: StepScalars) -> tuple[float, ...]:
     """The update kernel's ``_N_SCALARS`` coefficients of one step, in the kernel's order."""
-    return (s.lr, s.c, s.y_coef, s.b2, 1.0 - s.b2, s.bias_correction2, s.eps, s.weight_decay)
+    return (
+        s.lr,
+        s.c,
+        s.y_coef,
+        s.b2,
+        1.0 - s.b2,
+        s.bias_correction2,
+        s.eps,
+        s.weight_decay,
+        1.0 if s.normalize else 0.0,
+    )
+
+
+def hyperparameters(group: dict, kind: str) -> tuple[float, ...]:
+    """The capturable step's ``_N_HYPER`` hyperparameters of a group, in the advance kernel's
+    order (SGD: no b2, no eps)."""
+    b2, eps = (0.0, 0.0) if kind == "sgd" else (float(group["betas"][1]), float(group["eps"]))
+    warmup = 0.0 if kind == "radam" else float(group["warmup_steps"])
+    return (
+        float(group["lr"]),
+        b1_of(group, kind),
+        b2,
+        eps,
+        float(group["weight_decay"]),
+        warmup,
+        float(group["r"]),
+        float(group["weight_lr_power"]),
+    )
+
+
+def capturable_flags(kind: str, group: dict) -> dict:
+    """The update kernel's HAS_V / NORMALIZE / DECAY for a capturable step of ``group``: RAdam
+    leaves normalizing to the advance kernel's flag (it changes after a few steps)."""
+    return dict(
+        HAS_V=kind != "sgd",
+        NORMALIZE={"adamw": 1, "sgd": 0, "radam": 2}[kind],
+        DECAY=float(group["weight_decay"]) != 0,
+    )
 
 
 def _meta(bits: list[int], addrs: list[int], device: torch.device) -> torch.Tensor:
@@ -716,14 +847,16 @@ def address_slices(meta: torch.Tensor, start: int, n: int, count: int) -> list[t
 def launch_update(
     device: torch.device,
     dtypes: tuple[torch.dtype, torch.dtype, torch.dtype],
-    s: StepScalars,
+    flags: dict,
     scalars: torch.Tensor,
     addresses: Sequence[torch.Tensor],
     tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int],
 ) -> None:
     """One launch of the update kernel: ``scalars`` holds the step's coefficients (float64
     bits, on the device), ``addresses`` the g, y, z and v address tables (v's unused without
-    v), ``tables`` the bucket's ``_block_tables``; ``dtypes`` are y's, g's and the state's."""
+    v), ``tables`` the bucket's ``_block_tables``; ``dtypes`` are y's, g's and the state's;
+    ``flags`` the kernel's HAS_V, NORMALIZE and DECAY (``scalar_flags`` or
+    ``capturable_flags``)."""
     y_dtype, g_dtype, s_dtype = dtypes
     _launch_blocks(
         _fused_update_kernel,
@@ -735,9 +868,36 @@ def launch_update(
         G_DTYPE=_TL_DTYPES[g_dtype],
         S_DTYPE=_TL_DTYPES[s_dtype],
         F64=torch.float64 in (y_dtype, s_dtype),
-        HAS_V=s.has_v,
-        NORMALIZE=s.normalize,
-        DECAY=s.weight_decay != 0,
+        **flags,
+    )
+
+
+def scalar_flags(s: StepScalars) -> dict:
+    """The update kernel's HAS_V / NORMALIZE / DECAY for a step with host scalars ``s``."""
+    return dict(HAS_V=s.has_v, NORMALIZE=int(s.normalize), DECAY=s.weight_decay != 0)
+
+
+def launch_advance(
+    device: torch.device,
+    kind: str,
+    silent: bool,
+    counters: torch.Tensor,
+    scalars: torch.Tensor,
+    hyper: torch.Tensor,
+) -> None:
+    """One program of the advance kernel: ``counters`` (float64 k, lr_max, weight_sum,
+    scheduled_lr) move one step on the device and ``scalars`` receive that step's
+    coefficients, from the hyperparameters in ``hyper`` (``hyperparameters``' bits)."""
+    _launch(
+        _advance_kernel,
+        (1,),
+        device,
+        counters,
+        scalars,
+        hyper,
+        KIND=KINDS.index(kind),
+        SILENT=bool(silent),
+        INTERPRET=_INTERPRET,
     )
 
 
@@ -788,4 +948,4 @@ def _update_fused(ys, gs, zs, vs, s: StepScalars) -> None:
         addrs += list(map(data_ptr, vs_)) if s.has_v else [0] * len(vs_)
         meta = _meta(bits, addrs, device)
         addresses = address_slices(meta, _N_SCALARS, len(ys_), 4)
-        launch_update(device, (y_dtype, g_dtype, s_dtype), s, meta, addresses, tables)
+        launch_update(device, (y_dtype, g_dtype, s_dtype), scalar_flags(s), meta, addresses, tables)

@@ -39,6 +39,8 @@ def test_every_row_present_with_positive_finite_times(result):
         "sf_optax sgd jit",
         "sf_optax adamw packed jit",
         "sf_optax sgd packed jit",
+        "sf_optax adamw packed fori",
+        "sf_optax sgd packed fori",
         "optax.contrib adamw jit",
         "sf_optax eval_params jit",
         "jax dispatch floor",
@@ -153,8 +155,16 @@ def test_rows_selects_by_name_and_keeps_the_copies():
         "jax copy",
         "sf_optax adamw jit",
         "sf_optax adamw packed jit",
+        "sf_optax adamw packed fori",
     ]
     assert bench.select_rows(names, None) == names
+    # On CUDA the fused step also runs captured in a CUDA graph (capturable=True), replayed.
+    assert bench.select_rows(names, "graph") == [
+        "torch copy",
+        "sf_torch adamw graph",
+        "sf_torch sgd graph",
+        "jax copy",
+    ]
 
 
 def test_repeats_shrink_for_slow_rows_but_not_below_three():
