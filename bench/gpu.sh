@@ -5,7 +5,8 @@
 set -euo pipefail
 out="${OUT:-reports/gpu}"
 mkdir -p "$out"
-python -m pytest -q tests/test_torch_fused_gpu.py | tail -3
+python -m pytest -q tests/test_torch_fused_gpu.py tests/test_torch_capturable_gpu.py \
+    tests/test_torch_fused_plan.py tests/test_optax_packing.py | tail -3
 for set in big bf16 big-matrices big-vectors; do
     python -m bench.step --device cuda --set "$set" --json "$out/step_$set.json" \
         --hlo "$out/hlo" | tee "$out/step_$set.txt"

@@ -13,8 +13,9 @@ step with ``capturable=True`` captured in a CUDA graph and replayed); the refere
 dtype); sf_torch's train()/eval() switch; sf_optax.adamw, sf_optax.sgd (each also with
 ``pack_small_leaves``: leaves below 65536 elements share flat state slots) and
 optax.contrib.schedule_free_adamw, jitted with the params and state donated; the "fori" rows
-time FORI_STEPS packed steps inside one jitted ``lax.fori_loop`` (per step), the cost of the
-step in a training loop that stays on the device, without JAX's per-call cost per array.
+time FORI_STEPS steps inside one jitted ``lax.fori_loop`` (per step), the cost of the step in
+a training loop that stays on the device, without JAX's per-call cost per array; "optax sgd
+fori" (plain SGD: reads y and g, writes y) is what any optimizer pays per array there.
 
 Parameter sets: ``big`` (32 x 2048x4096 + 64 x 4096, fp32, 268.7M params), ``bf16`` (the same
 shapes in bf16 with fp32 state), ``small`` (2000 x 64x64 + 4 x 1024x1024) and ``tiny`` (for CI).
@@ -206,8 +207,10 @@ JAX_ROW_NAMES = [
     "sf_optax sgd jit",
     "sf_optax adamw packed jit",
     "sf_optax sgd packed jit",
+    "sf_optax adamw fori",
     "sf_optax adamw packed fori",
     "sf_optax sgd packed fori",
+    "optax sgd fori",
     "optax.contrib adamw jit",
     "sf_optax eval_params jit",
     "jax dispatch floor",
@@ -345,6 +348,10 @@ def jax_optimizer(name: str, ps: ParamSet):
         return sf_optax.sgd(
             LR_SGD, weight_decay=WEIGHT_DECAY, state_dtype=state_dtype, pack_small_leaves=pack
         )
+    if name == "optax sgd jit":
+        # Plain SGD without momentum (reads y, g; writes y): the least any optimizer does per
+        # leaf, the yardstick for what JAX costs per array inside a loop.
+        return optax.sgd(LR_SGD)
     if name == "optax.contrib adamw jit":
         return optax.contrib.schedule_free_adamw(
             LR_ADAMW, weight_decay=WEIGHT_DECAY, state_dtype=state_dtype
@@ -557,25 +564,10 @@ def run(args) -> dict:
         # The same bytes in one tensor: what the step would cost without per-tensor overhead.
         one = ParamSet("small as one tensor", ((ps.n_params,),), ps.param_dtype, ps.state_dtype)
         impls = ["fused", "graph"] if args.device == "cuda" else ["foreach"]
-        flat = run_torch(
-            one,
-            args.device,
-            args.warmup,
-            repeats,
-            inner,
-            skipped,
-            names=[f"sf_torch adamw {impl}" for impl in impls],
-        )
+        timing = (args.device, args.warmup, repeats, inner, skipped)
+        flat = run_torch(one, *timing, names=[f"sf_torch adamw {impl}" for impl in impls])
         if not args.no_jax:
-            flat += run_jax(
-                one,
-                args.device,
-                args.warmup,
-                repeats,
-                inner,
-                skipped,
-                names=["sf_optax adamw jit", "sf_optax adamw fori"],
-            )
+            flat += run_jax(one, *timing, names=["sf_optax adamw jit", "sf_optax adamw fori"])
         for r in flat:
             r.name += " [1 tensor]"
         rows += flat

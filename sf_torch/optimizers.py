@@ -418,6 +418,13 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         self._switch("y")
 
     def _switch(self, view: str) -> None:
+        if self._capturing():
+            # The switch sends its weight from a host buffer of the moment: a replay would read
+            # whatever that memory holds by then.
+            raise RuntimeError(
+                "eval()/train() cannot be captured in a CUDA graph: call them outside the "
+                "capture (only step() is capturable, with capturable=True)"
+            )
         to_train = view == "y"
         plan = []  # every group's implementation first: an error moves nothing
         for index, group in enumerate(self.param_groups):

@@ -218,3 +218,9 @@ def test_capture_errors():
         with torch.cuda.graph(graph):
             fresh.step()
     assert fresh.param_groups[0]["k"] == 0 and not fresh.state  # the failed step moved nothing
+    fresh.step()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="eval\\(\\)/train\\(\\) cannot be captured"):
+        with torch.cuda.graph(graph):
+            fresh.eval()
+    assert fresh.param_groups[0]["train_mode"] is True
