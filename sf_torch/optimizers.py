@@ -123,6 +123,11 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
                 )
             if group["fused"] or group["capturable"]:
                 problem = rule.fused_problem(group["params"])
+                if problem is not None and group["capturable"]:
+                    problem = (
+                        "capturable=True steps with the fused kernel, which cannot step these "
+                        f"params (pass capturable=False to step them otherwise): {problem}"
+                    )
                 if problem is not None:
                     raise RuntimeError(problem)
         except Exception:
@@ -153,7 +158,7 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         for name in ("foreach", "fused"):
             if group[name] not in (None, True, False):
                 raise ValueError(f"{name} must be in (None, True, False), got {group[name]!r}")
-        if group["capturable"] not in (True, False):
+        if type(group["capturable"]) is not bool:
             raise ValueError(f"capturable must be in (True, False), got {group['capturable']!r}")
         if group["capturable"] and group["fused"] is False:
             raise ValueError(

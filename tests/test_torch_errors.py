@@ -156,6 +156,19 @@ def test_fused_without_cuda_or_interpreter_is_a_clear_error(cls, monkeypatch):
         cls(params, fused=True)
 
 
+@pytest.mark.parametrize("cls", ALL)
+def test_capturable_without_cuda_or_interpreter_is_a_clear_error(cls, monkeypatch):
+    monkeypatch.setattr(rule, "_INTERPRET", False)
+    params = Problem(seed=3).params()
+    with pytest.raises(
+        RuntimeError,
+        match=r"^capturable=True steps with the fused kernel.*capturable=False.*needs CUDA",
+    ):
+        cls(params, capturable=True)
+    with pytest.raises(ValueError, match=r"^capturable must be in \(True, False\), got 1$"):
+        cls(params, capturable=1)
+
+
 def test_apply_update_needs_a_counted_step():
     problem = Problem()
     params = problem.params()
