@@ -15,7 +15,9 @@ dtype); sf_torch's train()/eval() switch; sf_optax.adamw, sf_optax.sgd (each als
 optax.contrib.schedule_free_adamw, jitted with the params and state donated; the "fori" rows
 time FORI_STEPS steps inside one jitted ``lax.fori_loop`` (per step), the cost of the step in
 a training loop that stays on the device, without JAX's per-call cost per array; "optax sgd
-fori" (plain SGD: reads y and g, writes y) is what any optimizer pays per array there.
+fori" (plain SGD: reads y and g, writes y) is what any optimizer pays per array there. JAX's
+switch rows: ``eval_params`` (new x arrays), and "switch" (eval_params then train_params with
+the params donated, per switch: x takes y's buffers, as torch's in-place switch).
 
 Parameter sets: ``big`` (32 x 2048x4096 + 64 x 4096, fp32, 268.7M params), ``bf16`` (the same
 shapes in bf16 with fp32 state), ``small`` (2000 x 64x64 + 4 x 1024x1024) and ``tiny`` (for CI).
@@ -213,6 +215,8 @@ JAX_ROW_NAMES = [
     "optax sgd fori",
     "optax.contrib adamw jit",
     "sf_optax eval_params jit",
+    "sf_optax switch jit",
+    "sf_optax switch packed jit",
     "jax dispatch floor",
 ]
 
@@ -461,6 +465,26 @@ def run_jax(
         median, times = timed(view, (params, state), lambda a, out: a)
         return Row(name, "jax", "switch", median, times, useful_bytes("switch", ps), 0, 0, extra)
 
+    def switch_row(name):
+        # JAX's in-place train()/eval(): params = eval_params(state, params) and back with
+        # train_params, the params donated (x takes y's buffers, as torch's switch writes p).
+        import sf_optax
+
+        packed = "packed" in name.split(" ")
+        opt = jax_optimizer("sf_optax adamw packed jit" if packed else "sf_optax adamw jit", ps)
+        params, _ = tensors()
+        state = opt.init(params)
+        to_x = jax.jit(lambda state, params: sf_optax.eval_params(state, params), donate_argnums=1)
+        to_y = jax.jit(lambda state, x: sf_optax.train_params(state, x), donate_argnums=1)
+        extra = jax_extra_bytes(to_x.lower(state, params).compile())
+
+        def pair(state, params):
+            return to_y(state, to_x(state, params))
+
+        median, times = timed(pair, (state, params), lambda a, out: (a[0], out))
+        median, times = median / 2, [t / 2 for t in times]
+        return Row(name, "jax", "switch", median, times, useful_bytes("switch", ps), 0, 0, extra)
+
     def floor_row(name):
         # The same buffers as sf_optax's AdamW step in and out of a jitted call that does no
         # arithmetic (the donated params and state come back as they are): what JAX's dispatch
@@ -483,6 +507,8 @@ def run_jax(
                     rows.append(copy_row())
                 elif name == "sf_optax eval_params jit":
                     rows.append(eval_params_row(name))
+                elif name.startswith("sf_optax switch"):
+                    rows.append(switch_row(name))
                 else:
                     rows.append(step_row(name))
             except Exception as e:  # noqa: BLE001  (one row that cannot run must not sink the rest)

@@ -45,6 +45,8 @@ def test_every_row_present_with_positive_finite_times(result):
         "optax sgd fori",
         "optax.contrib adamw jit",
         "sf_optax eval_params jit",
+        "sf_optax switch jit",
+        "sf_optax switch packed jit",
         "jax dispatch floor",
     }
     assert result["skipped"] == []
@@ -115,12 +117,27 @@ def test_hlo_dump_and_the_big_sets_halves(tmp_path):
     # --hlo writes one compiled program per JAX optimizer row; big-matrices and big-vectors
     # split big's shapes (recounted here) between them.
     bench.main(
-        ["--device", "cpu", "--set", "tiny", "--repeats", "1", "--no-jax", "--json",
-         str(tmp_path / "t.json")]
+        [
+            "--device",
+            "cpu",
+            "--set",
+            "tiny",
+            "--repeats",
+            "1",
+            "--no-jax",
+            "--json",
+            str(tmp_path / "t.json"),
+        ]
     )
     assert not list(tmp_path.glob("*.hlo.txt"))
     rows = bench.run_jax(
-        bench.param_set("tiny"), "cpu", 1, 1, 1, [], names=["sf_optax adamw jit"],
+        bench.param_set("tiny"),
+        "cpu",
+        1,
+        1,
+        1,
+        [],
+        names=["sf_optax adamw jit"],
         hlo_dir=str(tmp_path),
     )
     (dump,) = tmp_path.glob("*.hlo.txt")
@@ -138,7 +155,12 @@ def test_jax_rows_count_the_bytes_of_the_state_they_keep():
     rows = {
         r.name: r
         for r in bench.run_jax(
-            ps, "cpu", 0, 1, 1, [],
+            ps,
+            "cpu",
+            0,
+            1,
+            1,
+            [],
             names=["sf_optax adamw jit", "sf_optax adamw packed jit", "optax.contrib adamw jit"],
         )
     }

@@ -147,7 +147,12 @@ def _checks() -> dict:
         params2 = [torch.nn.Parameter(p.detach().clone()) for p in params]
         opt2 = sf_torch.AdamWScheduleFree(params2, capturable=target == "capturable", **kw)
         opt2.load_state_dict(saved)
+        # The checkpoint's group flags win, as in torch (fused, foreach, capturable alike):
+        # the host continuation turns capturable off by hand, mid-run.
+        out[f"ckpt/{target}/loaded_capturable"] = opt2.param_groups[0]["capturable"]
+        opt2.param_groups[0]["capturable"] = target == "capturable"
         train(opt2, problem, params2, 20)
+        out[f"ckpt/{target}/k_type"] = type(opt2.param_groups[0]["k"]).__name__
         out[f"ckpt/{target}/y"] = max_rel_diff(params2, ref_params)
         out[f"ckpt/{target}/counters"] = counter_diff(counters(opt2), counters(ref))
     # ... and a reference checkpoint into a capturable optimizer, back to the same continuation.
@@ -253,6 +258,9 @@ def test_checkpoints_save_numbers_and_continue_the_trajectory(report):
         assert report[f"ckpt/{target}/y"] <= TOL_F64, target
     assert report["ckpt/capturable/counters"] <= TOL_F64
     assert report["ckpt/host/counters"] <= TOL_F64
+    assert report["ckpt/host/loaded_capturable"] is True
+    assert report["ckpt/capturable/k_type"] == "Tensor"  # counted on the device
+    assert report["ckpt/host/k_type"] == "int"  # counted on the host again
 
 
 def test_counters_set_by_hand_reach_the_device(report):
