@@ -197,7 +197,35 @@ def _checks() -> dict:
     train(ref, problem, ref_params, 5)
     out["switch/y_after"] = max_rel_diff(params, ref_params)
 
-    # 6. Errors, each naming what to change; a failed step changes nothing.
+    # 6. A group whose params have no gradient on some steps still counts them (its counters
+    # advance alone on the device), as the reference's groups do.
+    problem = Problem(seed=9)
+    runs = {}
+    for name, cls, flags in (
+        ("ours", sf_torch.SGDScheduleFree, dict(capturable=True)),
+        ("ref", schedulefree.SGDScheduleFree, {}),
+    ):
+        params = problem.params()
+        opt = cls(
+            [{"params": params[:2]}, {"params": params[2:], "lr": 0.02}],
+            lr=0.05,
+            warmup_steps=3,
+            **flags,
+        )
+        if name == "ref":
+            opt.train()
+        for i in range(15):
+            backward(problem, params)
+            if 5 <= i < 10:
+                for p in params[2:]:
+                    p.grad = None
+            opt.step()
+        runs[name] = (params, opt)
+    out["no_grads/y"] = max_rel_diff(runs["ours"][0], runs["ref"][0])
+    out["no_grads/counters"] = counter_diff(counters(runs["ours"][1]), counters(runs["ref"][1]))
+    out["no_grads/k"] = [float(g["k"]) for g in runs["ours"][1].param_groups]
+
+    # 7. Errors, each naming what to change; a failed step changes nothing.
     p32 = torch.nn.Parameter(torch.ones(3))
     out["err/value"] = _error(lambda: sf_torch.AdamWScheduleFree([p32], capturable="yes"))
     out["err/fused_false"] = _error(
@@ -271,6 +299,12 @@ def test_counters_set_by_hand_reach_the_device(report):
 def test_eval_train_switch(report):
     assert report["switch/x"] <= TOL_F64
     assert report["switch/y_after"] <= TOL_F64
+
+
+def test_group_without_gradients_counts_its_steps(report):
+    assert report["no_grads/k"] == [15.0, 15.0]
+    assert report["no_grads/y"] <= TOL_F64
+    assert report["no_grads/counters"] <= TOL_F64
 
 
 def test_errors(report):
