@@ -15,6 +15,12 @@ doubt, makes the check answer "stale": the optimizer then takes the general path
 every error it promises and builds a new plan. Where the extension cannot be built (no
 compiler), ``PySnapshot`` makes the same checks in Python (slower, same answers).
 
+A capturable group (``capturable=True``) sends its hyperparameters instead of coefficients, and
+``step_capturable`` lets the advance kernel compute the coefficients on the device; while a
+CUDA graph is captured, the host buffer of that upload is a new one kept with the plan (the
+graph's copy reads it at each replay), and a plan a graph has captured is kept alive by the
+optimizer after it is replaced.
+
 Changes to the state (a param's state dict replaced, or z replaced inside it) are seen through
 ``TrackedState``, the optimizers' ``state`` mapping, which counts them in its ``version``; state
 dicts it does not track (put there by hand) are looked into at every check.

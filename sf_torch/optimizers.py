@@ -21,6 +21,14 @@ A step is two methods, so that a caller that steps the tensors in pieces (DeepSp
 ``step(closure=None)`` is ``advance_scalars()`` followed by ``apply_update()``. Every check
 (mode, hyperparameters, sparse gradients, the fused kernel's needs) runs before any tensor or
 counter changes, so a step that raises leaves the optimizer as it was.
+
+``capturable=True`` groups step so that a CUDA graph can replay the step: they always take the
+planned fused step (``fused_plan``), their counters are one float64 tensor on the params'
+device (the group's ``k``, ``lr_max``, ``weight_sum`` and ``scheduled_lr`` are 0-d views of
+it), and one program of ``rule``'s advance kernel advances them and writes the step's
+coefficients on the device. ``state_dict()`` saves the counters as Python numbers. Under a
+capture, a group without a current plan, a group with ``capturable=False`` and ``eval()`` /
+``train()`` raise a RuntimeError before anything is recorded.
 """
 
 from __future__ import annotations

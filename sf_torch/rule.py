@@ -30,7 +30,8 @@ updated) with ``rect = 0`` under ``silent_sgd_phase`` (nothing moves) and ``rect
 Views: ``to_x_`` writes ``x = lerp(y, z, 1 - 1/b1)`` into the params, ``to_y_`` writes
 ``y = lerp(x, z, 1 - b1)`` back; ``x_of`` returns ``x`` as a new tensor.
 
-Every scalar above is a Python float (float64), whatever the params' dtype; tensors see them
+Every scalar above is a Python float (float64), whatever the params' dtype (for a capturable
+group, a float64 number on the device computed by ``_advance_kernel``); tensors see them
 only as the coefficients ``lr``, ``c``, ``lr (b1 (1-c) - 1)``, ``b2``, ``1 - b2``,
 ``1 - b2**(k+1)``, ``eps`` and ``weight_decay`` of one step (``StepScalars``).
 
