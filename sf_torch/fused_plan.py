@@ -9,7 +9,7 @@ A ``FusedPlan`` keeps what does not change from step to step on the device: the 
 the addresses of y, z and v, and the gradients' addresses as last sent. Each step it checks,
 in C++ (``csrc/snapshot.cpp``, built on first use with torch's extension builder), that the
 group still holds the same params, at the same addresses, with dense gradients of their dtype
-and device, and with the same state tensors; it then sends the step's 8 coefficients, plus the
+and device, and with the same state tensors; it then sends the step's 9 coefficients, plus the
 gradients' addresses only where one moved, and launches the kernel. Anything else, or any
 doubt, makes the check answer "stale": the optimizer then takes the general path, which raises
 every error it promises and builds a new plan. Where the extension cannot be built (no
