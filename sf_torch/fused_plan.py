@@ -304,7 +304,7 @@ class FusedPlan:
         self.scalars = self.meta[: rule._N_SCALARS]
         self.hyper = self.meta[rule._N_SCALARS : _HEAD]
         self.hyper_and_grads = self.meta[rule._N_SCALARS : _HEAD + n]
-        self.captured = False  # a CUDA graph holds this plan's buffers: see retire()
+        self.captured = False  # a CUDA graph holds this plan's buffers (the optimizer keeps it)
         self._captures: list[torch.Tensor] = []  # host buffers that captured copies read
         keys = ("z", "exp_avg_sq") if has_v else ("z",)
         # State dicts whose changes count in state_map's version need no look inside.
@@ -390,8 +390,7 @@ class FusedPlan:
             self.snapshot.remember_grads(host, _HEAD)
         if event is not None:
             event.record()
-        silent = bool(group.get("silent_sgd_phase", False))
-        rule.launch_advance(self.device, kind, silent, counters, self.scalars, self.hyper)
+        rule.launch_advance(self.device, kind, group, counters, self.scalars, self.hyper)
         flags = rule.capturable_flags(kind, group)
         rule.launch_update(
             self.device, self.dtypes, flags, self.scalars, self.addresses, self.tables

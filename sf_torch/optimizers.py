@@ -355,50 +355,42 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
             if not params:
                 continue
             s = rule.scalars(group, self.kind)
-            zs, vs, dicts = [], [], []
-            for p, st in zip(params, states):
-                if not st or "z" not in st:
-                    st = self.init_state(p, group)
-                dicts.append(st)
-                zs.append(st["z"])
-                vs.append(st["exp_avg_sq"] if s.has_v else None)
+            dicts, zs, vs = self._buffers(group, params, states, s.has_v)
             rule.update(impl, params, grads, zs, vs, s)
             if impl == "fused" and fused_plan.plannable(params, grads, zs, vs, s.has_v):
-                stepped_ids = set(map(id, params))
-                stepped = [id(p) in stepped_ids for p in group["params"]]
-                self._plans[index] = fused_plan.FusedPlan(
-                    group, stepped, dicts, zs, vs, self.state, s.has_v
-                )
+                self._plans[index] = self._new_plan(group, params, dicts, zs, vs, s.has_v)
+
+    def _buffers(self, group, params, states, has_v: bool):
+        """The state dicts of ``params`` (created where missing), their z and their v (None
+        without v)."""
+        dicts = [
+            st if st and "z" in st else self.init_state(p, group) for p, st in zip(params, states)
+        ]
+        zs = [st["z"] for st in dicts]
+        vs = [st["exp_avg_sq"] for st in dicts] if has_v else [None] * len(dicts)
+        return dicts, zs, vs
+
+    def _new_plan(self, group, params, dicts, zs, vs, has_v: bool) -> fused_plan.FusedPlan:
+        """A ``FusedPlan`` of ``group`` for the step that just found ``params`` with gradients."""
+        stepped_ids = set(map(id, params))
+        stepped = [id(p) in stepped_ids for p in group["params"]]
+        return fused_plan.FusedPlan(group, stepped, dicts, zs, vs, self.state, has_v)
 
     def _first_capturable_step(self, index, group, params, grads, states) -> None:
         """A capturable group's step without a current plan (outside any capture): creates
         the missing state, plans the group and takes the step with the plan."""
         counters = self._device_counters(index, group)
         if not params:  # nothing to move: the counters still advance, as in every group
-            scratch = torch.zeros(fused_plan._HEAD, dtype=torch.int64)
-            fused_plan.py_put_scalars(
-                scratch[rule._N_SCALARS :], rule.hyperparameters(group, self.kind)
+            bits = rule.float_bits(
+                (0.0,) * rule._N_SCALARS + rule.hyperparameters(group, self.kind)
             )
-            scratch = scratch.to(counters.device)
-            silent = bool(group.get("silent_sgd_phase", False))
-            rule.launch_advance(
-                counters.device,
-                self.kind,
-                silent,
-                counters,
-                scratch[: rule._N_SCALARS],
-                scratch[rule._N_SCALARS :],
-            )
+            head = rule._meta(bits, [], counters.device)
+            scalars, hyper = head[: rule._N_SCALARS], head[rule._N_SCALARS :]
+            rule.launch_advance(counters.device, self.kind, group, counters, scalars, hyper)
             return
         has_v = self.kind != "sgd"
-        dicts = [
-            st if st and "z" in st else self.init_state(p, group) for p, st in zip(params, states)
-        ]
-        zs = [st["z"] for st in dicts]
-        vs = [st["exp_avg_sq"] for st in dicts] if has_v else [None] * len(dicts)
-        stepped_ids = set(map(id, params))
-        stepped = [id(p) in stepped_ids for p in group["params"]]
-        planned = fused_plan.FusedPlan(group, stepped, dicts, zs, vs, self.state, has_v)
+        dicts, zs, vs = self._buffers(group, params, states, has_v)
+        planned = self._new_plan(group, params, dicts, zs, vs, has_v)
         prepared = planned.prepare_step(group, self.state)
         if prepared is None:  # cannot happen right after planning: it would be a bug here
             raise AssertionError("a new capturable plan found itself stale")

@@ -881,14 +881,15 @@ def scalar_flags(s: StepScalars) -> dict:
 def launch_advance(
     device: torch.device,
     kind: str,
-    silent: bool,
+    group: dict,
     counters: torch.Tensor,
     scalars: torch.Tensor,
     hyper: torch.Tensor,
 ) -> None:
     """One program of the advance kernel: ``counters`` (float64 k, lr_max, weight_sum,
     scheduled_lr) move one step on the device and ``scalars`` receive that step's
-    coefficients, from the hyperparameters in ``hyper`` (``hyperparameters``' bits)."""
+    coefficients, from the hyperparameters in ``hyper`` (``hyperparameters``' bits of
+    ``group``, which also gives RAdam's ``silent_sgd_phase``)."""
     _launch(
         _advance_kernel,
         (1,),
@@ -897,7 +898,7 @@ def launch_advance(
         scalars,
         hyper,
         KIND=KINDS.index(kind),
-        SILENT=bool(silent),
+        SILENT=bool(group.get("silent_sgd_phase", False)),
         INTERPRET=_INTERPRET,
     )
 

@@ -23,10 +23,7 @@ TOL = 1e-12
 HP = dict(lr=0.05, betas=(0.9, 0.995), weight_decay=0.01, warmup_steps=5)
 
 
-@pytest.fixture(autouse=True)
-def x64():
-    with jax.enable_x64(True):
-        yield
+pytestmark = pytest.mark.usefixtures("x64")
 
 
 def sf_adamw(**overrides):

@@ -5,7 +5,6 @@ optax.contrib's z step uses the learning rate of the previous step (its first z 
 while its averaging weights do not; sf_optax follows the reference classes (DESIGN 1.3).
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -15,11 +14,7 @@ from optax_problems import Problem, max_rel_diff, run_optax, run_reference
 
 import sf_optax
 
-
-@pytest.fixture(autouse=True)
-def x64():
-    with jax.enable_x64(True):
-        yield
+pytestmark = pytest.mark.usefixtures("x64")
 
 
 trajectory = run_optax

@@ -21,10 +21,7 @@ STEPS = 200
 TOL = 1e-12
 
 
-@pytest.fixture(autouse=True)
-def x64():
-    with jax.enable_x64(True):
-        yield
+pytestmark = pytest.mark.usefixtures("x64")
 
 
 def run_packed(tx, problem, steps=STEPS):

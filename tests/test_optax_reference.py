@@ -23,10 +23,7 @@ STEPS = 200
 TOL = 1e-12
 
 
-@pytest.fixture(autouse=True)
-def x64():
-    with jax.enable_x64(True):
-        yield
+pytestmark = pytest.mark.usefixtures("x64")
 
 
 def _jitted_apply(tx):

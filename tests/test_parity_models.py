@@ -16,11 +16,7 @@ from flax import nnx
 from parity import data as data_lib
 from parity.models import canonical, flax_models, torch_models
 
-
-@pytest.fixture(autouse=True)
-def x64():
-    with jax.enable_x64(True):
-        yield
+pytestmark = pytest.mark.usefixtures("x64")
 
 
 def batch(model, n=16, seed=0):
