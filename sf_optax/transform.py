@@ -184,18 +184,21 @@ def schedule_free(
             y_next = jax.tree.map(new_y, params, new_x, new_z)
         else:
             new_x = None
-            gn_coef = lr * (beta * (1 - c) - 1)
+            # y' = (1 - c) y + c z + lr (b1 (1 - c) - 1) d, written with the new z (z = z' + lr d)
+            # so that nothing reads the old z once z' exists: each buffer can then be updated
+            # in place even where XLA computes y' and z' in separate loops (on the CPU).
+            gn_coef = -lr * (1 - c) * (1 - beta)
 
-            def new_y(y, z, d):
-                cdt = compute_dtype(y, z, d)
+            def new_y(y, z_new, d):
+                cdt = compute_dtype(y, z_new, d)
                 cc = c.astype(cdt)
                 return (
                     (1 - cc) * y.astype(cdt)
-                    + cc * z.astype(cdt)
+                    + cc * z_new.astype(cdt)
                     + gn_coef.astype(cdt) * d.astype(cdt)
                 )
 
-            y_next = jax.tree.map(new_y, params, state.z, gn)
+            y_next = jax.tree.map(new_y, params, new_z, gn)
 
         new_updates = jax.tree.map(lambda yn, y: yn - y.astype(yn.dtype), y_next, params)
         new_state = ScheduleFreeState(

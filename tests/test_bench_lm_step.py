@@ -65,7 +65,12 @@ def test_rows_fields_and_ratios(bench_run):
         assert r["median_s"] == pytest.approx(float(np.median(r["times_s"])))
         assert r["opt_median_s"] > 0
         assert r["opt_share"] == pytest.approx(r["opt_median_s"] / r["median_s"])
-        assert r["full_steps"] == WARMUP + STEPS == len(r["losses"])
+        # the synchronised steps, then as many pipelined ones in blocks of PIPELINE_BLOCK
+        assert r["full_steps"] == WARMUP + 2 * STEPS == len(r["losses"])
+        blocks = -(-STEPS // bench.PIPELINE_BLOCK)
+        assert len(r["pipelined_times_s"]) == blocks
+        assert all(math.isfinite(t) and t > 0 for t in r["pipelined_times_s"]), r["name"]
+        assert r["pipelined_s"] == pytest.approx(float(np.median(r["pipelined_times_s"])))
         if r["schedule_free"]:
             assert r["switch_s"] > 0
         else:
@@ -74,6 +79,9 @@ def test_rows_fields_and_ratios(bench_run):
     for fw, plain, sf in (("torch", *ROWS[:2]), ("jax", *ROWS[2:])):
         q = result["ratios"][fw]
         assert q["step"] == pytest.approx(rows[sf]["median_s"] / rows[plain]["median_s"])
+        assert q["step_pipelined"] == pytest.approx(
+            rows[sf]["pipelined_s"] / rows[plain]["pipelined_s"]
+        )
         assert q["optimizer"] == pytest.approx(
             rows[sf]["opt_median_s"] / rows[plain]["opt_median_s"]
         )
