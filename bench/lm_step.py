@@ -67,6 +67,7 @@ from torch import nn  # noqa: E402
 
 import sf_torch  # noqa: E402
 from bench.step import format_mb, jax_extra_bytes, skipped_lines  # noqa: E402
+from bench.timing import time_blocks  # noqa: E402
 
 LR = 1e-3
 BETAS = (0.9, 0.999)
@@ -420,20 +421,6 @@ class Row:
 PIPELINE_BLOCK = 4  # steps per synchronisation in the pipelined timing
 
 
-def _pipelined(step, sync, steps: int) -> list[float]:
-    """Seconds per step of ``steps`` calls of ``step`` (which must not wait for its work) in
-    blocks of :data:`PIPELINE_BLOCK`, ``sync`` once after each block."""
-    times = []
-    for start in range(0, steps, PIPELINE_BLOCK):
-        n = min(PIPELINE_BLOCK, steps - start)
-        t0 = time.perf_counter()
-        for _ in range(n):
-            step()
-        sync()
-        times.append((time.perf_counter() - t0) / n)
-    return times
-
-
 def _quartiles(times: list[float]) -> tuple[float, float, float]:
     if len(times) == 1:
         return times[0], times[0], times[0]
@@ -562,7 +549,7 @@ def torch_row(
         losses.append(full_step())
         sync()
         times.append(time.perf_counter() - t0)
-    piped = _pipelined(lambda: losses.append(full_step()), sync, steps)
+    piped = time_blocks(lambda: losses.append(full_step()), sync, steps, PIPELINE_BLOCK)
     full_steps = len(losses)
     if capture is not None:
         capture["params"] = torch_canonical(model)
@@ -701,7 +688,7 @@ def jax_row(
         carry[0], carry[1], loss = step(carry[0], carry[1], inputs, labels)
         losses.append(loss)
 
-    piped = _pipelined(piped_step, lambda: jax.block_until_ready(carry), steps)
+    piped = time_blocks(piped_step, lambda: jax.block_until_ready(carry), steps, PIPELINE_BLOCK)
     params, state = carry
     full_steps = len(losses)
     if capture is not None:
@@ -731,9 +718,7 @@ def jax_row(
     if schedule_free:
         to_x = jax.jit(sf_optax.eval_params).lower(state, params).compile()
         jax.block_until_ready(to_x(state, params))
-        switch = _median_seconds(
-            lambda: jax.block_until_ready(to_x(state, params)), max(3, steps)
-        )
+        switch = _median_seconds(lambda: jax.block_until_ready(to_x(state, params)), max(3, steps))
 
     return _timed_row(
         times,

@@ -38,3 +38,17 @@ def time_jax_steps(step, args, advance, warmup: int, repeats: int, inner: int, c
         if cap and len(times) == 1:
             n = capped_repeats(repeats, times[0], inner)
     return statistics.median(times), times, args
+
+
+def time_blocks(step, sync, steps: int, block: int) -> list[float]:
+    """Seconds per call of ``steps`` calls of ``step()`` (which must not wait for its own work)
+    in blocks of ``block`` calls, each block ended by ``sync()``: one sample per block."""
+    times = []
+    for start in range(0, steps, block):
+        n = min(block, steps - start)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+        sync()
+        times.append((time.perf_counter() - t0) / n)
+    return times
