@@ -12,6 +12,7 @@ export DS_ACCELERATOR ?= cpu
 export PYTHONDONTWRITEBYTECODE := 1
 # pytest-xdist workers; test files are kept whole on one worker (module fixtures run once).
 TEST_WORKERS ?= 2
+LINT_PATHS := sf_optax sf_torch sf_schedules parity examples bench tests
 
 .PHONY: setup demo test lint clean
 
@@ -26,7 +27,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 lint: $(STAMP)
-	$(PY) -m ruff check sf_optax sf_torch sf_schedules parity examples bench tests
+	$(PY) -m ruff check $(LINT_PATHS)
+	$(PY) -m ruff format --check $(LINT_PATHS)
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests

@@ -57,26 +57,43 @@ def _floats(text: str, name: str) -> tuple[float, ...]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.anytime",
-                                description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.anytime", description=__doc__.splitlines()[0])
     p.add_argument("--problem", default="all", choices=(*anytime_problems.PROBLEMS, "all"))
     p.add_argument("--framework", default="both", choices=(*FRAMEWORKS, "both"))
-    p.add_argument("--size", default="small", choices=anytime_problems.SIZES,
-                   help="tiny (CI), small (CPU, minutes), full (digits on CPU, charlm on a GPU)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="T, a multiple of 4 (default: the size's)")
-    p.add_argument("--lrs", default=None,
-                   help="comma-separated peak learning rates (default: per problem, "
-                        f"{anytime_problems.DEFAULT_LRS})")
-    p.add_argument("--sf-b1", default="0.9",
-                   help="comma-separated b1 of Schedule-Free; each is one more SF run per lr")
-    p.add_argument("--warmup", type=int, default=None,
-                   help="linear warmup steps for every run (default: T/20)")
-    p.add_argument("--weight-decay", type=float, default=None,
-                   help=f"for every run (default: per problem, "
-                        f"{anytime_problems.DEFAULT_WEIGHT_DECAY})")
-    p.add_argument("--methods", default=",".join(anytime_runs.METHODS),
-                   help="comma-separated subset of sf,cosine,wsd to run")
+    p.add_argument(
+        "--size",
+        default="small",
+        choices=anytime_problems.SIZES,
+        help="tiny (CI), small (CPU, minutes), full (digits on CPU, charlm on a GPU)",
+    )
+    p.add_argument(
+        "--steps", type=int, default=None, help="T, a multiple of 4 (default: the size's)"
+    )
+    p.add_argument(
+        "--lrs",
+        default=None,
+        help="comma-separated peak learning rates (default: per problem, "
+        f"{anytime_problems.DEFAULT_LRS})",
+    )
+    p.add_argument(
+        "--sf-b1",
+        default="0.9",
+        help="comma-separated b1 of Schedule-Free; each is one more SF run per lr",
+    )
+    p.add_argument(
+        "--warmup", type=int, default=None, help="linear warmup steps for every run (default: T/20)"
+    )
+    p.add_argument(
+        "--weight-decay",
+        type=float,
+        default=None,
+        help=f"for every run (default: per problem, {anytime_problems.DEFAULT_WEIGHT_DECAY})",
+    )
+    p.add_argument(
+        "--methods",
+        default=",".join(anytime_runs.METHODS),
+        help="comma-separated subset of sf,cosine,wsd to run",
+    )
     p.add_argument("--device", default="cpu", choices=DEVICES)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="reports/anytime")
@@ -112,8 +129,10 @@ def make_trainer(framework: str, problem, device: str):
         from bench import anytime_jax
 
         if device == "cuda" and jax.default_backend() != "gpu":
-            raise RuntimeError(f"--device cuda, but jax {jax.__version__} runs on "
-                               f"{jax.default_backend()}: install jax with CUDA support")
+            raise RuntimeError(
+                f"--device cuda, but jax {jax.__version__} runs on "
+                f"{jax.default_backend()}: install jax with CUDA support"
+            )
         return anytime_jax.Trainer(problem), anytime_jax.backend()
     from bench import anytime_torch
 
@@ -135,8 +154,10 @@ def _run_line(name, framework, spec, result) -> str:
     acc = result.get("eval_acc")
     acc_text = f", acc {acc[-1]:.1%}" if acc else ""
     b1 = f" b1 {spec.b1:g}" if spec.method == "sf" else ""
-    return (f"{name:6s} {framework:5s} {spec.method:6s}{b1} lr {spec.lr:<7g} "
-            f"{horizon:5d} steps: eval loss {final:.4f}{acc_text} ({result['seconds']:.1f} s)")
+    return (
+        f"{name:6s} {framework:5s} {spec.method:6s}{b1} lr {spec.lr:<7g} "
+        f"{horizon:5d} steps: eval loss {final:.4f}{acc_text} ({result['seconds']:.1f} s)"
+    )
 
 
 def run_problem(args, name: str, frameworks: tuple[str, ...], results: dict, save) -> None:
@@ -146,10 +167,14 @@ def run_problem(args, name: str, frameworks: tuple[str, ...], results: dict, sav
     steps = problem.steps
     warmup = steps // 20 if args.warmup is None else args.warmup
     lrs = args.lrs or anytime_problems.DEFAULT_LRS[name]
-    weight_decay = (anytime_problems.DEFAULT_WEIGHT_DECAY[name] if args.weight_decay is None
-                    else args.weight_decay)
-    specs = anytime_runs.plan(steps, problem.evals, lrs, args.sf_b1, warmup, weight_decay,
-                              args.methods)
+    weight_decay = (
+        anytime_problems.DEFAULT_WEIGHT_DECAY[name]
+        if args.weight_decay is None
+        else args.weight_decay
+    )
+    specs = anytime_runs.plan(
+        steps, problem.evals, lrs, args.sf_b1, warmup, weight_decay, args.methods
+    )
     entry = {
         "steps": steps,
         "horizons": list(anytime_runs.horizons(steps)),
@@ -226,8 +251,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {
-        "command": "python -m bench.anytime " + " ".join(argv if argv is not None
-                                                         else sys.argv[1:]),
+        "command": "python -m bench.anytime "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
         "size": args.size,
         "device": args.device,
         "seed": args.seed,

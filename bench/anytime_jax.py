@@ -38,11 +38,14 @@ def build_model(problem: Problem) -> nnx.Module:
     """The flax model of ``problem`` holding its canonical initial weights (and, for the CNN,
     BatchNorm statistics)."""
     if problem.name == "digits":
+
         def make():
             return flax_models.CNN(jnp.float32, nnx.Rngs(0))
     else:
+
         def make():
             return flax_models.LM(jnp.float32, nnx.Rngs(0), problem.lm)
+
     # Shapes only: flax's own random init would be thrown away (and costs seconds to compile).
     graphdef, state, rest = nnx.split(nnx.eval_shape(make), nnx.Param, ...)
     state = flax_models.to_state(state, problem.params0, jnp.float32)
@@ -59,8 +62,9 @@ def make_tx(spec: RunSpec) -> optax.GradientTransformation:
     sweep (each would otherwise compile its own), and the rate each step used can be read back.
     The value given here is a placeholder; :meth:`Trainer.run` sets it before every step.
     """
-    common = dict(learning_rate=0.0, b1=spec.b1, b2=spec.b2, eps=spec.eps,
-                  weight_decay=spec.weight_decay)
+    common = dict(
+        learning_rate=0.0, b1=spec.b1, b2=spec.b2, eps=spec.eps, weight_decay=spec.weight_decay
+    )
     if spec.method == "sf":
         return optax.inject_hyperparams(sf_optax.adamw, static_args=("warmup_steps",))(
             warmup_steps=spec.warmup, **common
@@ -158,8 +162,9 @@ class Trainer:
         if 0 in evals:
             observe()
         for step in range(spec.horizon):
-            _, grads, rest = self._loss_and_grad(params, rest, self._train_inputs,
-                                                 self._train_labels, step)
+            _, grads, rest = self._loss_and_grad(
+                params, rest, self._train_inputs, self._train_labels, step
+            )
             params, opt_state = update(grads, opt_state, params, lrs[step])
             if spec.method != "sf":
                 used.append(opt_state.hyperparams["learning_rate"])  # fetched once, at the end

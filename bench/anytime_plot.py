@@ -33,8 +33,9 @@ def shape(method: str, horizon: int, warmup: int) -> np.ndarray:
     if method == "cosine":
         return sf_schedules.cosine(1.0, horizon, warmup_steps=warmup).values(horizon)
     if method == "wsd":
-        schedule = sf_schedules.wsd(1.0, horizon, warmup_steps=warmup,
-                                    cooldown_fraction=WSD_COOLDOWN)
+        schedule = sf_schedules.wsd(
+            1.0, horizon, warmup_steps=warmup, cooldown_fraction=WSD_COOLDOWN
+        )
         return schedule.values(horizon)
     raise ValueError(f"method must be 'cosine' or 'wsd', got {method!r}")
 
@@ -96,8 +97,9 @@ def figure(results: dict, path) -> None:
 
     problems = list(results["problems"].items())
     ncols = 1 + max(len(p["frameworks"]) for _, p in problems)
-    fig, axes = plt.subplots(len(problems), ncols, figsize=(5.2 * ncols, 4.0 * len(problems)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(problems), ncols, figsize=(5.2 * ncols, 4.0 * len(problems)), squeeze=False
+    )
     for row, (name, problem) in enumerate(problems):
         steps = problem["steps"]
         hs = horizons(steps)
@@ -110,9 +112,13 @@ def figure(results: dict, path) -> None:
                 b1 = float(label.split("=")[1])
                 run = _best_run(fw["runs"], "sf", steps, best["lr"], b1)
                 shown.append((run["eval_steps"], run["eval_loss"]))
-                ax.plot(run["eval_steps"], run["eval_loss"], color=_COLORS["sf"],
-                        alpha=1.0 if label == sf_rows[0] else 0.5,
-                        label=f"{label}, lr {best['lr']:g}")
+                ax.plot(
+                    run["eval_steps"],
+                    run["eval_loss"],
+                    color=_COLORS["sf"],
+                    alpha=1.0 if label == sf_rows[0] else 0.5,
+                    label=f"{label}, lr {best['lr']:g}",
+                )
             for method in ("cosine", "wsd"):
                 label = next((k for k in fw["table"] if k.lower().startswith(method)), None)
                 if label is None:
@@ -121,9 +127,14 @@ def figure(results: dict, path) -> None:
                     best = fw["table"][label][h_name]
                     run = _best_run(fw["runs"], method, h, best["lr"])
                     shown.append((run["eval_steps"], run["eval_loss"]))
-                    ax.plot(run["eval_steps"], run["eval_loss"], color=_COLORS[method],
-                            alpha=0.4 + 0.3 * i, linestyle="--" if method == "wsd" else "-",
-                            label=f"{label} {h_name}, lr {best['lr']:g}")
+                    ax.plot(
+                        run["eval_steps"],
+                        run["eval_loss"],
+                        color=_COLORS[method],
+                        alpha=0.4 + 0.3 * i,
+                        linestyle="--" if method == "wsd" else "-",
+                        label=f"{label} {h_name}, lr {best['lr']:g}",
+                    )
             for h in hs:
                 ax.axvline(h, color="0.85", linewidth=0.8, zorder=0)
             _focus(ax, shown, steps // 8)
@@ -137,11 +148,19 @@ def figure(results: dict, path) -> None:
             t = np.arange(1, len(curve["bound"]) + 1)
             shown.append((t, curve["bound"]))
             h_index = hs.index(curve["horizon"])
-            label = ("Schedule-Free, constant lr" if method == "sf"
-                     else f"{method} {HORIZON_NAMES[h_index]}")
-            ax.plot(t, curve["bound"], color=_COLORS[method],
-                    alpha=1.0 if method == "sf" else 0.4 + 0.3 * h_index,
-                    linestyle="--" if method == "wsd" else "-", label=label)
+            label = (
+                "Schedule-Free, constant lr"
+                if method == "sf"
+                else f"{method} {HORIZON_NAMES[h_index]}"
+            )
+            ax.plot(
+                t,
+                curve["bound"],
+                color=_COLORS[method],
+                alpha=1.0 if method == "sf" else 0.4 + 0.3 * h_index,
+                linestyle="--" if method == "wsd" else "-",
+                label=label,
+            )
         _focus(ax, shown, steps // 8)
         ax.set_title(f"{name}: bound (convex, Lipschitz; D = G = 1)")
         ax.set_xlabel("step t")

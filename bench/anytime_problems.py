@@ -38,14 +38,25 @@ DIGITS_SIZES = {
     "full": dict(steps=1200, batch=32, evals=24),
 }
 CHARLM_SIZES = {
-    "tiny": dict(steps=16, batch=4, evals=4, width=16, layers=1, heads=2, seq=16, mlp=32,
-                 eval_windows=8),
-    "small": dict(steps=600, batch=16, evals=20, width=64, layers=2, heads=4, seq=64, mlp=256,
-                  eval_windows=64),
+    "tiny": dict(
+        steps=16, batch=4, evals=4, width=16, layers=1, heads=2, seq=16, mlp=32, eval_windows=8
+    ),
+    "small": dict(
+        steps=600, batch=16, evals=20, width=64, layers=2, heads=4, seq=64, mlp=256, eval_windows=64
+    ),
     # ~4.1M training characters in all, about 10 passes over the text: more would measure
     # overfitting (there is no dropout) rather than optimization.
-    "full": dict(steps=2000, batch=16, evals=20, width=192, layers=4, heads=4, seq=128,
-                 mlp=768, eval_windows=256),
+    "full": dict(
+        steps=2000,
+        batch=16,
+        evals=20,
+        width=192,
+        layers=4,
+        heads=4,
+        seq=128,
+        mlp=768,
+        eval_windows=256,
+    ),
 }
 DEFAULT_LRS = {"digits": (3e-3, 1e-2, 3e-2, 1e-1), "charlm": (1e-3, 3e-3, 1e-2, 3e-2)}
 DEFAULT_WEIGHT_DECAY = {"digits": 0.0, "charlm": 0.1}
@@ -151,10 +162,19 @@ def load(name: str, size: str, seed: int = 0) -> Problem:
         s = DIGITS_SIZES[size]
         data = parity_data.load("cnn", seed, s["batch"], "float32", recal_batches=4)
         return Problem(
-            name, size, seed, s["steps"], s["batch"], s["evals"],
+            name,
+            size,
+            seed,
+            s["steps"],
+            s["batch"],
+            s["evals"],
             canonical.cast(canonical.init_params("cnn", seed), np.float32),
             canonical.cast(canonical.init_buffers("cnn"), np.float32),
-            data.eval_inputs, data.eval_labels, data.recal_inputs, {}, data,
+            data.eval_inputs,
+            data.eval_labels,
+            data.recal_inputs,
+            {},
+            data,
         )
     s = dict(CHARLM_SIZES[size])
     tokens, vocab = char_tokens()
@@ -166,7 +186,17 @@ def load(name: str, size: str, seed: int = 0) -> Problem:
     starts = np.linspace(0, len(held_out) - lm["seq"] - 1, s["eval_windows"]).astype(np.int64)
     chunks = held_out[starts[:, None] + np.arange(lm["seq"] + 1)]
     return Problem(
-        name, size, seed, s["steps"], s["batch"], s["evals"],
-        canonical.cast(lm_init(lm, seed), np.float32), {},
-        chunks[:, :-1], chunks[:, 1:], (), lm, train,
+        name,
+        size,
+        seed,
+        s["steps"],
+        s["batch"],
+        s["evals"],
+        canonical.cast(lm_init(lm, seed), np.float32),
+        {},
+        chunks[:, :-1],
+        chunks[:, 1:],
+        (),
+        lm,
+        train,
     )

@@ -44,8 +44,14 @@ class RunSpec:
 
     def describe(self) -> dict:
         return {
-            "method": self.method, "label": self.label, "lr": self.lr, "horizon": self.horizon,
-            "warmup": self.warmup, "b1": self.b1, "b2": self.b2, "eps": self.eps,
+            "method": self.method,
+            "label": self.label,
+            "lr": self.lr,
+            "horizon": self.horizon,
+            "warmup": self.warmup,
+            "b1": self.b1,
+            "b2": self.b2,
+            "eps": self.eps,
             "weight_decay": self.weight_decay,
         }
 
@@ -53,8 +59,9 @@ class RunSpec:
 def horizons(steps: int) -> tuple[int, int, int]:
     """``(T/4, T/2, T)``; ``T`` must be a positive multiple of 4."""
     if steps < 4 or steps % 4:
-        raise ValueError(f"steps must be a positive multiple of 4 (horizons T/4, T/2, T), "
-                         f"got {steps}")
+        raise ValueError(
+            f"steps must be a positive multiple of 4 (horizons T/4, T/2, T), got {steps}"
+        )
     return steps // 4, steps // 2, steps
 
 
@@ -91,19 +98,35 @@ def plan(
     for lr in lrs:
         if "sf" in methods:
             for b1 in sf_b1s:
-                runs.append(RunSpec("sf", lr, steps, eval_grid(steps, evals, steps), warmup,
-                                    b1=b1, weight_decay=weight_decay))
+                runs.append(
+                    RunSpec(
+                        "sf",
+                        lr,
+                        steps,
+                        eval_grid(steps, evals, steps),
+                        warmup,
+                        b1=b1,
+                        weight_decay=weight_decay,
+                    )
+                )
         for h in hs:
             grid = eval_grid(steps, evals, h)
             if "cosine" in methods:
                 schedule = sf_schedules.cosine(lr, h, warmup_steps=warmup)
-                runs.append(RunSpec("cosine", lr, h, grid, warmup, weight_decay=weight_decay,
-                                    schedule=schedule))
+                runs.append(
+                    RunSpec(
+                        "cosine", lr, h, grid, warmup, weight_decay=weight_decay, schedule=schedule
+                    )
+                )
             if "wsd" in methods:
-                schedule = sf_schedules.wsd(lr, h, warmup_steps=warmup,
-                                            cooldown_fraction=WSD_COOLDOWN)
-                runs.append(RunSpec("wsd", lr, h, grid, warmup, weight_decay=weight_decay,
-                                    schedule=schedule))
+                schedule = sf_schedules.wsd(
+                    lr, h, warmup_steps=warmup, cooldown_fraction=WSD_COOLDOWN
+                )
+                runs.append(
+                    RunSpec(
+                        "wsd", lr, h, grid, warmup, weight_decay=weight_decay, schedule=schedule
+                    )
+                )
     return runs
 
 

@@ -40,7 +40,11 @@ def make_optimizer(spec: RunSpec, params) -> tuple[torch.optim.Optimizer, object
     betas = (spec.b1, spec.b2)
     if spec.method == "sf":
         optimizer = sf_torch.AdamWScheduleFree(
-            params, lr=spec.lr, betas=betas, eps=spec.eps, weight_decay=spec.weight_decay,
+            params,
+            lr=spec.lr,
+            betas=betas,
+            eps=spec.eps,
+            weight_decay=spec.weight_decay,
             warmup_steps=spec.warmup,
         )
         return optimizer, None
@@ -57,8 +61,10 @@ class Trainer:
 
     def __init__(self, problem: Problem, device: str = "cpu"):
         if device == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"--device cuda, but torch {torch.__version__} sees no CUDA "
-                               "device; run with --device cpu")
+            raise RuntimeError(
+                f"--device cuda, but torch {torch.__version__} sees no CUDA "
+                "device; run with --device cpu"
+            )
         if device == "cpu":
             # Small models: one thread is faster than two here, and leaves the other core free.
             torch.set_num_threads(1)

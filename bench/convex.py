@@ -234,8 +234,7 @@ def optimum(seed: int = 0) -> Optimum:
         w, f = w - t * step, f_new
         newton_steps += 1
     curvature = float(np.linalg.eigvalsh(_hessian(problem, w))[-1])
-    return Optimum(w, f, float(np.linalg.norm(batch_gradient(problem, w))), newton_steps,
-                   curvature)
+    return Optimum(w, f, float(np.linalg.norm(batch_gradient(problem, w))), newton_steps, curvature)
 
 
 def gradient_bound(problem: Problem, radius: float) -> float:
@@ -251,8 +250,9 @@ def batch_indices(n: int, batch: int, steps: int, seed: int = 0) -> np.ndarray:
     per_epoch = n // batch
     rng = np.random.default_rng([seed, 7])
     epochs = -(-steps // per_epoch)
-    chunks = [rng.permutation(n)[: per_epoch * batch].reshape(per_epoch, batch) for _ in
-              range(epochs)]
+    chunks = [
+        rng.permutation(n)[: per_epoch * batch].reshape(per_epoch, batch) for _ in range(epochs)
+    ]
     return np.concatenate(chunks)[:steps]
 
 
@@ -435,8 +435,13 @@ def train_jax(problem: Problem, specs: list[RunSpec], idx: np.ndarray, eval_ever
     runs = []
     for s in specs:
         snaps, w_norm, g_norm = results[s]
-        runs.append({"snaps": snaps[: s.steps // eval_every], "w_norm": w_norm[: s.steps + 1],
-                     "g_norm": g_norm[: s.steps]})
+        runs.append(
+            {
+                "snaps": snaps[: s.steps // eval_every],
+                "w_norm": w_norm[: s.steps + 1],
+                "g_norm": g_norm[: s.steps],
+            }
+        )
     return runs
 
 
@@ -450,17 +455,27 @@ def _jax_worker(in_path: str, out_path: str) -> None:
     np.savez(out_path, **arrays)
 
 
-def _start_jax(problem: Problem, specs: list[RunSpec], idx: np.ndarray, eval_every: int,
-               workdir: str) -> tuple[subprocess.Popen, str]:
+def _start_jax(
+    problem: Problem, specs: list[RunSpec], idx: np.ndarray, eval_every: int, workdir: str
+) -> tuple[subprocess.Popen, str]:
     in_path, out_path = f"{workdir}/jax_in.npz", f"{workdir}/jax_out.npz"
-    np.savez(in_path, train_a=problem.train_a, train_y=problem.train_y, test_a=problem.test_a,
-             test_y=problem.test_y, lam=problem.lam, idx=idx, eval_every=eval_every,
-             specs=json.dumps([asdict(s) for s in specs]))
+    np.savez(
+        in_path,
+        train_a=problem.train_a,
+        train_y=problem.train_y,
+        test_a=problem.test_a,
+        test_y=problem.test_y,
+        lam=problem.lam,
+        idx=idx,
+        eval_every=eval_every,
+        specs=json.dumps([asdict(s) for s in specs]),
+    )
     env = dict(os.environ)
     env.setdefault("JAX_PLATFORMS", "cpu")
     cmd = [sys.executable, "-m", "bench.convex", "--jax-worker", in_path, out_path]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     return proc, out_path
 
 
@@ -469,8 +484,7 @@ def _finish_jax(proc: subprocess.Popen, out_path: str, n: int) -> list[dict]:
     if proc.returncode != 0:
         raise RuntimeError(f"the JAX worker failed (exit {proc.returncode}):\n{stderr[-4000:]}")
     with np.load(out_path) as f:
-        return [{key: f[f"{i}/{key}"] for key in ("snaps", "w_norm", "g_norm")}
-                for i in range(n)]
+        return [{key: f[f"{i}/{key}"] for key in ("snaps", "w_norm", "g_norm")} for i in range(n)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,8 +501,9 @@ def eval_steps(spec: RunSpec, eval_every: int) -> np.ndarray:
 FREE_LR_GRID = 2.0 ** -np.arange(0, 31)
 
 
-def last_iterate_bounds(schedule: sf_schedules.Schedule, steps: np.ndarray, D: float,
-                        G: float) -> np.ndarray:
+def last_iterate_bounds(
+    schedule: sf_schedules.Schedule, steps: np.ndarray, D: float, G: float
+) -> np.ndarray:
     """Theorem 1 (``sf_schedules.last_iterate_bound``) for SGD's iterate after each of
     ``steps`` updates: it reads the lrs of those updates and the next one."""
     lrs = schedule.values(int(steps.max()) + 1)
@@ -519,8 +534,7 @@ def theory_lr(method: Method, horizon: int, D: float, G: float) -> tuple[float, 
     """
     if method.kind == "sf":
         grid = np.geomspace(1e-3, 1e3, 1201)
-        b = [sf_schedules.schedule_free_optimizer_bound(float(g), horizon, D, G)[-1]
-             for g in grid]
+        b = [sf_schedules.schedule_free_optimizer_bound(float(g), horizon, D, G)[-1] for g in grid]
         i = int(np.argmin(b))
         return float(grid[i]), float(b[i])
     unit = schedule_of(RunSpec(method.label, method.kind, 1.0, horizon, horizon))
@@ -533,8 +547,14 @@ def accuracy(a: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
     return (np.argmax(a @ w, axis=-1) == y).mean(axis=-1)
 
 
-def analyse(problem: Problem, opt: Optimum, size: Size, specs: list[RunSpec],
-            torch_runs: list[dict], jax_runs: list[dict]) -> dict:
+def analyse(
+    problem: Problem,
+    opt: Optimum,
+    size: Size,
+    specs: list[RunSpec],
+    torch_runs: list[dict],
+    jax_runs: list[dict],
+) -> dict:
     """Suboptimality, accuracy and bounds of every run; the best per method and horizon."""
     radius = max(float(r["w_norm"].max()) for r in torch_runs + jax_runs)
     G = gradient_bound(problem, radius)
@@ -547,17 +567,19 @@ def analyse(problem: Problem, opt: Optimum, size: Size, specs: list[RunSpec],
         sub_t = objective(problem, tr["snaps"]) - opt.f
         sub_j = objective(problem, jr["snaps"]) - opt.f
         scale = np.abs(tr["snaps"]).max()
-        runs.append({
-            **asdict(spec),
-            "name": spec.name,
-            "eval_steps": steps.tolist(),
-            "subopt": sub_t.tolist(),
-            "subopt_jax": sub_j.tolist(),
-            "test_acc": accuracy(problem.test_a, problem.test_y, tr["snaps"]).tolist(),
-            "bound": None if bound is None else bound.tolist(),
-            "max_rel_param_diff": float(np.abs(tr["snaps"] - jr["snaps"]).max() / scale),
-            "max_grad_norm": float(max(tr["g_norm"].max(), jr["g_norm"].max())),
-        })
+        runs.append(
+            {
+                **asdict(spec),
+                "name": spec.name,
+                "eval_steps": steps.tolist(),
+                "subopt": sub_t.tolist(),
+                "subopt_jax": sub_j.tolist(),
+                "test_acc": accuracy(problem.test_a, problem.test_y, tr["snaps"]).tolist(),
+                "bound": None if bound is None else bound.tolist(),
+                "max_rel_param_diff": float(np.abs(tr["snaps"] - jr["snaps"]).max() / scale),
+                "max_grad_norm": float(max(tr["g_norm"].max(), jr["g_norm"].max())),
+            }
+        )
     labels = [m.label for m in METHODS + size.variants]
     best = {label: {} for label in labels}
     for label in labels:
@@ -570,19 +592,30 @@ def analyse(problem: Problem, opt: Optimum, size: Size, specs: list[RunSpec],
                     cands.append((r["subopt"][i], r["lr"], r["test_acc"][i], bnd, r["name"]))
             sub, lr, acc, bnd, name = min(cands)
             best[label][str(h)] = {
-                "subopt": sub, "lr": lr, "test_acc": acc, "bound": bnd, "run": name,
+                "subopt": sub,
+                "lr": lr,
+                "test_acc": acc,
+                "bound": bnd,
+                "run": name,
                 "bound_ratio": None if bnd is None else bnd / sub,
                 "sweep": {str(c[1]): c[0] for c in cands},
                 "bound_sweep": {str(c[1]): c[3] for c in cands},
             }
-    theory = {m.label: {str(h): dict(zip(("lr", "bound"), theory_lr(m, h, D, G)))
-                        for h in horizons(size)} for m in METHODS}
+    theory = {
+        m.label: {str(h): dict(zip(("lr", "bound"), theory_lr(m, h, D, G))) for h in horizons(size)}
+        for m in METHODS
+    }
     T = size.steps
     curve_steps = eval_steps(RunSpec("", "constant", 1.0, T, None), size.eval_every)
     theory_curves = {}
     for m in METHODS:
-        spec = RunSpec(m.label, m.kind, theory[m.label][str(T)]["lr"], T,
-                       T if m.kind in HORIZON_KINDS else None)
+        spec = RunSpec(
+            m.label,
+            m.kind,
+            theory[m.label][str(T)]["lr"],
+            T,
+            T if m.kind in HORIZON_KINDS else None,
+        )
         theory_curves[m.label] = run_bound(spec, curve_steps, D, G).tolist()
     # Above 2/L* SGD does not settle into W*'s basin of contraction: round-off differences
     # between the frameworks grow instead of staying at 1e-15, so parity is summarised apart.
@@ -603,17 +636,28 @@ def analyse(problem: Problem, opt: Optimum, size: Size, specs: list[RunSpec],
     ]
     return {
         "problem": {
-            "n_train": int(len(problem.train_y)), "n_test": int(len(problem.test_y)),
-            "features": int(problem.train_a.shape[1]), "classes": CLASSES, "lam": problem.lam,
-            "f_star": opt.f, "grad_norm_at_optimum": opt.grad_norm,
-            "newton_steps": opt.newton_steps, "L_star": opt.curvature,
+            "n_train": int(len(problem.train_y)),
+            "n_test": int(len(problem.test_y)),
+            "features": int(problem.train_a.shape[1]),
+            "classes": CLASSES,
+            "lam": problem.lam,
+            "f_star": opt.f,
+            "grad_norm_at_optimum": opt.grad_norm,
+            "newton_steps": opt.newton_steps,
+            "L_star": opt.curvature,
             "test_acc_at_optimum": float(accuracy(problem.test_a, problem.test_y, opt.w)),
-            "D": D, "G": G, "radius": radius,
+            "D": D,
+            "G": G,
+            "radius": radius,
             "max_feature_norm": float(np.linalg.norm(problem.train_a, axis=1).max()),
             "max_grad_norm_observed": max(r["max_grad_norm"] for r in runs),
         },
-        "config": {**asdict(size), "variants": [asdict(v) for v in size.variants],
-                   "horizons": list(horizons(size)), "cooldown_fraction": COOLDOWN_FRACTION},
+        "config": {
+            **asdict(size),
+            "variants": [asdict(v) for v in size.variants],
+            "horizons": list(horizons(size)),
+            "cooldown_fraction": COOLDOWN_FRACTION,
+        },
         "runs": runs,
         "best": best,
         "ordering": ordering,
@@ -643,28 +687,45 @@ def table(results: dict) -> str:
         for h, b in per_h.items():
             bound = "n/a" if b["bound"] is None else f"{b['bound']:.3g}"
             ratio = "n/a" if b["bound"] is None else f"{b['bound_ratio']:.3g}"
-            lines.append(f"| {label} | {h} | {b['lr']:g} | {b['subopt']:.3e} | "
-                         f"{b['test_acc']:.4f} | {bound} | {ratio} |")
-    lines += ["", "Orderings, best first: measured; by the bound at the lrs that won; by the bound "
-              "at the best lr of the sweep for the bound; by the bound at its optimal lr.", "",
-              "| horizon | measured | bound, lrs that won | bound, best of sweep | "
-              "bound, optimal lr |", "| ---: | --- | --- | --- | --- |"]
+            lines.append(
+                f"| {label} | {h} | {b['lr']:g} | {b['subopt']:.3e} | "
+                f"{b['test_acc']:.4f} | {bound} | {ratio} |"
+            )
+    lines += [
+        "",
+        "Orderings, best first: measured; by the bound at the lrs that won; by the bound "
+        "at the best lr of the sweep for the bound; by the bound at its optimal lr.",
+        "",
+        "| horizon | measured | bound, lrs that won | bound, best of sweep | bound, optimal lr |",
+        "| ---: | --- | --- | --- | --- |",
+    ]
     for h, o in results["ordering"].items():
         cols = ("measured", "bound_at_best_lr", "bound_tuned_over_sweep", "bound_at_optimal_lr")
         lines.append(f"| {h} | " + " | ".join(" < ".join(o[c]) for c in cols) + " |")
-    lines += ["", "Bound-optimal lr (the lr that minimises the bound at the horizon) and that "
-              "bound:", "", "| method | " + " | ".join(results["ordering"]) + " |",
-              "| --- |" + " ---: |" * len(results["ordering"])]
+    lines += [
+        "",
+        "Bound-optimal lr (the lr that minimises the bound at the horizon) and that bound:",
+        "",
+        "| method | " + " | ".join(results["ordering"]) + " |",
+        "| --- |" + " ---: |" * len(results["ordering"]),
+    ]
     for label, per_h in results["theory_optimal_lr"].items():
-        lines.append(f"| {label} | " + " | ".join(
-            f"{t['lr']:.3g} ({t['bound']:.3g})" for t in per_h.values()) + " |")
+        lines.append(
+            f"| {label} | "
+            + " | ".join(f"{t['lr']:.3g} ({t['bound']:.3g})" for t in per_h.values())
+            + " |"
+        )
     par = results["parity"]
-    lines += ["", f"Smallest bound / measured over every evaluated point of every run: "
-              f"{results['min_bound_ratio']:.3g}.", "",
-              f"JAX vs torch, largest relative difference of the evaluated W: "
-              f"{par['max_rel_param_diff_stable']:.2e} over Schedule-Free runs and SGD runs with "
-              f"lr < 2/L* = {par['stable_lr_limit']:.3g}; {par['max_rel_param_diff']:.2e} over "
-              f"all runs (above 1e-10: {', '.join(par['runs_above_1e-10']) or 'none'})."]
+    lines += [
+        "",
+        f"Smallest bound / measured over every evaluated point of every run: "
+        f"{results['min_bound_ratio']:.3g}.",
+        "",
+        f"JAX vs torch, largest relative difference of the evaluated W: "
+        f"{par['max_rel_param_diff_stable']:.2e} over Schedule-Free runs and SGD runs with "
+        f"lr < 2/L* = {par['stable_lr_limit']:.3g}; {par['max_rel_param_diff']:.2e} over "
+        f"all runs (above 1e-10: {', '.join(par['runs_above_1e-10']) or 'none'}).",
+    ]
     return "\n".join(lines)
 
 
@@ -683,8 +744,11 @@ def plot(results: dict, path: Path) -> None:
     theory = results["theory_curves"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5), sharex=True)
     for i, (label, per_h) in enumerate(results["best"].items()):
-        style = {"color": f"C{i}", "lw": 1.6 if label in main else 0.9,
-                 "ls": "-" if label in main else ":"}
+        style = {
+            "color": f"C{i}",
+            "lw": 1.6 if label in main else 0.9,
+            "ls": "-" if label in main else ":",
+        }
         r = runs[per_h[str(T)]["run"]]
         left.plot(r["eval_steps"], r["subopt"], label=f"{label} (lr {r['lr']:g})", **style)
         for h, b in per_h.items():
@@ -693,12 +757,26 @@ def plot(results: dict, path: Path) -> None:
             right.plot(r["eval_steps"], r["bound"], label=f"{label} (lr {r['lr']:g})", **style)
         if label in theory:
             lr = results["theory_optimal_lr"][label][str(T)]["lr"]
-            right.plot(theory["eval_steps"], theory[label], color=style["color"], ls="--",
-                       lw=1.2, label=f"{label}, bound-optimal lr {lr:.2g}")
-    left.set(yscale="log", xlabel="updates", ylabel="f(x) - f*  (train objective)",
-             title="measured: the runs best at T (dots: best at each horizon)")
-    right.set(yscale="log", xlabel="updates", ylabel="bound on E f(x) - f*",
-              title="convex bounds: those runs' lrs (solid), bound-optimal lr (dashed)")
+            right.plot(
+                theory["eval_steps"],
+                theory[label],
+                color=style["color"],
+                ls="--",
+                lw=1.2,
+                label=f"{label}, bound-optimal lr {lr:.2g}",
+            )
+    left.set(
+        yscale="log",
+        xlabel="updates",
+        ylabel="f(x) - f*  (train objective)",
+        title="measured: the runs best at T (dots: best at each horizon)",
+    )
+    right.set(
+        yscale="log",
+        xlabel="updates",
+        ylabel="bound on E f(x) - f*",
+        title="convex bounds: those runs' lrs (solid), bound-optimal lr (dashed)",
+    )
     left.legend(fontsize=7)
     right.legend(fontsize=7, ncol=2)
     fig.tight_layout()
@@ -755,13 +833,17 @@ def run(size_name: str, out: Path, seed: int = 0, trajectories: bool = False) ->
 
 
 def main(argv: list[str] | None = None) -> dict | None:
-    parser = argparse.ArgumentParser(prog="python -m bench.convex", description=__doc__.split(
-        "\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.convex", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--size", default="full", help="tiny (CI) or full")
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "convex")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--trajectories", action="store_true",
-                        help="also write every evaluated W (trajectories.npz)")
+    parser.add_argument(
+        "--trajectories",
+        action="store_true",
+        help="also write every evaluated W (trajectories.npz)",
+    )
     parser.add_argument("--jax-worker", nargs=2, metavar=("IN", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.jax_worker:
@@ -769,8 +851,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         return None
     results = run(args.size, args.out, args.seed, args.trajectories)
     print(table(results))
-    print(f"\n{args.out}/: results.json, table.md, convex.png "
-          f"({results['seconds']:.1f} s)")
+    print(f"\n{args.out}/: results.json, table.md, convex.png ({results['seconds']:.1f} s)")
     return results
 
 

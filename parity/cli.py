@@ -36,21 +36,41 @@ EXIT_OK, EXIT_TOLERANCE, EXIT_ERROR = 0, 1, 2
 
 def _add_run_options(p: argparse.ArgumentParser, default_dtype: str, dtypes=DTYPES) -> None:
     d = RunConfig()
-    p.add_argument("--model", choices=MODELS, default=d.model,
-                   help="mlp: digits MLP; cnn: digits CNN with BatchNorm; lm: tiny causal LM")
+    p.add_argument(
+        "--model",
+        choices=MODELS,
+        default=d.model,
+        help="mlp: digits MLP; cnn: digits CNN with BatchNorm; lm: tiny causal LM",
+    )
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
     p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--dtype", choices=dtypes, default=default_dtype,
-                   help="bfloat16: mixed precision (bf16 params and compute, float32 "
-                        "optimizer state); its rows are measured against a loose sanity bound")
+    p.add_argument(
+        "--dtype",
+        choices=dtypes,
+        default=default_dtype,
+        help="bfloat16: mixed precision (bf16 params and compute, float32 "
+        "optimizer state); its rows are measured against a loose sanity bound",
+    )
     p.add_argument("--seed", type=int, default=d.seed, help="init, data split and batches")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--eval-every", type=int, default=d.eval_every,
-                   help="evaluate at x every this many steps (and at the last)")
-    p.add_argument("--recal-batches", type=int, default=d.recal_batches,
-                   help="CNN: training batches that recompute BatchNorm statistics at x")
-    p.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate (default: adamw/radam 0.005, sgd 0.2)")
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=d.eval_every,
+        help="evaluate at x every this many steps (and at the last)",
+    )
+    p.add_argument(
+        "--recal-batches",
+        type=int,
+        default=d.recal_batches,
+        help="CNN: training batches that recompute BatchNorm statistics at x",
+    )
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="peak learning rate (default: adamw/radam 0.005, sgd 0.2)",
+    )
     p.add_argument("--b1", type=float, default=d.b1, help="momentum (betas[0]) in (0, 1]")
     p.add_argument("--b2", type=float, default=d.b2, help="second-moment decay (betas[1])")
     p.add_argument("--eps", type=float, default=d.eps)
@@ -58,21 +78,40 @@ def _add_run_options(p: argparse.ArgumentParser, default_dtype: str, dtypes=DTYP
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     p.add_argument("--r", type=float, default=d.r, help="polynomial weighting power")
     p.add_argument("--weight-lr-power", type=float, default=d.weight_lr_power)
-    p.add_argument("--sgd-phase", action="store_true",
-                   help="RAdam: take SGD steps while rectification is off (silent_sgd_phase=False)")
+    p.add_argument(
+        "--sgd-phase",
+        action="store_true",
+        help="RAdam: take SGD steps while rectification is off (silent_sgd_phase=False)",
+    )
     p.add_argument("--jobs", type=int, default=2, help="backends run at the same time")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--keep-records", action="store_true",
-                   help="keep each backend's per-step record (.npz, all params) in OUT/records")
+    p.add_argument(
+        "--keep-records",
+        action="store_true",
+        help="keep each backend's per-step record (.npz, all params) in OUT/records",
+    )
 
 
 def _config(args, **extra) -> RunConfig:
     return RunConfig(
-        model=args.model, optimizer=args.optimizer, steps=args.steps, dtype=args.dtype,
-        seed=args.seed, batch_size=args.batch_size, eval_every=args.eval_every,
-        recal_batches=args.recal_batches, lr=args.lr, b1=args.b1, b2=args.b2, eps=args.eps,
-        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, r=args.r,
-        weight_lr_power=args.weight_lr_power, silent_sgd_phase=not args.sgd_phase, **extra,
+        model=args.model,
+        optimizer=args.optimizer,
+        steps=args.steps,
+        dtype=args.dtype,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        eval_every=args.eval_every,
+        recal_batches=args.recal_batches,
+        lr=args.lr,
+        b1=args.b1,
+        b2=args.b2,
+        eps=args.eps,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps,
+        r=args.r,
+        weight_lr_power=args.weight_lr_power,
+        silent_sgd_phase=not args.sgd_phase,
+        **extra,
     )
 
 
@@ -82,36 +121,65 @@ def parse_args(argv):
 
     run = sub.add_parser("run", help="one model, several backends, one report")
     _add_run_options(run, default_dtype="float32")
-    run.add_argument("--device", choices=DEVICES, default="cpu",
-                     help="where the torch runners compute and the JAX runners' platform "
-                          "(sf_optax_mesh stays on 8 CPU devices); cuda: DeepSpeed on NCCL, "
-                          "one rank per GPU")
-    run.add_argument("--ranks", type=int, default=2,
-                     help="DeepSpeed ranks (cuda: at most the GPUs there are)")
-    run.add_argument("--backends", default=None,
-                     help="comma-separated; default: every backend this machine can run "
-                          "(see `python -m parity backends`; DeepSpeed: deepspeed_z0 ... _z3, "
-                          "one row per ZeRO stage)")
+    run.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="cpu",
+        help="where the torch runners compute and the JAX runners' platform "
+        "(sf_optax_mesh stays on 8 CPU devices); cuda: DeepSpeed on NCCL, "
+        "one rank per GPU",
+    )
+    run.add_argument(
+        "--ranks", type=int, default=2, help="DeepSpeed ranks (cuda: at most the GPUs there are)"
+    )
+    run.add_argument(
+        "--backends",
+        default=None,
+        help="comma-separated; default: every backend this machine can run "
+        "(see `python -m parity backends`; DeepSpeed: deepspeed_z0 ... _z3, "
+        "one row per ZeRO stage)",
+    )
     run.add_argument("--baseline", default="sf_torch", help="the row every other is compared to")
-    run.add_argument("--out", type=Path, default=None,
-                     help="report folder (default reports/<model>_<optimizer>_<dtype>)")
-    run.add_argument("--override", action="append", default=[], metavar="BACKEND:KEY=VALUE",
-                     help="change one config field for one backend (to check that the "
-                          "checks catch a mismatch), e.g. sf_optax:lr=0.0051")
+    run.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="report folder (default reports/<model>_<optimizer>_<dtype>)",
+    )
+    run.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="BACKEND:KEY=VALUE",
+        help="change one config field for one backend (to check that the "
+        "checks catch a mismatch), e.g. sf_optax:lr=0.0051",
+    )
 
     handoff = sub.add_parser("handoff", help="move a run JAX -> torch -> JAX mid-run")
     _add_run_options(handoff, default_dtype="float64", dtypes=("float64", "float32"))
-    handoff.add_argument("--switch-at", default="100,200",
-                         help="comma-separated steps at which the run changes framework")
-    handoff.add_argument("--start", choices=("jax", "torch"), default="jax",
-                         help="the framework of the first segment")
-    handoff.add_argument("--out", type=Path, default=None,
-                         help="report folder (default reports/handoff_<model>_<optimizer>_<dtype>)")
+    handoff.add_argument(
+        "--switch-at",
+        default="100,200",
+        help="comma-separated steps at which the run changes framework",
+    )
+    handoff.add_argument(
+        "--start",
+        choices=("jax", "torch"),
+        default="jax",
+        help="the framework of the first segment",
+    )
+    handoff.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="report folder (default reports/handoff_<model>_<optimizer>_<dtype>)",
+    )
 
     sub.add_parser("backends", help="list the backends and whether this machine can run them")
-    export = sub.add_parser("export-digits",
-                            help="write scikit-learn's digits to the file that machines "
-                                 "without scikit-learn read")
+    export = sub.add_parser(
+        "export-digits",
+        help="write scikit-learn's digits to the file that machines without scikit-learn read",
+    )
     export.add_argument("--out", type=Path, default=data.DIGITS_FILE)
     args = parser.parse_args(argv)
     if args.command == "run" and args.ranks < 1:
@@ -176,6 +244,7 @@ def _overrides(items, names):
 def _with_cuda(config: RunConfig, selected) -> RunConfig:
     """Checks that the frameworks of ``selected`` see a GPU (ValueError if not) and gives
     DeepSpeed one rank per GPU at most."""
+
     def on_cuda(runner):  # JAX runners run where JAX_PLATFORMS says (the mesh: always cpu)
         if runner.FRAMEWORK == "jax":
             return runners.environment(runner, config).get("JAX_PLATFORMS") == "cuda"
@@ -216,12 +285,13 @@ def _run(args) -> int:
             backend_config = backend_config.with_override(key, value)
         jobs.append((runner, backend_config))
     if registry[baseline].expected_difference(config):
-        raise ValueError(f"the baseline {baseline} is expected to differ here "
-                         f"({registry[baseline].expected_difference(config)}): pick another")
+        raise ValueError(
+            f"the baseline {baseline} is expected to differ here "
+            f"({registry[baseline].expected_difference(config)}): pick another"
+        )
 
     workdir = args.out / "records"
-    outcomes = launch.run_all(jobs, workdir, parallel=args.jobs,
-                              progress_bar=not args.no_progress)
+    outcomes = launch.run_all(jobs, workdir, parallel=args.jobs, progress_bar=not args.no_progress)
     base_outcome = outcomes.get(baseline)
     base_record = base_outcome.record if base_outcome else None
     nominal = tolerances.nominal(config.dtype)
@@ -229,8 +299,9 @@ def _run(args) -> int:
         name = runner.NAME
         outcome = outcomes[name]
         if outcome.record is None:
-            rows_by_name[name] = report.Row(name, runner.ROLE, report.ERROR, note=outcome.error,
-                                            seconds=outcome.seconds)
+            rows_by_name[name] = report.Row(
+                name, runner.ROLE, report.ERROR, note=outcome.error, seconds=outcome.seconds
+            )
             continue
         expected = runner.expected_difference(backend_config)
         notes = [n for n in [runners.note(runner, backend_config)] if n]
@@ -242,8 +313,16 @@ def _run(args) -> int:
         if name != baseline and base_record is not None:
             comparison = compare(outcome.record, base_record)
         limits = tolerances.limits(runner.ROLE, config.dtype, expected)
-        row = report.make_row(name, runner.ROLE, outcome.record, comparison, limits, nominal,
-                              outcome.seconds, "; ".join(notes))
+        row = report.make_row(
+            name,
+            runner.ROLE,
+            outcome.record,
+            comparison,
+            limits,
+            nominal,
+            outcome.seconds,
+            "; ".join(notes),
+        )
         if name != baseline and base_record is None:
             row.status, row.note = report.ERROR, f"no baseline to compare with ({baseline} failed)"
         rows_by_name[name] = row
@@ -255,8 +334,10 @@ def _run(args) -> int:
         code = EXIT_TOLERANCE
     else:
         code = EXIT_OK
-    title = (f"{config.model} / {config.optimizer} / {config.dtype} on {config.device}, "
-             f"{config.steps} steps, seed {config.seed}, baseline {baseline}")
+    title = (
+        f"{config.model} / {config.optimizer} / {config.dtype} on {config.device}, "
+        f"{config.steps} steps, seed {config.seed}, baseline {baseline}"
+    )
     _write(args.out, rows, config, baseline, code, title, started, args.keep_records)
     return code
 
@@ -275,12 +356,18 @@ def _write(out: Path, rows, config, baseline, code, title, started, keep_records
     plotted = report.plot(rows, out / "report.png", title, config.dtype)
     if not keep_records:
         shutil.rmtree(out / "records", ignore_errors=True)
-    verdict = {EXIT_OK: "all checks passed", EXIT_TOLERANCE: "a tolerance was exceeded",
-               EXIT_ERROR: "a backend failed"}[code]
+    verdict = {
+        EXIT_OK: "all checks passed",
+        EXIT_TOLERANCE: "a tolerance was exceeded",
+        EXIT_ERROR: "a backend failed",
+    }[code]
     png = out / "report.png" if plotted else "no PNG (matplotlib is not installed)"
     sys.stderr.flush()
-    print(f"\n{verdict} ({time.perf_counter() - started:.1f} s)\nreport: {out / 'report.json'}, "
-          f"{png}", flush=True)
+    print(
+        f"\n{verdict} ({time.perf_counter() - started:.1f} s)\nreport: {out / 'report.json'}, "
+        f"{png}",
+        flush=True,
+    )
 
 
 def _handoff(args) -> int:
@@ -298,8 +385,12 @@ def _handoff(args) -> int:
 
     workdir = (args.out / "records").resolve()
     # The single-framework runs, one per framework, from start to end.
-    references = launch.run_all([(r, config) for r in by_framework.values()], workdir,
-                                parallel=args.jobs, progress_bar=not args.no_progress)
+    references = launch.run_all(
+        [(r, config) for r in by_framework.values()],
+        workdir,
+        parallel=args.jobs,
+        progress_bar=not args.no_progress,
+    )
     # The moving run: segments [0, s1], [s1, s2], ... alternating frameworks.
     bounds = [0, *switches, config.steps]
     order = ["jax", "torch"] if args.start == "jax" else ["torch", "jax"]
@@ -308,15 +399,19 @@ def _handoff(args) -> int:
         framework = order[i % 2]
         path.append(framework)
         seg_config = config.replace(
-            steps=last, first_step=first,
+            steps=last,
+            first_step=first,
             resume_from=str(workdir / f"state_{first}.npz") if first else None,
             save_to=str(workdir / f"state_{last}.npz") if last < config.steps else None,
         )
-        outcome = launch.run_child(by_framework[framework], seg_config, workdir,
-                                   tag=f"segment{i}_{framework}")
+        outcome = launch.run_child(
+            by_framework[framework], seg_config, workdir, tag=f"segment{i}_{framework}"
+        )
         if outcome.record is None:
-            print(f"segment {i} ({framework}, steps {first}-{last}) failed: {outcome.error}",
-                  file=sys.stderr)
+            print(
+                f"segment {i} ({framework}, steps {first}-{last}) failed: {outcome.error}",
+                file=sys.stderr,
+            )
             return EXIT_ERROR
         segments.append(outcome)
 
@@ -335,20 +430,45 @@ def _handoff(args) -> int:
         if outcome.record is None:
             rows.append(report.Row(name, "primary", report.ERROR, note=outcome.error))
             continue
-        rows.append(report.make_row(
-            name, "primary", outcome.record, compare(outcome.record, base.record),
-            tolerances.limits("primary", config.dtype), nominal, outcome.seconds,
-        ))
+        rows.append(
+            report.make_row(
+                name,
+                "primary",
+                outcome.record,
+                compare(outcome.record, base.record),
+                tolerances.limits("primary", config.dtype),
+                nominal,
+                outcome.seconds,
+            )
+        )
     chain_name = f"handoff {route}"
-    rows.append(report.make_row(
-        chain_name, "primary", chain, compare(chain, base.record),
-        tolerances.limits("primary", config.dtype), nominal,
-        sum(s.seconds for s in segments), f"framework switched at steps {switches}",
-    ))
+    rows.append(
+        report.make_row(
+            chain_name,
+            "primary",
+            chain,
+            compare(chain, base.record),
+            tolerances.limits("primary", config.dtype),
+            nominal,
+            sum(s.seconds for s in segments),
+            f"framework switched at steps {switches}",
+        )
+    )
     failed = any(r.status in (report.FAIL, report.ERROR) for r in rows)
     code = EXIT_TOLERANCE if failed else EXIT_OK
-    title = (f"handoff {route} at steps {switches}: {config.model} / {config.optimizer} / "
-             f"{config.dtype}, {config.steps} steps, baseline {base_name}")
-    _write(args.out, rows, config, base_name, code, title, started, args.keep_records,
-           extra={"switch_at": switches, "route": path})
+    title = (
+        f"handoff {route} at steps {switches}: {config.model} / {config.optimizer} / "
+        f"{config.dtype}, {config.steps} steps, baseline {base_name}"
+    )
+    _write(
+        args.out,
+        rows,
+        config,
+        base_name,
+        code,
+        title,
+        started,
+        args.keep_records,
+        extra={"switch_at": switches, "route": path},
+    )
     return code

@@ -96,8 +96,13 @@ class RunConfig:
     def with_override(self, key: str, value: str) -> RunConfig:
         """A copy with one field set from its text form (``--override backend:key=value``)."""
         fields = {f.name: f for f in dataclasses.fields(self)}
-        if key not in fields or key in ("extra", "resume_from", "save_to", "first_step",
-                                        "digits_file"):
+        if key not in fields or key in (
+            "extra",
+            "resume_from",
+            "save_to",
+            "first_step",
+            "digits_file",
+        ):
             raise ValueError(f"cannot override {key!r}; fields: {sorted(fields)}")
         current = getattr(self, key)
         if isinstance(current, bool):

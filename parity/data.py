@@ -133,8 +133,16 @@ def load(
         eval_tokens = _markov_tokens(cumulative, 128, np.random.default_rng([seed, 4]))
         empty = np.zeros((0,), np.int32)
         return Data(
-            model, seed, batch_size, dtype, empty, empty,
-            eval_tokens[:, :-1], eval_tokens[:, 1:], (), cumulative,
+            model,
+            seed,
+            batch_size,
+            dtype,
+            empty,
+            empty,
+            eval_tokens[:, :-1],
+            eval_tokens[:, 1:],
+            (),
+            cumulative,
         )
     train_x, eval_x, train_y, eval_y = _digits(seed, digits_file)
     if len(train_x) < batch_size:

@@ -32,8 +32,13 @@ def cuda_devices(framework: str) -> tuple[int, str]:
     env = dict(os.environ)
     env.pop("JAX_PLATFORMS", None)  # ask what there is, not what this shell allows
     try:
-        child = subprocess.run([sys.executable, "-c", _PROBES[framework]], env=env,
-                               capture_output=True, text=True, timeout=300)
+        child = subprocess.run(
+            [sys.executable, "-c", _PROBES[framework]],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     except subprocess.TimeoutExpired:
         return 0, f"{framework} did not answer within 300 s"
     if child.returncode != 0:

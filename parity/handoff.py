@@ -57,8 +57,13 @@ class Snapshot:
         arrays |= {f"v/{n}": a for n, a in (self.v or {}).items()}
         arrays |= {f"buffers/{n}": a for n, a in self.buffers.items()}
         scalars = dict(
-            model=self.model, optimizer=self.optimizer, k=self.k, weight_sum=self.weight_sum,
-            lr_max=self.lr_max, b1=self.b1, has_v=self.v is not None,
+            model=self.model,
+            optimizer=self.optimizer,
+            k=self.k,
+            weight_sum=self.weight_sum,
+            lr_max=self.lr_max,
+            b1=self.b1,
+            has_v=self.v is not None,
         )
         np.savez(path, scalars=json.dumps(scalars), **arrays)
 
@@ -71,9 +76,16 @@ class Snapshot:
                 return {k[len(prefix) + 1 :]: f[k] for k in f.files if k.startswith(prefix + "/")}
 
             return cls(
-                model=s["model"], optimizer=s["optimizer"], params=part("params"), z=part("z"),
-                v=part("v") if s["has_v"] else None, buffers=part("buffers"), k=int(s["k"]),
-                weight_sum=float(s["weight_sum"]), lr_max=float(s["lr_max"]), b1=float(s["b1"]),
+                model=s["model"],
+                optimizer=s["optimizer"],
+                params=part("params"),
+                z=part("z"),
+                v=part("v") if s["has_v"] else None,
+                buffers=part("buffers"),
+                k=int(s["k"]),
+                weight_sum=float(s["weight_sum"]),
+                lr_max=float(s["lr_max"]),
+                b1=float(s["b1"]),
             )
 
 
@@ -87,7 +99,8 @@ def _second_moment_states(tree):
 
     kind = sf_optax.ScaleBySecondMomentState
     return [
-        n for n in jax.tree.leaves(tree, is_leaf=lambda n: isinstance(n, kind))
+        n
+        for n in jax.tree.leaves(tree, is_leaf=lambda n: isinstance(n, kind))
         if isinstance(n, kind)
     ]
 
@@ -107,6 +120,7 @@ def snapshot_from_optax(
 
     def numpy(tree):
         return {n: np.asarray(jax.device_get(a)) for n, a in tree.items()}
+
     return Snapshot(
         model=model,
         optimizer=optimizer,
@@ -269,7 +283,12 @@ def load_into_torch(snapshot: Snapshot, module, optimizer) -> None:
 
 
 def optax_to_torch(
-    model: str, optimizer: str, params: dict, opt_state, module, torch_optimizer,
+    model: str,
+    optimizer: str,
+    params: dict,
+    opt_state,
+    module,
+    torch_optimizer,
     buffers: dict | None = None,
 ) -> None:
     """sf_optax params (y) + state -> an sf_torch model and optimizer, in place."""

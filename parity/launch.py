@@ -86,8 +86,11 @@ def run_all(
         tqdm, progress_bar = None, False
 
     total = sum(c.steps - c.first_step for _, c in jobs)
-    bar = (tqdm(total=total, unit="step", leave=False, desc="parity", dynamic_ncols=True)
-           if progress_bar else _NoBar())
+    bar = (
+        tqdm(total=total, unit="step", leave=False, desc="parity", dynamic_ncols=True)
+        if progress_bar
+        else _NoBar()
+    )
     lock = threading.Lock()
 
     def one(job):

@@ -15,7 +15,12 @@ from parity.training.record import Record
 
 # Row status: what the row's numbers mean for the exit code.
 BASELINE, OK, FAIL, REPORTED, SKIPPED, ERROR = (
-    "baseline", "ok", "FAIL", "reported", "skipped", "ERROR"
+    "baseline",
+    "ok",
+    "FAIL",
+    "reported",
+    "skipped",
+    "ERROR",
 )
 
 
@@ -73,25 +78,47 @@ def _num(value: float, fmt: str = ".3e") -> str:
 
 
 def table(rows: list[Row], baseline: str, dtype: str) -> str:
-    header = ["backend", "role", "train loss (y)", "eval loss (x)", "params diff",
-              "train loss diff", "eval loss diff", "first step over", "status"]
+    header = [
+        "backend",
+        "role",
+        "train loss (y)",
+        "eval loss (x)",
+        "params diff",
+        "train loss diff",
+        "eval loss diff",
+        "first step over",
+        "status",
+    ]
     lines = [header]
     for r in rows:
         d = r.max_diff
-        lines.append([
-            r.name, r.role, _num(r.final_train_loss, ".6f"), _num(r.final_eval_loss, ".6f"),
-            _num(d.get("params")), _num(d.get("train_loss")), _num(d.get("eval_loss")),
-            "-" if r.first_step_over is None else str(r.first_step_over), r.status,
-        ])
+        lines.append(
+            [
+                r.name,
+                r.role,
+                _num(r.final_train_loss, ".6f"),
+                _num(r.final_eval_loss, ".6f"),
+                _num(d.get("params")),
+                _num(d.get("train_loss")),
+                _num(d.get("eval_loss")),
+                "-" if r.first_step_over is None else str(r.first_step_over),
+                r.status,
+            ]
+        )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     out = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
     out.insert(1, "  ".join("-" * w for w in widths))
     limits = ", ".join(f"{m} <= {v:g}" for m, v in tolerances.nominal(dtype).items())
-    kind = "sanity bound (mixed precision, no parity claimed)" if dtype == "bfloat16" else (
-        "tolerance")
+    kind = (
+        "sanity bound (mixed precision, no parity claimed)"
+        if dtype == "bfloat16"
+        else ("tolerance")
+    )
     out.append("")
-    out.append(f"diffs: largest relative difference to {baseline} over all steps; "
-               f"{dtype} {kind}: {limits or 'none'}")
+    out.append(
+        f"diffs: largest relative difference to {baseline} over all steps; "
+        f"{dtype} {kind}: {limits or 'none'}"
+    )
     by_note: dict[str, list[str]] = {}  # rows sharing a note (DeepSpeed's stages) say it once
     for r in rows:
         if r.note:
@@ -155,8 +182,12 @@ def plot(rows: list[Row], path: Path, title: str, dtype: str) -> bool:
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     floor = 1e-17  # exact agreement, drawn at the bottom of the log scale
     for i, r in enumerate(measured):
-        style = dict(linestyle=styles[i % len(styles)], color=colors[i % len(colors)],
-                     linewidth=1.2, label=r.name)
+        style = dict(
+            linestyle=styles[i % len(styles)],
+            color=colors[i % len(colors)],
+            linewidth=1.2,
+            label=r.name,
+        )
         rec = r.record
         ax_train.plot(rec.steps[:-1], rec.train_loss, **style)
         evaluated = ~np.isnan(rec.eval_loss)
@@ -168,15 +199,22 @@ def plot(rows: list[Row], path: Path, title: str, dtype: str) -> bool:
             ax_loss.plot(c.steps[ok], np.maximum(c.eval_loss[ok], floor), **style)
     ax_train.set(title="training loss at y (before each step)", xlabel="step", ylabel="loss")
     ax_eval.set(title="eval loss at x", xlabel="step", ylabel="loss")
-    ax_params.set(title="params: max relative difference to baseline (0 drawn at 1e-17)",
-                  xlabel="step", yscale="log")
-    ax_loss.set(title="eval loss at x: relative difference to baseline (0 drawn at 1e-17)",
-                xlabel="step", yscale="log")
+    ax_params.set(
+        title="params: max relative difference to baseline (0 drawn at 1e-17)",
+        xlabel="step",
+        yscale="log",
+    )
+    ax_loss.set(
+        title="eval loss at x: relative difference to baseline (0 drawn at 1e-17)",
+        xlabel="step",
+        yscale="log",
+    )
     for ax, metric in ((ax_params, "params"), (ax_loss, "eval_loss")):
         limit = tolerances.nominal(dtype).get(metric)
         if limit:
-            ax.axhline(limit, color="red", linewidth=0.8, linestyle=":",
-                       label=f"tolerance {limit:g}")
+            ax.axhline(
+                limit, color="red", linewidth=0.8, linestyle=":", label=f"tolerance {limit:g}"
+            )
     for ax in axes.flat:
         ax.grid(True, alpha=0.3)
         if ax.has_data():

@@ -35,8 +35,7 @@ BFLOAT16_EVAL_LOSS_RELATIVE = 5e-2
 METRICS = ("params", "train_loss", "eval_loss")
 
 _CHECKED = {
-    "float64": (("primary", "reference", "distributed"),
-                dict.fromkeys(METRICS, FLOAT64_RELATIVE)),
+    "float64": (("primary", "reference", "distributed"), dict.fromkeys(METRICS, FLOAT64_RELATIVE)),
     "float32": (("primary", "distributed"), {"eval_loss": FLOAT32_EVAL_LOSS_RELATIVE}),
     "bfloat16": (("primary", "distributed"), {"eval_loss": BFLOAT16_EVAL_LOSS_RELATIVE}),
 }

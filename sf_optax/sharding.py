@@ -73,6 +73,4 @@ def _assign(abstract, param_leaves, param_def, sharding_leaves, replicated):
             return param_def.unflatten(sharding_leaves)
         return jax.tree.map(lambda _: replicated, node)
 
-    return jax.tree.map(
-        assign, abstract, is_leaf=lambda n: packed_state(n) or params_shaped(n)
-    )
+    return jax.tree.map(assign, abstract, is_leaf=lambda n: packed_state(n) or params_shaped(n))

@@ -38,8 +38,7 @@ def _check_lrs(lrs: Any, name: str = "lrs") -> np.ndarray:
     arr = np.asarray(lrs, dtype=np.float64)
     if arr.ndim != 1 or arr.size == 0:
         raise ValueError(
-            f"{name} must be a non-empty 1-D sequence of learning rates >= 0, got shape "
-            f"{arr.shape}"
+            f"{name} must be a non-empty 1-D sequence of learning rates >= 0, got shape {arr.shape}"
         )
     if not np.all(np.isfinite(arr)) or np.any(arr < 0):
         bad = arr[~(np.isfinite(arr) & (arr >= 0))][0]

@@ -1,11 +1,11 @@
 """``sf_schedules`` schedules as torch learning-rate schedulers.
 
-    import sf_schedules, sf_torch.schedules, torch
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sched = sf_torch.schedules.scheduler(opt, sf_schedules.wsd(0.1, total_steps=1000))
-    for batch in data:
-        loss(batch).backward(); opt.step(); opt.zero_grad()
-        sched.step()                          # after opt.step(): sets the lr of the next one
+import sf_schedules, sf_torch.schedules, torch
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+sched = sf_torch.schedules.scheduler(opt, sf_schedules.wsd(0.1, total_steps=1000))
+for batch in data:
+    loss(batch).backward(); opt.step(); opt.zero_grad()
+    sched.step()                          # after opt.step(): sets the lr of the next one
 """
 
 from __future__ import annotations

@@ -27,11 +27,26 @@ STEPS = 16
 @pytest.fixture(scope="module")
 def out(tmp_path_factory):
     path = tmp_path_factory.mktemp("anytime")
-    anytime.main([
-        "--size", "tiny", "--problem", "all", "--framework", "both", "--steps", str(STEPS),
-        "--lrs", ",".join(map(str, LRS)), "--sf-b1", "0.9,0.95", "--warmup", str(WARMUP),
-        "--out", str(path),
-    ])
+    anytime.main(
+        [
+            "--size",
+            "tiny",
+            "--problem",
+            "all",
+            "--framework",
+            "both",
+            "--steps",
+            str(STEPS),
+            "--lrs",
+            ",".join(map(str, LRS)),
+            "--sf-b1",
+            "0.9,0.95",
+            "--warmup",
+            str(WARMUP),
+            "--out",
+            str(path),
+        ]
+    )
     return path
 
 
@@ -67,8 +82,9 @@ def test_jax_and_torch_agree_to_float32(results):
         torch_runs = problem["frameworks"]["torch"]["runs"]
         assert [r["spec"] for r in jax_runs] == [r["spec"] for r in torch_runs]
         for a, b in zip(jax_runs, torch_runs):
-            np.testing.assert_allclose(a["eval_loss"], b["eval_loss"], rtol=2e-5,
-                                       err_msg=f"{name} {a['spec']}")
+            np.testing.assert_allclose(
+                a["eval_loss"], b["eval_loss"], rtol=2e-5, err_msg=f"{name} {a['spec']}"
+            )
             if name == "digits":
                 # 450 eval images: a 1e-6 logit difference may flip at most one of them.
                 np.testing.assert_allclose(a["eval_acc"], b["eval_acc"], atol=1.5 / 450)
@@ -82,9 +98,11 @@ def test_each_cell_is_the_minimum_over_the_sweep(results):
     for problem in results["problems"].values():
         for fw in problem["frameworks"].values():
             labels = {r["spec"]["label"] for r in fw["runs"]}
-            assert set(fw["table"]) == labels == {
-                "SF b1=0.9", "SF b1=0.95", "cosine", "WSD (cooldown 20%)"
-            }
+            assert (
+                set(fw["table"])
+                == labels
+                == {"SF b1=0.9", "SF b1=0.95", "cosine", "WSD (cooldown 20%)"}
+            )
             for label, row in fw["table"].items():
                 for h_name, h in names.items():
                     candidates = [
@@ -130,8 +148,9 @@ def test_baselines_ran_with_the_schedules_learning_rates(results):
                 expected = [formulas[spec["method"]](spec["lr"], h, WARMUP, s) for s in range(h)]
                 assert len(run["lrs_used"]) == h
                 # float32 in JAX (1 + cos near -1 loses digits), float64 in torch
-                np.testing.assert_allclose(run["lrs_used"], expected, rtol=1e-6,
-                                           atol=1e-6 * spec["lr"])
+                np.testing.assert_allclose(
+                    run["lrs_used"], expected, rtol=1e-6, atol=1e-6 * spec["lr"]
+                )
                 checked += 1
     assert checked == 2 * 2 * len(LRS) * 6
 
@@ -163,5 +182,16 @@ def test_schedule_free_bound_curve(results):
 )
 def test_bad_input_is_a_value_error(tmp_path, argv, match):
     with pytest.raises(ValueError, match=match):
-        anytime.main(["--size", "tiny", "--problem", "digits", "--framework", "torch",
-                      "--out", str(tmp_path), *argv])
+        anytime.main(
+            [
+                "--size",
+                "tiny",
+                "--problem",
+                "digits",
+                "--framework",
+                "torch",
+                "--out",
+                str(tmp_path),
+                *argv,
+            ]
+        )

@@ -41,8 +41,12 @@ def features():
     def bias(x):
         return np.hstack([x, np.ones((len(x), 1))])
 
-    return (bias(d.train_inputs), d.train_labels.astype(int), bias(d.eval_inputs),
-            d.eval_labels.astype(int))
+    return (
+        bias(d.train_inputs),
+        d.train_labels.astype(int),
+        bias(d.eval_inputs),
+        d.eval_labels.astype(int),
+    )
 
 
 def objective(a, y, w):
@@ -77,8 +81,9 @@ def test_jax_and_torch_trajectories_agree(bench):
         assert np.abs(t[-1]).max() > 0.1  # the run moved
         np.testing.assert_allclose(j, t, rtol=0, atol=1e-10 * np.abs(t).max(), err_msg=run["name"])
         for key in ("w_norm", "g_norm"):
-            np.testing.assert_allclose(arrays[f"jax/{i}/{key}"], arrays[f"torch/{i}/{key}"],
-                                       rtol=1e-10, atol=1e-14)
+            np.testing.assert_allclose(
+                arrays[f"jax/{i}/{key}"], arrays[f"torch/{i}/{key}"], rtol=1e-10, atol=1e-14
+            )
         np.testing.assert_allclose(run["subopt_jax"], run["subopt"], rtol=1e-9, atol=1e-13)
 
 
@@ -129,8 +134,9 @@ def test_optimum_matches_sklearn_and_lies_below_every_run(bench, features):
     a, y, test_a, test_y = features
     p = results["problem"]
     # sklearn minimises C * sum_i CE_i + ||W||^2 / 2: the same minimiser when C = 1/(lam n).
-    clf = LogisticRegression(C=1 / (LAM * len(y)), fit_intercept=False, tol=1e-12,
-                             max_iter=10_000).fit(a, y)
+    clf = LogisticRegression(
+        C=1 / (LAM * len(y)), fit_intercept=False, tol=1e-12, max_iter=10_000
+    ).fit(a, y)
     w_sk = clf.coef_.T
     f_sk = objective(a, y, w_sk)
     assert p["f_star"] <= f_sk + 1e-15
@@ -166,8 +172,7 @@ def test_bound_above_measured_suboptimality(bench, features):
     results, arrays, _ = bench
     p = results["problem"]
     n_runs = len(results["runs"])
-    radius = max(arrays[f"{fw}/{i}/w_norm"].max() for fw in ("torch", "jax")
-                 for i in range(n_runs))
+    radius = max(arrays[f"{fw}/{i}/w_norm"].max() for fw in ("torch", "jax") for i in range(n_runs))
     G = math.sqrt(2) * np.linalg.norm(features[0], axis=1).max() + LAM * radius
     assert p["G"] == pytest.approx(G, rel=1e-12)
     assert max(arrays[f"torch/{i}/g_norm"].max() for i in range(n_runs)) <= G

@@ -57,8 +57,10 @@ def test_weight_decay_of_bf16_params_is_taken_in_float32():
     g = jnp.asarray(rng.normal(size=256) * 0.1, jnp.bfloat16)
     y64, g64 = np.asarray(y, np.float64), np.asarray(g, np.float64)
     for tx, direction in (
-        (sf_optax.adamw(lr, b2=b2, eps=eps, weight_decay=wd, state_dtype=jnp.float32),
-         g64 / (np.sqrt((1 - b2) * g64**2 / (1 - b2)) + eps)),
+        (
+            sf_optax.adamw(lr, b2=b2, eps=eps, weight_decay=wd, state_dtype=jnp.float32),
+            g64 / (np.sqrt((1 - b2) * g64**2 / (1 - b2)) + eps),
+        ),
         (sf_optax.sgd(lr, weight_decay=wd, state_dtype=jnp.float32), g64),
     ):
         _, state = tx.update(g, tx.init(y), y)

@@ -114,14 +114,19 @@ def test_views_round_trip_and_keep_dtypes():
     for k in params:
         assert x[k].dtype == params[k].dtype and x[k].shape == params[k].shape
         # x = (y - (1 - b1) z) / b1 with b1 = 0.5, in float64 numpy
-        want = (np.asarray(y[k], np.float64) - 0.5 * np.asarray(sf_optax.find_state(z).z[k],
-                np.float64)) / 0.5
-        np.testing.assert_allclose(np.asarray(x[k], np.float64), want, rtol=1e-2 if k == "bias"
-                                   else 1e-6, atol=1e-6)
+        want = (
+            np.asarray(y[k], np.float64) - 0.5 * np.asarray(sf_optax.find_state(z).z[k], np.float64)
+        ) / 0.5
+        np.testing.assert_allclose(
+            np.asarray(x[k], np.float64), want, rtol=1e-2 if k == "bias" else 1e-6, atol=1e-6
+        )
     back = sf_optax.train_params(state, x)
     for k in params:
-        np.testing.assert_allclose(np.asarray(back[k], np.float64), np.asarray(y[k], np.float64),
-                                   rtol=1e-2 if k == "bias" else 1e-6)
+        np.testing.assert_allclose(
+            np.asarray(back[k], np.float64),
+            np.asarray(y[k], np.float64),
+            rtol=1e-2 if k == "bias" else 1e-6,
+        )
 
 
 @pytest.mark.parametrize("bad", [-1, 1.5, True, "8"])
@@ -138,8 +143,9 @@ def test_wrong_params_and_traced_masks_are_clear_errors():
         tx.update(params, state, {"a": jnp.ones(3)})
     with pytest.raises(ValueError, match="do not match the packed optimizer state"):
         sf_optax.eval_params(state, {"a": jnp.ones(2), "b": jnp.ones((4, 4))})
-    traced = sf_optax.adamw(weight_decay=0.1, mask=lambda p: jax.tree.map(lambda a: a.sum() > 0, p),
-                            pack_small_leaves=8)
+    traced = sf_optax.adamw(
+        weight_decay=0.1, mask=lambda p: jax.tree.map(lambda a: a.sum() > 0, p), pack_small_leaves=8
+    )
     with pytest.raises(TypeError, match="Python bools"):
         jax.jit(traced.init)(params)
 
@@ -177,7 +183,8 @@ def test_train_state_and_checkpoint_round_trip(tmp_path):
         state = state.apply_gradients(grads=jax.grad(loss)(state.params))
     x = state.eval_params
     want = jax.tree.map(
-        lambda y, z: (y - 0.1 * z) / 0.9, state.params,
+        lambda y, z: (y - 0.1 * z) / 0.9,
+        state.params,
         sf_optax.find_state(sf_optax.unpacked_state(state.opt_state, params)).z,
     )
     for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(want)):

@@ -31,10 +31,28 @@ def test_bfloat16_run_reports_every_row(tmp_path):
     steps = 8
     backends = "sf_torch,sf_optax,schedulefree,deepspeed_z2"
     result = subprocess.run(
-        [sys.executable, "-m", "parity", "run", "--dtype", "bfloat16", "--steps", str(steps),
-         "--eval-every", "4", "--backends", backends, "--keep-records", "--no-progress",
-         "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "parity",
+            "run",
+            "--dtype",
+            "bfloat16",
+            "--steps",
+            str(steps),
+            "--eval-every",
+            "4",
+            "--backends",
+            backends,
+            "--keep-records",
+            "--no-progress",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "sanity bound" in result.stdout
@@ -57,6 +75,5 @@ def test_bfloat16_run_reports_every_row(tmp_path):
         assert all(is_bf16(p) for p in record.params.values()), name
         # ... and train like the float32 run, to bf16's few significant digits.
         measured = record.eval_loss[[0, 4, 8]]
-        np.testing.assert_allclose(measured, float32.eval_loss[[0, 4, 8]], rtol=5e-3,
-                                   err_msg=name)
+        np.testing.assert_allclose(measured, float32.eval_loss[[0, 4, 8]], rtol=5e-3, err_msg=name)
         assert measured[-1] < measured[0]

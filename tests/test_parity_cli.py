@@ -18,7 +18,10 @@ ROOT = Path(__file__).resolve().parent.parent
 def parity(*args, cwd=ROOT):
     return subprocess.run(
         [sys.executable, "-m", "parity", *args, "--no-progress"],
-        cwd=cwd, capture_output=True, text=True, timeout=300,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -26,8 +29,21 @@ def test_run_end_to_end_every_backend(tmp_path):
     out = tmp_path / "report"
     # float64 with warmup: every checked row must agree to 1e-10, and optax.contrib (whose
     # warmup lags one step) is reported, not failed.
-    result = parity("run", "--model", "mlp", "--steps", "25", "--dtype", "float64",
-                    "--warmup-steps", "5", "--eval-every", "5", "--out", str(out))
+    result = parity(
+        "run",
+        "--model",
+        "mlp",
+        "--steps",
+        "25",
+        "--dtype",
+        "float64",
+        "--warmup-steps",
+        "5",
+        "--eval-every",
+        "5",
+        "--out",
+        str(out),
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     for name in ("sf_optax", "sf_optax_mesh", "optax_contrib", "sf_torch", "schedulefree"):
         assert name in result.stdout
@@ -49,14 +65,26 @@ def test_run_end_to_end_every_backend(tmp_path):
         assert row["eval_loss"][5] is not None and row["eval_loss"][6] is None
         assert max(row["relative_diff"]["params"]) <= tolerances.FLOAT64_RELATIVE
     # The table's final losses are the records' own.
-    assert math.isclose(rows["sf_optax"]["final_eval_loss"], rows["sf_torch"]["final_eval_loss"],
-                        rel_tol=1e-10)
+    assert math.isclose(
+        rows["sf_optax"]["final_eval_loss"], rows["sf_torch"]["final_eval_loss"], rel_tol=1e-10
+    )
 
 
 def test_mismatched_hyperparameter_exits_nonzero(tmp_path):
     out = tmp_path / "report"
-    result = parity("run", "--backends", "sf_optax,sf_torch", "--steps", "10", "--dtype",
-                    "float64", "--override", "sf_optax:lr=0.00501", "--out", str(out))
+    result = parity(
+        "run",
+        "--backends",
+        "sf_optax,sf_torch",
+        "--steps",
+        "10",
+        "--dtype",
+        "float64",
+        "--override",
+        "sf_optax:lr=0.00501",
+        "--out",
+        str(out),
+    )
     assert result.returncode == 1, result.stdout + result.stderr
     row = {r["name"]: r for r in json.loads((out / "report.json").read_text())["rows"]}["sf_optax"]
     assert row["status"] == "FAIL" and row["first_step_over"] == 1
@@ -69,8 +97,9 @@ def test_parent_process_imports_no_framework():
         "import sys, parity.cli, parity.launch, parity.runners as r; r.discover(); "
         "print(sorted(m for m in ('jax', 'torch', 'deepspeed') if m in sys.modules))"
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert result.stdout.strip() == "[]", result.stdout + result.stderr
 
 
@@ -95,16 +124,31 @@ def test_tolerance_check_on_crafted_comparisons():
     steps = np.arange(4)
     zeros = np.zeros(4)
     over = Comparison(steps, zeros, zeros[:-1], np.array([0.0, 5e-5, 2e-4, 3e-4]))
-    row = report.make_row("x", "primary", crafted_record([1, 1, 1, 1]), over, limits,
-                          tolerances.nominal("float32"), 1.0)
+    row = report.make_row(
+        "x",
+        "primary",
+        crafted_record([1, 1, 1, 1]),
+        over,
+        limits,
+        tolerances.nominal("float32"),
+        1.0,
+    )
     assert row.status == report.FAIL and row.first_step_over == 2
     within = Comparison(steps, zeros, zeros[:-1], np.array([0.0, 5e-5, np.nan, 9e-5]))
-    row = report.make_row("x", "primary", crafted_record([1, 1, np.nan, 1]), within, limits,
-                          tolerances.nominal("float32"), 1.0)
+    row = report.make_row(
+        "x",
+        "primary",
+        crafted_record([1, 1, np.nan, 1]),
+        within,
+        limits,
+        tolerances.nominal("float32"),
+        1.0,
+    )
     assert row.status == report.OK and row.first_step_over is None
     # A reference row over the nominal limit is reported, with the step where it parted.
-    row = report.make_row("x", "reference", crafted_record([1, 1, 1, 1]), over, {},
-                          tolerances.nominal("float32"), 1.0)
+    row = report.make_row(
+        "x", "reference", crafted_record([1, 1, 1, 1]), over, {}, tolerances.nominal("float32"), 1.0
+    )
     assert row.status == report.REPORTED and row.first_step_over == 2
     # float64 checks params and both losses at 1e-10; an expected difference is reported only.
     assert tolerances.limits("distributed", "float64") == dict.fromkeys(tolerances.METRICS, 1e-10)
@@ -119,8 +163,17 @@ def test_device_cuda_without_a_gpu_is_a_clear_error(tmp_path):
 
         pytest.skip("this machine has a GPU")
     for backends in ("sf_torch,sf_optax", "sf_torch"):
-        result = parity("run", "--device", "cuda", "--steps", "2", "--backends", backends,
-                        "--out", str(tmp_path))
+        result = parity(
+            "run",
+            "--device",
+            "cuda",
+            "--steps",
+            "2",
+            "--backends",
+            backends,
+            "--out",
+            str(tmp_path),
+        )
         assert result.returncode == 2, result.stdout + result.stderr
         assert "--device cuda" in result.stderr and "no CUDA device" in result.stderr
         assert "Traceback" not in result.stderr and not (tmp_path / "report.json").exists()
@@ -132,8 +185,12 @@ def test_runs_without_scikit_learn_tqdm_and_matplotlib(tmp_path):
     from sklearn.datasets import load_digits
 
     digits_file = tmp_path / "digits.npz"
-    export = subprocess.run([sys.executable, "-m", "parity", "export-digits", "--out",
-                             str(digits_file)], cwd=ROOT, capture_output=True, timeout=120)
+    export = subprocess.run(
+        [sys.executable, "-m", "parity", "export-digits", "--out", str(digits_file)],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=120,
+    )
     assert export.returncode == 0, export.stderr
     with np.load(digits_file) as f:  # exact: pixels 0-16 stored as uint8
         np.testing.assert_array_equal(f["data"], load_digits().data)
@@ -149,8 +206,9 @@ def test_runs_without_scikit_learn_tqdm_and_matplotlib(tmp_path):
         "sys.exit(main(['run', '--backends', 'sf_torch', '--steps', '3', "
         f"'--out', {str(out)!r}]))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     last = result.stdout.rstrip().splitlines()[-1]
     assert last == f"report: {out / 'report.json'}, no PNG (matplotlib is not installed)"

@@ -28,10 +28,18 @@ F32 = tolerances.FLOAT32_EVAL_LOSS_RELATIVE
 
 def parity_run(*args):
     env = dict(os.environ)
-    env.setdefault("TORCH_EXTENSIONS_DIR",
-                   str(Path.home() / ".cache" / "schedulefree-parity" / "torch_extensions"))
-    return subprocess.run([sys.executable, "-m", "parity", "run", "--no-progress", *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    env.setdefault(
+        "TORCH_EXTENSIONS_DIR",
+        str(Path.home() / ".cache" / "schedulefree-parity" / "torch_extensions"),
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "parity", "run", "--no-progress", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
 
 
 @pytest.mark.parametrize(
@@ -41,9 +49,21 @@ def parity_run(*args):
 def test_zero_stages_reproduce_sf_torch_float32(model, stages, tmp_path):
     steps = 20
     names = [f"deepspeed_z{s}" for s in stages]
-    result = parity_run("--model", model, "--steps", str(steps), "--eval-every", "5",
-                        "--backends", ",".join(["sf_torch", *names]), "--ranks", "2",
-                        "--keep-records", "--out", str(tmp_path))
+    result = parity_run(
+        "--model",
+        model,
+        "--steps",
+        str(steps),
+        "--eval-every",
+        "5",
+        "--backends",
+        ",".join(["sf_torch", *names]),
+        "--ranks",
+        "2",
+        "--keep-records",
+        "--out",
+        str(tmp_path),
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
     config = RunConfig(model=model, steps=steps, dtype="float32", eval_every=5)

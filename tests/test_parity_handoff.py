@@ -25,15 +25,20 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.parametrize("model", ["mlp", "cnn"])
 def test_jax_torch_jax_follows_the_single_framework_trajectory(model, tmp_path):
-    config = RunConfig(model=model, steps=60, dtype="float64", weight_decay=0.01,
-                       warmup_steps=10, eval_every=3)
+    config = RunConfig(
+        model=model, steps=60, dtype="float64", weight_decay=0.01, warmup_steps=10, eval_every=3
+    )
     whole = sf_optax_runner.train(config)
     parts = [
         sf_optax_runner.train(config.replace(steps=20, save_to=str(tmp_path / "s20.npz"))),
-        sf_torch_runner.train(config.replace(
-            first_step=20, steps=40, resume_from=str(tmp_path / "s20.npz"),
-            save_to=str(tmp_path / "s40.npz"),
-        )),
+        sf_torch_runner.train(
+            config.replace(
+                first_step=20,
+                steps=40,
+                resume_from=str(tmp_path / "s20.npz"),
+                save_to=str(tmp_path / "s40.npz"),
+            )
+        ),
         sf_optax_runner.train(config.replace(first_step=40, resume_from=str(tmp_path / "s40.npz"))),
     ]
     chain = Record.concatenate(parts)
@@ -91,9 +96,27 @@ def test_state_round_trip_is_exact():
 def test_handoff_command(tmp_path):
     out = tmp_path / "handoff"
     result = subprocess.run(
-        [sys.executable, "-m", "parity", "handoff", "--model", "mlp", "--steps", "30",
-         "--switch-at", "10,20", "--eval-every", "5", "--no-progress", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "parity",
+            "handoff",
+            "--model",
+            "mlp",
+            "--steps",
+            "30",
+            "--switch-at",
+            "10,20",
+            "--eval-every",
+            "5",
+            "--no-progress",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "handoff jax -> torch -> jax" in result.stdout

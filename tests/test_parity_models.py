@@ -75,7 +75,8 @@ def test_names_shapes_and_layout_round_trip(model):
     # A torch Linear weight is the transpose of the flax kernel; a conv OIHW of HWIO.
     if model == "mlp":
         assert torch_params["hidden.weight"].shape == (64, 64) and params["out.kernel"].shape == (
-            64, 10
+            64,
+            10,
         )
         assert torch_params["out.weight"].shape == (10, 64)
     if model == "cnn":
@@ -137,7 +138,12 @@ def test_batch_norm_matches_torch_functional_and_recalibration_agrees():
     norm.train()
     got = norm(h_torch).detach()
     want = F.batch_norm(
-        h_torch.detach(), None, None, norm.weight.detach(), norm.bias.detach(), training=True,
+        h_torch.detach(),
+        None,
+        None,
+        norm.weight.detach(),
+        norm.bias.detach(),
+        training=True,
         eps=1e-5,
     )
     assert_close(got.numpy(), want.numpy(), what="training-mode normalization")

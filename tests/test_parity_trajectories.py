@@ -28,8 +28,15 @@ def assert_within(record, baseline, limit=F64):
 
 
 def test_mlp_500_steps_adamw_matches_torch_and_reference():
-    config = RunConfig(model="mlp", steps=500, dtype="float64", lr=0.005, weight_decay=0.01,
-                       warmup_steps=20, eval_every=5)
+    config = RunConfig(
+        model="mlp",
+        steps=500,
+        dtype="float64",
+        lr=0.005,
+        weight_decay=0.01,
+        warmup_steps=20,
+        eval_every=5,
+    )
     jax_run = sf_optax.train(config)
     torch_run = sf_torch.train(config)
     reference = schedulefree.train(config)
@@ -45,9 +52,16 @@ def test_mlp_500_steps_adamw_matches_torch_and_reference():
     [("cnn", "adamw", 80), ("lm", "adamw", 60), ("mlp", "sgd", 100), ("mlp", "radam", 100)],
 )
 def test_models_and_optimizers_match_torch(model, optimizer, steps):
-    config = RunConfig(model=model, optimizer=optimizer, steps=steps, dtype="float64",
-                       weight_decay=0.01, warmup_steps=0 if optimizer == "radam" else 10,
-                       r=0.5 if optimizer == "sgd" else 0.0, eval_every=10)
+    config = RunConfig(
+        model=model,
+        optimizer=optimizer,
+        steps=steps,
+        dtype="float64",
+        weight_decay=0.01,
+        warmup_steps=0 if optimizer == "radam" else 10,
+        r=0.5 if optimizer == "sgd" else 0.0,
+        eval_every=10,
+    )
     torch_run = sf_torch.train(config)
     assert_within(sf_optax.train(config), torch_run)
     assert torch_run.eval_loss[-1] < torch_run.eval_loss[0]

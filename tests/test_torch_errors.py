@@ -66,9 +66,7 @@ def _message(case):
 CASES = list(_cases())
 
 
-@pytest.mark.parametrize(
-    "cls,case", CASES, ids=[f"{c.__name__}-{k[0]}={k[1]}" for c, k in CASES]
-)
+@pytest.mark.parametrize("cls,case", CASES, ids=[f"{c.__name__}-{k[0]}={k[1]}" for c, k in CASES])
 def test_bad_hyperparameter_in_constructor_and_group(cls, case):
     name, value = case[:2]
     want = "^" + re.escape(_message(case)) + "$"

@@ -29,8 +29,7 @@ CLASSES = {
 def _params(dtype):
     gen = torch.Generator(device="cuda").manual_seed(0)
     return [
-        torch.nn.Parameter(torch.randn(s, generator=gen, device="cuda").to(dtype))
-        for s in SHAPES
+        torch.nn.Parameter(torch.randn(s, generator=gen, device="cuda").to(dtype)) for s in SHAPES
     ]
 
 
@@ -46,7 +45,8 @@ def _run(cls, kw, dtype, steps=STEPS, reference=False, **flags):
         opt.step()
     torch.cuda.synchronize()
     state = {
-        name: [opt.state[p][name] for p in params] for name in ("z", "exp_avg_sq")
+        name: [opt.state[p][name] for p in params]
+        for name in ("z", "exp_avg_sq")
         if name in opt.state[params[0]]
     }
     x = [p.detach().clone() for p in params]
@@ -137,8 +137,12 @@ def _report() -> None:
         y_r, _, _, ref = _run(ref_cls, kw, torch.float64, reference=True)
         ref.eval()
         x_r = [p.detach() for p in ref.param_groups[0]["params"]]
-        print(kind, "fused f32 vs reference f64", f"y {max_rel_diff(y_f, y_r):.2e}",
-              f"x {max_rel_diff(x_f, x_r):.2e}")
+        print(
+            kind,
+            "fused f32 vs reference f64",
+            f"y {max_rel_diff(y_f, y_r):.2e}",
+            f"x {max_rel_diff(x_f, x_r):.2e}",
+        )
 
     big = [(8192, 1024)] * 16  # 134M params: the GPU, not the host, sets the pace
     for shapes in (SHAPES, big):
@@ -151,8 +155,9 @@ def _report() -> None:
             ):
                 if name == "reference" and dtype != torch.float32:
                     continue
-                params = [torch.nn.Parameter(torch.randn(s, device="cuda").to(dtype))
-                          for s in shapes]
+                params = [
+                    torch.nn.Parameter(torch.randn(s, device="cuda").to(dtype)) for s in shapes
+                ]
                 opt = make(params)
                 opt.train()
                 grads = [torch.randn_like(p) for p in params]
@@ -172,9 +177,11 @@ def _report() -> None:
                 ms = sorted(times)[len(times) // 2]
                 # fewest bytes: read y, g, z, v and write y, z, v once
                 per_param = 4 * 7 if dtype == torch.float32 else 2 * 2 + 4 * 4 + 2
-                print(f"AdamW step {name:9s} {str(dtype):14s} {n / 1e6:6.1f}M params: "
-                      f"{ms:7.3f} ms median of 20, {n * per_param / ms / 1e6:6.0f} GB/s "
-                      "counting each buffer once")
+                print(
+                    f"AdamW step {name:9s} {str(dtype):14s} {n / 1e6:6.1f}M params: "
+                    f"{ms:7.3f} ms median of 20, {n * per_param / ms / 1e6:6.0f} GB/s "
+                    "counting each buffer once"
+                )
                 del params, opt, grads
                 torch.cuda.empty_cache()
 

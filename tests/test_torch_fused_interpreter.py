@@ -32,15 +32,18 @@ def _checks() -> dict:
     # 1. Against the reference, float64, 200 steps (three tensors: the interpreter is slow).
     ref_cases = {
         "adamw": (
-            sf_torch.AdamWScheduleFree, schedulefree.AdamWScheduleFree,
+            sf_torch.AdamWScheduleFree,
+            schedulefree.AdamWScheduleFree,
             dict(lr=0.02, betas=(0.9, 0.99), warmup_steps=10, r=1.0, weight_decay=0.1),
         ),
         "sgd": (
-            sf_torch.SGDScheduleFree, schedulefree.SGDScheduleFree,
+            sf_torch.SGDScheduleFree,
+            schedulefree.SGDScheduleFree,
             dict(lr=0.02, momentum=0.8, warmup_steps=10, weight_decay=0.1),
         ),
         "radam": (
-            sf_torch.RAdamScheduleFree, schedulefree.RAdamScheduleFree,
+            sf_torch.RAdamScheduleFree,
+            schedulefree.RAdamScheduleFree,
             dict(lr=0.02, silent_sgd_phase=False, r=1.0, weight_lr_power=0.0),
         ),
     }

@@ -283,6 +283,7 @@ def _scenario() -> dict:
         if step == 6:  # a param's storage replaced (as model.to() or weight tying does)
             both(lambda ps, opt: setattr(ps[2], "data", ps[2].data.clone()))
         if step == 7:  # z replaced by hand
+
             def new_z(ps, opt):
                 opt.state[ps[0]]["z"] = opt.state[ps[0]]["z"] * 1.01
 

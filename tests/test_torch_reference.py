@@ -28,21 +28,33 @@ _LRS = [0.01, 0.05]
 
 ADAMW_CASES = [
     dict(
-        lr=_LRS[i % 2], betas=_BETAS[i % 4], warmup_steps=w, r=r, weight_lr_power=p,
+        lr=_LRS[i % 2],
+        betas=_BETAS[i % 4],
+        warmup_steps=w,
+        r=r,
+        weight_lr_power=p,
         weight_decay=wd,
     )
     for i, (w, r, p, wd) in enumerate(_KNOBS)
 ]
 SGD_CASES = [
     dict(
-        lr=_LRS[i % 2], momentum=_MOMENTA[i % 4], warmup_steps=w, r=r, weight_lr_power=p,
+        lr=_LRS[i % 2],
+        momentum=_MOMENTA[i % 4],
+        warmup_steps=w,
+        r=r,
+        weight_lr_power=p,
         weight_decay=wd,
     )
     for i, (w, r, p, wd) in enumerate(_KNOBS)
 ]
 RADAM_CASES = [
     dict(
-        lr=_LRS[i % 2], betas=_BETAS[i % 3], silent_sgd_phase=silent, r=r, weight_lr_power=p,
+        lr=_LRS[i % 2],
+        betas=_BETAS[i % 3],
+        silent_sgd_phase=silent,
+        r=r,
+        weight_lr_power=p,
         weight_decay=wd,
     )
     for i, (silent, r, p, wd) in enumerate(
@@ -143,7 +155,9 @@ def test_cpu_default_is_the_loop_and_chunked_foreach_matches_it(monkeypatch):
     )
     kw = dict(lr=0.02, warmup_steps=3, weight_decay=0.1)
     y_ref, x_ref = run(
-        lambda ps: schedulefree.AdamWScheduleFree(ps, foreach=True, **kw), problem, 30,
+        lambda ps: schedulefree.AdamWScheduleFree(ps, foreach=True, **kw),
+        problem,
+        30,
         reference=True,
     )
     y, x = run(lambda ps: sf_torch.AdamWScheduleFree(ps, foreach=True, **kw), problem, 30)

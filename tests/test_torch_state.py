@@ -261,7 +261,9 @@ def test_scalars_once_tensors_in_pieces(foreach):
     ref_params = problem.params()
     ref = schedulefree.AdamWScheduleFree(
         [{"params": ref_params[:2]}, {"params": ref_params[2:], "lr": 0.03}],
-        lr=0.01, warmup_steps=4, weight_decay=0.1,
+        lr=0.01,
+        warmup_steps=4,
+        weight_decay=0.1,
     )
     ref.train()
     train(ref, problem, ref_params, 25)
@@ -269,7 +271,10 @@ def test_scalars_once_tensors_in_pieces(foreach):
     params = problem.params()
     opt = sf_torch.AdamWScheduleFree(
         [{"params": params[:2]}, {"params": params[2:], "lr": 0.03}],
-        lr=0.01, warmup_steps=4, weight_decay=0.1, foreach=foreach,
+        lr=0.01,
+        warmup_steps=4,
+        weight_decay=0.1,
+        foreach=foreach,
     )
     pieces = [[0, 1], [2, 3], [4]]
     for _ in range(25):

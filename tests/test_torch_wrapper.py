@@ -69,7 +69,10 @@ def test_sgd_base_equals_sgd_schedulefree_and_reference_wrapper(m, wd, r, power)
         y_ref, x_ref, _ = _run_wrapper(
             lambda ps: schedulefree.ScheduleFreeWrapper(
                 torch.optim.SGD(ps, lr=lr, momentum=0.0),
-                momentum=m, weight_decay_at_y=wd, r=r, weight_lr_power=power,
+                momentum=m,
+                weight_decay_at_y=wd,
+                r=r,
+                weight_lr_power=power,
             ),
             problem,
             STEPS,
@@ -140,7 +143,10 @@ def test_adamw_base_matches_numpy(wd_y, wd_z, r, power):
     y, x, x_view = _run_wrapper(
         lambda ps: sf_torch.ScheduleFreeWrapper(
             torch.optim.AdamW(ps, lr=lr, betas=(0.0, b2), eps=eps, weight_decay=wd_z),
-            momentum=m, weight_decay_at_y=wd_y, r=r, weight_lr_power=power,
+            momentum=m,
+            weight_decay_at_y=wd_y,
+            r=r,
+            weight_lr_power=power,
         ),
         problem,
         STEPS,
@@ -161,7 +167,9 @@ def test_rmsprop_base_matches_numpy():
     y, x, _ = _run_wrapper(
         lambda ps: sf_torch.ScheduleFreeWrapper(
             torch.optim.RMSprop(ps, lr=lr, alpha=alpha, eps=eps, weight_decay=wd_z),
-            momentum=m, weight_decay_at_y=0.05, r=0.5,
+            momentum=m,
+            weight_decay_at_y=0.05,
+            r=0.5,
         ),
         problem,
         STEPS,
@@ -177,7 +185,8 @@ def _make_adamw_wrapper(params):
     return sf_torch.ScheduleFreeWrapper(
         torch.optim.AdamW(
             [{"params": params[:2]}, {"params": params[2:], "lr": 0.01}],
-            lr=0.02, betas=(0.0, 0.99),
+            lr=0.02,
+            betas=(0.0, 0.99),
         ),
         weight_decay_at_y=0.05,
     )
@@ -236,9 +245,9 @@ def test_wrapper_modes_views_and_counters():
     assert all(p not in opt.sf_state for p in params[2:])
 
     # x by hand from y and z: x = (y - (1 - b1) z) / b1
-    x_np = [
-        (p.detach().numpy() - 0.1 * opt.sf_state[p]["z"].numpy()) / 0.9 for p in params[:2]
-    ] + [p.detach().numpy().copy() for p in params[2:]]
+    x_np = [(p.detach().numpy() - 0.1 * opt.sf_state[p]["z"].numpy()) / 0.9 for p in params[:2]] + [
+        p.detach().numpy().copy() for p in params[2:]
+    ]
     before = [p.detach().clone() for p in params]
     x_view = opt.eval_params()
     assert all(torch.equal(a, b) for a, b in zip(params, before))

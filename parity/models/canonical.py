@@ -43,7 +43,8 @@ def lm_sizes(lm: dict | None = None) -> dict[str, int]:
         got = sorted(lm) if isinstance(lm, dict) else type(lm).__name__
         raise ValueError(f"lm must be a dict with exactly the keys {sorted(LM)}, got {got}")
     bad = {
-        k: v for k, v in lm.items()
+        k: v
+        for k, v in lm.items()
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1
     }
     if bad:
@@ -68,7 +69,10 @@ def param_shapes(model: str, lm: dict | None = None) -> dict[str, tuple[int, ...
     if model == "mlp":
         i, h, c = MLP["inputs"], MLP["hidden"], MLP["classes"]
         return {
-            "hidden.kernel": (i, h), "hidden.bias": (h,), "out.kernel": (h, c), "out.bias": (c,)
+            "hidden.kernel": (i, h),
+            "hidden.bias": (h,),
+            "out.kernel": (h, c),
+            "out.bias": (c,),
         }
     if model == "cnn":
         c1, c2 = CNN["channels"]

@@ -144,7 +144,11 @@ class LM(nnx.Module):
         self.pos = nnx.Param(jnp.zeros((s["seq"], s["width"]), dtype))
         self.blocks = nnx.List([Block(dtype, rngs, s) for _ in range(s["layers"])])
         self.ln_f = nnx.LayerNorm(
-            s["width"], epsilon=1e-5, use_fast_variance=False, dtype=dtype, param_dtype=dtype,
+            s["width"],
+            epsilon=1e-5,
+            use_fast_variance=False,
+            dtype=dtype,
+            param_dtype=dtype,
             rngs=rngs,
         )
         self.head = nnx.Linear(s["width"], s["vocab"], dtype=dtype, param_dtype=dtype, rngs=rngs)
@@ -182,7 +186,10 @@ def _names_and_treedef(state: nnx.State):
 
 
 def build(
-    model: str, params: dict, buffers: dict | None = None, dtype=jnp.float32,
+    model: str,
+    params: dict,
+    buffers: dict | None = None,
+    dtype=jnp.float32,
     lm: dict | None = None,
 ) -> nnx.Module:
     """The flax twin of ``model`` holding the canonical ``params`` (and BatchNorm ``buffers``).

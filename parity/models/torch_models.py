@@ -191,7 +191,10 @@ def _check_names(model: str, module: nn.Module, lm: dict | None = None) -> None:
 
 
 def build(
-    model: str, params: dict, buffers: dict | None = None, dtype=torch.float32,
+    model: str,
+    params: dict,
+    buffers: dict | None = None,
+    dtype=torch.float32,
     lm: dict | None = None,
 ) -> nn.Module:
     """The torch twin of ``model`` holding the canonical ``params`` (and BatchNorm ``buffers``).

@@ -55,8 +55,16 @@ import pkgutil
 import sys
 from types import ModuleType
 
-_ATTRIBUTES = ("NAME", "FRAMEWORK", "ROLE", "REQUIRES", "HANDOFF", "unsupported",
-               "expected_difference", "train")
+_ATTRIBUTES = (
+    "NAME",
+    "FRAMEWORK",
+    "ROLE",
+    "REQUIRES",
+    "HANDOFF",
+    "unsupported",
+    "expected_difference",
+    "train",
+)
 ROLES = ("primary", "reference", "distributed")
 
 

@@ -45,8 +45,10 @@ def unsupported(config) -> str | None:
 
 def expected_difference(config) -> str | None:
     if config.dtype == "bfloat16":
-        return ("DeepSpeed's bf16 keeps y in float32 masters (bf16 copies for compute); the "
-                "single-process rows keep y in bf16, where small steps round away")
+        return (
+            "DeepSpeed's bf16 keeps y in float32 masters (bf16 copies for compute); the "
+            "single-process rows keep y in bf16, where small steps round away"
+        )
     return None
 
 
@@ -71,8 +73,15 @@ def environment(config) -> dict[str, str]:
 
 def command(config, config_path: str, result_path: str) -> list[str]:
     return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc-per-node={ranks(config)}", "-m", __name__, config_path, result_path,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={ranks(config)}",
+        "-m",
+        __name__,
+        config_path,
+        result_path,
     ]
 
 

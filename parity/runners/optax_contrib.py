@@ -34,11 +34,19 @@ def make_tx(config):
     warmup = config.warmup_steps or None
     if config.optimizer == "adamw":
         return contrib.schedule_free_adamw(
-            config.lr, warmup_steps=warmup, b1=config.b1, b2=config.b2, eps=config.eps,
-            weight_decay=config.weight_decay, weight_lr_power=config.weight_lr_power,
+            config.lr,
+            warmup_steps=warmup,
+            b1=config.b1,
+            b2=config.b2,
+            eps=config.eps,
+            weight_decay=config.weight_decay,
+            weight_lr_power=config.weight_lr_power,
         )
     return contrib.schedule_free_sgd(
-        config.lr, warmup_steps=warmup, b1=config.b1, weight_decay=config.weight_decay,
+        config.lr,
+        warmup_steps=warmup,
+        b1=config.b1,
+        weight_decay=config.weight_decay,
         weight_lr_power=config.weight_lr_power,
     )
 

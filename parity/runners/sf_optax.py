@@ -26,7 +26,9 @@ def make_tx(config):
     # Mixed precision: bf16 params (y), float32 z and v.
     state_dtype = jnp.float32 if config.dtype == "bfloat16" else None
     common = dict(
-        warmup_steps=config.warmup_steps, r=config.r, weight_lr_power=config.weight_lr_power,
+        warmup_steps=config.warmup_steps,
+        r=config.r,
+        weight_lr_power=config.weight_lr_power,
         state_dtype=state_dtype,
     )
     if config.optimizer == "adamw":
@@ -36,8 +38,14 @@ def make_tx(config):
     if config.optimizer == "sgd":
         return sf_optax.sgd(config.lr, config.b1, config.weight_decay, **common)
     return sf_optax.radam(
-        config.lr, config.b1, config.b2, config.eps, config.weight_decay, r=config.r,
-        weight_lr_power=config.weight_lr_power, silent_sgd_phase=config.silent_sgd_phase,
+        config.lr,
+        config.b1,
+        config.b2,
+        config.eps,
+        config.weight_decay,
+        r=config.r,
+        weight_lr_power=config.weight_lr_power,
+        silent_sgd_phase=config.silent_sgd_phase,
         state_dtype=state_dtype,
     )
 

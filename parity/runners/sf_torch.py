@@ -21,21 +21,31 @@ def build(classes, config, params, **extra):
     """``config``'s optimizer from ``classes`` (sf_torch, or the drop-in-compatible reference
     package ``schedulefree``): one mapping of the parity config to the shared constructors."""
     common = dict(
-        weight_decay=config.weight_decay, r=config.r, weight_lr_power=config.weight_lr_power,
+        weight_decay=config.weight_decay,
+        r=config.r,
+        weight_lr_power=config.weight_lr_power,
         **extra,
     )
     if config.optimizer == "adamw":
         return classes.AdamWScheduleFree(
-            params, lr=config.lr, betas=(config.b1, config.b2), eps=config.eps,
-            warmup_steps=config.warmup_steps, **common,
+            params,
+            lr=config.lr,
+            betas=(config.b1, config.b2),
+            eps=config.eps,
+            warmup_steps=config.warmup_steps,
+            **common,
         )
     if config.optimizer == "sgd":
         return classes.SGDScheduleFree(
             params, lr=config.lr, momentum=config.b1, warmup_steps=config.warmup_steps, **common
         )
     return classes.RAdamScheduleFree(
-        params, lr=config.lr, betas=(config.b1, config.b2), eps=config.eps,
-        silent_sgd_phase=config.silent_sgd_phase, **common,
+        params,
+        lr=config.lr,
+        betas=(config.b1, config.b2),
+        eps=config.eps,
+        silent_sgd_phase=config.silent_sgd_phase,
+        **common,
     )
 
 

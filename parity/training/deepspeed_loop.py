@@ -83,14 +83,21 @@ def _run(config, make_optimizer, stage, rank, ranks, progress):
     # from the same bf16 init as the single-process run, and the BatchNorm statistics are bf16
     # as there (DeepSpeed casts parameters only).
     dtype = getattr(torch, config.dtype)
-    data = data_lib.load(config.model, config.seed, config.batch_size, config.host_dtype,
-                         config.recal_batches, config.digits_file)
+    data = data_lib.load(
+        config.model,
+        config.seed,
+        config.batch_size,
+        config.host_dtype,
+        config.recal_batches,
+        config.digits_file,
+    )
     params0 = canonical.init_params(config.model, config.seed)
     model = torch_models.build(config.model, params0, canonical.init_buffers(config.model), dtype)
     norms = [m for m in model.modules() if isinstance(m, torch_models.BatchNorm)]
     optimizer = make_optimizer(config, list(model.parameters()))
-    engine, *_ = sfds.initialize(model=model, optimizer=optimizer,
-                                 config=ds_config(config, stage, ranks))
+    engine, *_ = sfds.initialize(
+        model=model, optimizer=optimizer, config=ds_config(config, stage, ranks)
+    )
     module, device = engine.module, engine.device
     params = list(module.parameters())
     zero3 = hasattr(params[0], "ds_id")

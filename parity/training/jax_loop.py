@@ -57,16 +57,23 @@ def _shard_first_axis(mesh, shape) -> NamedSharding:
 
 def _run(config, make_tx, eval_params, mesh, progress) -> Record:
     dtype = jnp.dtype(config.dtype)
-    data = data_lib.load(config.model, config.seed, config.batch_size, config.host_dtype,
-                         config.recal_batches, config.digits_file)
+    data = data_lib.load(
+        config.model,
+        config.seed,
+        config.batch_size,
+        config.host_dtype,
+        config.recal_batches,
+        config.digits_file,
+    )
     shapes = canonical.param_shapes(config.model)
     tx = make_tx(config)
 
     if config.resume_from:
         snapshot = handoff.Snapshot.load(config.resume_from)
         if snapshot.k != config.first_step:
-            raise ValueError(f"the snapshot is at step {snapshot.k}, the run starts at "
-                             f"{config.first_step}")
+            raise ValueError(
+                f"the snapshot is at step {snapshot.k}, the run starts at {config.first_step}"
+            )
         params0, buffers0 = snapshot.params, snapshot.buffers
     else:
         params0 = canonical.init_params(config.model, config.seed)

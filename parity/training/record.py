@@ -78,8 +78,10 @@ class Record:
         """Segments run one after the other (each starts where the last ended) as one record."""
         for a, b in zip(parts, parts[1:]):
             if a.last_step != b.first_step:
-                raise ValueError(f"segments do not join: one ends at {a.last_step}, the next "
-                                 f"starts at {b.first_step}")
+                raise ValueError(
+                    f"segments do not join: one ends at {a.last_step}, the next "
+                    f"starts at {b.first_step}"
+                )
         first = parts[0]
         # Each joint step appears twice (end of one segment, start of the next): keep the
         # later segment's value for params (it loaded them) and the earlier's eval loss where

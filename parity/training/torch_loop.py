@@ -44,8 +44,14 @@ def run(
         torch.set_num_threads(1)
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
-    data = data_lib.load(config.model, config.seed, config.batch_size, config.host_dtype,
-                         config.recal_batches, config.digits_file)
+    data = data_lib.load(
+        config.model,
+        config.seed,
+        config.batch_size,
+        config.host_dtype,
+        config.recal_batches,
+        config.digits_file,
+    )
     params0 = canonical.init_params(config.model, config.seed)
     buffers0 = canonical.init_buffers(config.model)
     model = torch_models.build(config.model, params0, buffers0, dtype).to(device)
@@ -54,8 +60,9 @@ def run(
     if config.resume_from:
         snapshot = handoff.Snapshot.load(config.resume_from)
         if snapshot.k != config.first_step:
-            raise ValueError(f"the snapshot is at step {snapshot.k}, the run starts at "
-                             f"{config.first_step}")
+            raise ValueError(
+                f"the snapshot is at step {snapshot.k}, the run starts at {config.first_step}"
+            )
         handoff.load_into_torch(snapshot, model, optimizer)
     uses_batch_norm = torch_models.has_batch_norm(model)
     model.train()
