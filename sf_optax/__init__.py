@@ -9,8 +9,15 @@
 
 The update rule is in :mod:`sf_optax.transform`; the aliases in :mod:`sf_optax.alias`; the Flax
 helpers (``at_x``, ``eval_model``, ``recompute_batchnorm_stats``, ``ScheduleFreeTrainState``,
-``save_checkpoint``/``restore_checkpoint``) in :mod:`sf_optax.flax`.
+``train_state_shardings``) in :mod:`sf_optax.flax`; the Orbax checkpoints
+(``save_checkpoint``/``restore_checkpoint``) in :mod:`sf_optax.checkpoint`; the adapter of
+``sf_schedules`` schedules in :mod:`sf_optax.schedules`.
+
+``sf_optax.flax``, ``sf_optax.checkpoint`` and ``sf_optax.schedules`` (and the names they
+export here) are imported on first use, so that ``import sf_optax`` needs neither flax nor orbax.
 """
+
+import importlib
 
 from sf_optax.alias import (
     ScaleBySecondMomentState,
@@ -24,6 +31,19 @@ from sf_optax.packing import PackedState, unpacked_state
 from sf_optax.sharding import state_shardings
 from sf_optax.transform import ScheduleFreeState, schedule_free
 from sf_optax.views import eval_params, find_state, train_params
+
+# Submodules imported on first attribute access (sf_torch does the same for its own).
+_LAZY_SUBMODULES = ("checkpoint", "flax", "schedules")
+# Names exported here from those submodules: name -> submodule.
+_LAZY_EXPORTS = {
+    "ScheduleFreeTrainState": "flax",
+    "at_x": "flax",
+    "eval_model": "flax",
+    "recompute_batchnorm_stats": "flax",
+    "train_state_shardings": "flax",
+    "restore_checkpoint": "checkpoint",
+    "save_checkpoint": "checkpoint",
+}
 
 __all__ = [
     "PackedState",
@@ -40,25 +60,18 @@ __all__ = [
     "state_shardings",
     "train_params",
     "unpacked_state",
+    *sorted(_LAZY_EXPORTS),
 ]
-
-# The Flax helpers (sf_optax/flax.py) import flax, and their checkpoints orbax, when first used,
-# so that ``import sf_optax`` needs neither.
-_FLAX_EXPORTS = (
-    "ScheduleFreeTrainState",
-    "at_x",
-    "eval_model",
-    "recompute_batchnorm_stats",
-    "restore_checkpoint",
-    "save_checkpoint",
-    "train_state_shardings",
-)
-__all__ += list(_FLAX_EXPORTS)
 
 
 def __getattr__(name: str):
-    if name in _FLAX_EXPORTS:
-        from sf_optax import flax as flax_helpers
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    if name in _LAZY_EXPORTS:
+        module = importlib.import_module(f"{__name__}.{_LAZY_EXPORTS[name]}")
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-        return getattr(flax_helpers, name)
-    raise AttributeError(f"module 'sf_optax' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY_SUBMODULES, *_LAZY_EXPORTS})

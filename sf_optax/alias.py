@@ -13,9 +13,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sf_optax._checks import check_range
+from sf_optax._dtypes import compute_dtype
 from sf_optax.packing import check_pack_size, packed
 from sf_optax.transform import schedule_free
+from sf_schedules.radam import radam_rho
+from sf_schedules.validation import check_b2, check_nonnegative
 
 
 class ScaleBySecondMomentState(NamedTuple):
@@ -23,14 +25,6 @@ class ScaleBySecondMomentState(NamedTuple):
 
     count: jax.Array
     nu: optax.Updates
-
-
-def _rho(step: jax.Array, b2: Any, dtype) -> tuple[jax.Array, jax.Array]:
-    """RAdam's length of the approximated SMA at ``step`` (1-based), and its limit."""
-    b2 = jnp.asarray(b2, dtype)
-    rho_inf = 2 / (1 - b2) - 1
-    b2_t = b2 ** step.astype(dtype)
-    return rho_inf - 2 * step.astype(dtype) * b2_t / (1 - b2_t), rho_inf
 
 
 def scale_by_second_moment(
@@ -55,8 +49,8 @@ def scale_by_second_moment(
       rectify: RAdam's rule: while the SMA length ``rho_t <= 4`` the direction is ``g`` itself.
       state_dtype: dtype of ``v``; None keeps each parameter's dtype.
     """
-    check_range("b2", b2, 0.0, 1.0, high_open=True)
-    check_range("eps", eps, 0.0)
+    check_b2("b2", b2)
+    check_nonnegative("eps", eps)
 
     def init_fn(params):
         def zeros(p):
@@ -71,13 +65,13 @@ def scale_by_second_moment(
     def update_fn(updates, state, params=None):
         del params
         step = optax.safe_increment(state.count)
-        sdt = jnp.promote_types(jnp.float32, jnp.result_type(*jax.tree.leaves(state.nu) or [0.0]))
+        sdt = compute_dtype(*jax.tree.leaves(state.nu) or [0.0])
         beta = jnp.asarray(b2, sdt)
         correction = 1 - beta ** step.astype(sdt)
-        use_adam = _rho(step, b2, sdt)[0] > 4 if rectify else True
+        use_adam = radam_rho(step.astype(sdt), beta)[0] > 4 if rectify else True
 
         def second_moment(v, g):
-            cdt = jnp.promote_types(jnp.result_type(v, g), jnp.float32)
+            cdt = compute_dtype(v, g)
             g = g.astype(cdt)
             return (beta.astype(cdt) * v.astype(cdt) + (1 - beta.astype(cdt)) * g * g).astype(
                 v.dtype
@@ -86,7 +80,7 @@ def scale_by_second_moment(
         nu = jax.tree.map(second_moment, state.nu, updates)
 
         def direction(g, v):
-            cdt = jnp.promote_types(jnp.result_type(v, g), jnp.float32)
+            cdt = compute_dtype(v, g)
             g = g.astype(cdt)
             denom = jnp.sqrt(v.astype(cdt) / correction.astype(cdt)) + jnp.asarray(eps, cdt)
             return jnp.where(use_adam, g / denom, g)
@@ -104,8 +98,8 @@ def radam_rectification(b2: float, silent_sgd_phase: bool = True):
     """
 
     def schedule(count):
-        dtype = jnp.promote_types(jnp.float32, jnp.result_type(b2))
-        rho_t, rho_inf = _rho(count + 1, b2, dtype)
+        dtype = compute_dtype(b2)
+        rho_t, rho_inf = radam_rho(jnp.asarray(count + 1, dtype), jnp.asarray(b2, dtype))
         safe_rho = jnp.where(rho_t > 4, rho_t, 5.0)
         rect = jnp.sqrt(
             (safe_rho - 4) * (safe_rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * safe_rho)
@@ -129,7 +123,7 @@ def add_decayed_weights(weight_decay: Any = 0.0, mask: Any = None):
             raise ValueError("add_decayed_weights needs the current parameters (y)")
 
         def add(d, y):
-            cdt = jnp.promote_types(jnp.result_type(d, y), jnp.float32)
+            cdt = compute_dtype(d, y)
             return d.astype(cdt) + jnp.asarray(weight_decay, cdt) * y.astype(cdt)
 
         return jax.tree.map(add, updates, params), state
@@ -139,7 +133,7 @@ def add_decayed_weights(weight_decay: Any = 0.0, mask: Any = None):
 
 
 def _direction_with_decay(direction, weight_decay, mask):
-    check_range("weight_decay", weight_decay, 0.0)
+    check_nonnegative("weight_decay", weight_decay)
     return optax.chain(direction, add_decayed_weights(weight_decay, mask))
 
 
@@ -268,12 +262,12 @@ def radam(
     variance estimate is unreliable (``rho_t <= 4``) the step is skipped (``silent_sgd_phase``)
     or is a plain SGD step. ``pack_small_leaves`` as in :func:`adamw`.
     """
-    check_range("b2", b2, 0.0, 1.0, high_open=True)
+    check_b2("b2", b2)
+    check_nonnegative("learning_rate", learning_rate)
     rect = radam_rectification(b2, silent_sgd_phase)
     if callable(learning_rate):
         schedule = lambda k: learning_rate(k) * rect(k)  # noqa: E731
     else:
-        check_range("learning_rate", learning_rate, 0.0)
         schedule = lambda k: learning_rate * rect(k)  # noqa: E731
     direction = scale_by_second_moment(b2, eps, rectify=True, state_dtype=state_dtype)
     return _schedule_free_with_decay(

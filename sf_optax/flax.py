@@ -1,4 +1,4 @@
-"""Schedule-Free with Flax: evaluate at x, BatchNorm statistics at x, TrainState, checkpoints.
+"""Schedule-Free with Flax: evaluate at x, BatchNorm statistics at x, TrainState, shardings.
 
 The model's parameters hold ``y`` while training; the point to evaluate is
 ``x = (y - (1 - b1) z) / b1`` (:func:`sf_optax.eval_params`). This module does the bookkeeping
@@ -16,8 +16,9 @@ around that for the two ways Flax code holds a training state:
     state = state.apply_gradients(grads=grads)      # extra_args={...} reach tx.update
     logits = state.apply_fn(state.eval_params, batch)
 
-Both: ``sf_optax.save_checkpoint(directory, state_or_model_and_optimizer, view="train"|"eval")``
-and ``sf_optax.restore_checkpoint(...)`` (Orbax), onto any mesh.
+Checkpoints of both (Orbax, onto any mesh) are in :mod:`sf_optax.checkpoint`:
+``sf_optax.save_checkpoint(directory, state_or_model_and_optimizer, view="train"|"eval")`` and
+``sf_optax.restore_checkpoint(...)``.
 
 BatchNorm. Running statistics collected while training were measured at ``y``; a model
 evaluated at ``x`` needs statistics measured at ``x``. :func:`recompute_batchnorm_stats` sets
@@ -33,19 +34,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 from flax.linen.fp8_ops import OVERWRITE_WITH_GRADIENT
 from flax.training import train_state
 from jax.sharding import NamedSharding, PartitionSpec
 
+from sf_optax._dtypes import compute_dtype
 from sf_optax.sharding import state_shardings
 from sf_optax.views import eval_params, train_params
 
@@ -215,10 +215,7 @@ def recompute_batchnorm_stats(
         for batch in batches:
             stats = _batch_statistics(model, batch, forward)
             if sums is None:
-                sums = [
-                    tuple(s.astype(jnp.promote_types(s.dtype, jnp.float32)) for s in pair)
-                    for pair in stats
-                ]
+                sums = [tuple(s.astype(compute_dtype(s.dtype)) for s in pair) for pair in stats]
             else:
                 sums = [(a + m, b + v) for (a, b), (m, v) in zip(sums, stats)]
             count += 1
@@ -307,7 +304,7 @@ def train_state_shardings(state: train_state.TrainState, param_shardings: Any):
     ``step`` and every other field are replicated. ``state`` may hold arrays or
     ``jax.ShapeDtypeStruct``s (``jax.eval_shape`` of the creation). Use the result as
     ``in_shardings``/``out_shardings`` of a jitted step and as the target of
-    :func:`restore_checkpoint`.
+    :func:`sf_optax.restore_checkpoint`.
     """
     opt_shardings = state_shardings(state.tx, state.params, param_shardings)
     mesh = next(s.mesh for s in jax.tree.leaves(param_shardings) if isinstance(s, NamedSharding))
@@ -318,239 +315,3 @@ def train_state_shardings(state: train_state.TrainState, param_shardings: Any):
         if f.metadata.get("pytree_node", True) and f.name not in ("params", "opt_state")
     }
     return state.replace(params=param_shardings, opt_state=opt_shardings, **fields)
-
-
-# ---------------------------------------------------------------------------------------------
-# Orbax checkpoints
-
-_VIEWS = ("train", "eval")
-_FORMAT = "sf_optax-checkpoint-1"
-
-
-def _key_name(entry: Any) -> str:
-    for attribute in ("key", "name", "idx"):
-        if hasattr(entry, attribute):
-            return str(getattr(entry, attribute))
-    return str(entry)
-
-
-def _is_key_array(leaf: Any) -> bool:
-    dtype = getattr(leaf, "dtype", None)
-    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
-
-
-def _nest(pairs: Iterable[tuple[tuple, Any]]) -> dict:
-    """A nested dict of strings from (key path, leaf) pairs: what Orbax writes best."""
-    out: dict = {}
-    for path, leaf in pairs:
-        names = [_key_name(entry) for entry in path] or ["value"]
-        node = out
-        for name in names[:-1]:
-            node = node.setdefault(name, {})
-        node[names[-1]] = leaf
-    return out
-
-
-def _lookup(nested: dict, path: tuple) -> Any:
-    node = nested
-    for name in [_key_name(entry) for entry in path] or ["value"]:
-        node = node[name]
-    return node
-
-
-def _savable(leaf: Any) -> Any:
-    if _is_key_array(leaf):
-        return jax.random.key_data(leaf)
-    if isinstance(leaf, jax.Array):
-        return leaf
-    return np.asarray(leaf)
-
-
-def _restore_target(leaf: Any) -> Any:
-    """What Orbax restores into: shape, dtype and sharding; numpy for host values."""
-    if _is_key_array(leaf):
-        data = jax.eval_shape(jax.random.key_data, leaf)
-        return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=_sharding_of(leaf))
-    if isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct)):
-        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=_sharding_of(leaf))
-    return np.asarray(leaf)
-
-
-def _sharding_of(leaf: Any) -> jax.sharding.Sharding:
-    sharding = getattr(leaf, "sharding", None)
-    return sharding if sharding is not None else jax.sharding.SingleDeviceSharding(jax.devices()[0])
-
-
-def _restored_leaf(target: Any, value: Any) -> Any:
-    if _is_key_array(target):
-        return jax.random.wrap_key_data(value, impl=jax.random.key_impl(target))
-    if isinstance(target, (bool, int, float)):
-        return type(target)(np.asarray(value))
-    return value
-
-
-def _check_view(view: str) -> None:
-    if view not in _VIEWS:
-        raise ValueError(
-            f"view must be 'train' (params at y) or 'eval' (params at x), got {view!r}"
-        )
-
-
-def _nnx_target(target: Any) -> tuple[nnx.Module, nnx.Optimizer] | None:
-    if isinstance(target, tuple) and len(target) == 2 and isinstance(target[1], nnx.Optimizer):
-        return target
-    return None
-
-
-def _describe(target: Any) -> str:
-    return (
-        "a flax TrainState or a (model, optimizer) pair of flax.nnx objects, got "
-        f"{type(target).__name__}"
-    )
-
-
-def _checkpoint_manager(directory: Any, max_to_keep: int | None = None):
-    try:
-        import orbax.checkpoint as ocp  # an optional dependency: needed only for checkpoints
-    except ImportError as error:
-        raise ImportError(
-            "sf_optax checkpoints are written with Orbax: pip install orbax-checkpoint"
-        ) from error
-
-    if isinstance(directory, (str, os.PathLike)) and "://" not in os.fspath(directory):
-        directory = os.path.abspath(directory)  # Orbax wants absolute local paths
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-    return ocp, ocp.CheckpointManager(directory, options=options)
-
-
-def save_checkpoint(
-    directory: Any,
-    target: Any,
-    *,
-    view: str = "train",
-    max_to_keep: int | None = None,
-) -> int:
-    """Saves a schedule-free training state with Orbax, labelled by its step; returns the step.
-
-    What is written: the model's parameters in the chosen view, the whole optimizer state
-    (``z``, ``v``, the scalars ``k``, ``weight_sum``, ``lr_max``), the step, and everything else
-    the state holds (BatchNorm training statistics, RNG state, other TrainState fields). Arrays
-    are written shard by shard from wherever they live; :func:`restore_checkpoint` can put them
-    on another mesh. The call returns when the checkpoint is complete on disk. With several
-    processes every process calls it.
-
-    Args:
-      directory: the checkpoint root (one subfolder per step, managed by Orbax).
-      target: a ``flax.training.train_state.TrainState`` (e.g. :class:`ScheduleFreeTrainState`)
-        or a ``(model, optimizer)`` pair of a ``flax.nnx.Module`` and its ``nnx.Optimizer``.
-      view: ``"train"`` stores the parameters at ``y`` (resuming continues bit for bit);
-        ``"eval"`` stores them at ``x``, so that the checkpoint's parameters are the ones to
-        evaluate or ship. Resuming from an eval view recomputes ``y = b1 x + (1 - b1) z``, equal
-        to the saved ``y`` up to float rounding of the two conversions (BatchNorm statistics
-        are the training ones in both views).
-      max_to_keep: keep only this many newest checkpoints in ``directory`` (None: all).
-
-    Returns:
-      The step the checkpoint is labelled with (``state.step``, ``optimizer.step``).
-    """
-    _check_view(view)
-    pair = _nnx_target(target)
-    if pair is not None:
-        model, optimizer = pair
-        step = int(np.asarray(optimizer.step[...]))
-        swap = at_x(model, optimizer, eval_mode=False) if view == "eval" else None
-        with swap or contextlib.nullcontext():
-            tree = {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
-            pairs = jax.tree_util.tree_flatten_with_path(tree)[0]  # the arrays, taken now
-        kind = "nnx"
-    elif isinstance(target, train_state.TrainState):
-        step = int(np.asarray(target.step))
-        if view == "eval":
-            target = target.replace(params=_train_state_eval_params(target))
-        pairs = jax.tree_util.tree_flatten_with_path(target)[0]
-        kind = "train_state"
-    else:
-        raise TypeError(f"save_checkpoint: target must be {_describe(target)}")
-
-    state = _nest((path, _savable(leaf)) for path, leaf in pairs)
-    meta = {"format": _FORMAT, "view": view, "kind": kind, "step": step}
-    ocp, manager = _checkpoint_manager(directory, max_to_keep)
-    with manager:
-        saved = manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-            ),
-        )
-        manager.wait_until_finished()
-    if not saved:  # Orbax skips a step it already holds, silently
-        raise ValueError(
-            f"{directory} already holds a checkpoint at step {step} (or a later one), so nothing "
-            "was saved: save each view into its own directory, or remove the old checkpoint"
-        )
-    return step
-
-
-def restore_checkpoint(directory: Any, target: Any, *, step: int | None = None) -> Any:
-    """Restores what :func:`save_checkpoint` wrote, onto the target's shardings.
-
-    The target gives the structure, the dtypes and where every array goes: arrays are read
-    straight into the target's shardings, which may be on a different mesh (another shape,
-    another number of devices) than the one that saved. Parameters come back at ``y`` whatever
-    view was saved.
-
-    Args:
-      directory: the checkpoint root given to :func:`save_checkpoint`.
-      target: a ``TrainState`` of the same structure, whose leaves are arrays or
-        ``jax.ShapeDtypeStruct``s with a ``sharding`` (e.g. ``jax.eval_shape`` of the creation
-        combined with :func:`train_state_shardings` on the new mesh); or a ``(model,
-        optimizer)`` pair, restored in place onto the shardings its arrays have now.
-      step: the step to restore; None for the newest.
-
-    Returns:
-      A new ``TrainState``, or the same ``(model, optimizer)`` pair, now restored.
-    """
-    pair = _nnx_target(target)
-    if pair is not None:
-        model, optimizer = pair
-        tree = {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
-        kind = "nnx"
-    elif isinstance(target, train_state.TrainState):
-        tree = target
-        kind = "train_state"
-    else:
-        raise TypeError(f"restore_checkpoint: target must be {_describe(target)}")
-
-    pairs, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    abstract = _nest((path, _restore_target(leaf)) for path, leaf in pairs)
-    ocp, manager = _checkpoint_manager(directory)
-    with manager:
-        if step is None:
-            step = manager.latest_step()
-            if step is None:
-                raise FileNotFoundError(
-                    f"no checkpoint in {directory}: save one with sf_optax.save_checkpoint first"
-                )
-        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        if meta.get("kind") != kind:
-            raise ValueError(
-                f"the checkpoint at step {step} in {directory} holds a {meta.get('kind')!r} "
-                f"state but the target is a {kind!r} one: restore into the kind that was saved"
-            )
-        restored = manager.restore(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)),
-        )["state"]
-    leaves = [_restored_leaf(leaf, _lookup(restored, path)) for path, leaf in pairs]
-    tree = jax.tree.unflatten(treedef, leaves)
-
-    if kind == "nnx":
-        nnx.update(model, tree["model"])
-        nnx.update(optimizer, tree["optimizer"])
-        if meta["view"] == "eval":
-            wrt, graph = _optimizer_filter(optimizer)
-            nnx.update(model, train_params(optimizer, nnx.state(model, wrt, graph=graph)))
-        return target
-    if meta["view"] == "eval":
-        tree = tree.replace(params=_train_state_train_params(tree, tree.params))
-    return tree

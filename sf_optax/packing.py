@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sf_optax._checks import check_range
+from sf_schedules.validation import check_count
 
 Slot = tuple[int, int]  # (slot index, offset in the slot's flat buffer; -1: the leaf is its slot)
 
@@ -197,8 +197,7 @@ def check_pack_size(pack_small_leaves: Any) -> int:
             f"{pack_small_leaves!r}; with optax.inject_hyperparams pass "
             "static_args=('pack_small_leaves',)"
         )
-    check_range("pack_small_leaves", int(pack_small_leaves), 0, float("inf"), integer=True)
-    return int(pack_small_leaves)
+    return check_count("pack_small_leaves", int(pack_small_leaves))
 
 
 def packed(

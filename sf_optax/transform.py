@@ -34,7 +34,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sf_optax._checks import check_range
+from sf_optax._dtypes import compute_dtype
+from sf_schedules.validation import check_b1, check_count, check_nonnegative
 
 
 class ScheduleFreeState(NamedTuple):
@@ -61,12 +62,10 @@ class ScheduleFreeState(NamedTuple):
 
 def scalar_dtype(params: optax.Params) -> jnp.dtype:
     """float32, or float64 when some parameter is float64: never narrower than float32."""
-    dtype = jnp.dtype(jnp.float32)
-    for leaf in jax.tree.leaves(params):
-        leaf_dtype = jnp.result_type(leaf)
-        if jnp.issubdtype(leaf_dtype, jnp.floating):
-            dtype = jnp.promote_types(dtype, leaf_dtype)
-    return dtype
+    # Leaf by leaf: a Python float leaf counts as the default float dtype (float64 under x64),
+    # where one joint result_type would let the arrays' dtypes absorb it (weak typing).
+    dtypes = [jnp.result_type(leaf) for leaf in jax.tree.leaves(params)]
+    return compute_dtype(jnp.float32, *(d for d in dtypes if jnp.issubdtype(d, jnp.floating)))
 
 
 def warmup_factor(count: jax.Array, warmup_steps: Any, dtype: jnp.dtype) -> jax.Array:
@@ -112,12 +111,12 @@ def schedule_free(
             f"exact_x must be a Python bool (it decides the state's layout), got {exact_x!r}; "
             "with optax.inject_hyperparams pass static_args=('exact_x',)"
         )
-    check_range("b1", b1, 0.0, 1.0, low_open=not exact_x)
-    check_range("warmup_steps", warmup_steps, 0, float("inf"), integer=True)
-    check_range("r", r, 0.0)
-    check_range("weight_lr_power", weight_lr_power, 0.0)
-    if not callable(learning_rate):
-        check_range("learning_rate", learning_rate, 0.0)
+    # b1 = 0 makes x unrecoverable from y and z, unless x is stored.
+    check_b1("b1", b1, allow_zero=exact_x)
+    check_count("warmup_steps", warmup_steps)
+    check_nonnegative("r", r)
+    check_nonnegative("weight_lr_power", weight_lr_power)
+    check_nonnegative("learning_rate", learning_rate)  # a schedule's values are not known here
     base = optax.with_extra_args_support(base)
 
     def init_fn(params):
@@ -156,10 +155,6 @@ def schedule_free(
         beta = jnp.asarray(b1, sdt)
 
         gn, base_state = base.update(updates, state.base_state, params, **extra_args)
-
-        def compute_dtype(*arrays):
-            # Arithmetic in float32 or wider; float64 only where an operand already is.
-            return jnp.promote_types(jnp.result_type(*arrays), jnp.float32)
 
         def step_z(z, d):
             cdt = compute_dtype(z, d)

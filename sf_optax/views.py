@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sf_optax._dtypes import compute_dtype
 from sf_optax.packing import find_packing, nodes_of
 from sf_optax.transform import ScheduleFreeState
 
@@ -58,10 +59,6 @@ def _map_params(fn, params: optax.Params, *state_trees: optax.Params) -> optax.P
     return treedef.unflatten([fn(p, *leaves) for p, *leaves in zip(param_leaves, *columns)])
 
 
-def _compute_dtype(*arrays) -> jnp.dtype:
-    return jnp.promote_types(jnp.result_type(*arrays), jnp.float32)
-
-
 def _through_packing(view):
     """``view(opt_state, tree)`` also for a packed state (``pack_small_leaves``): the tree is
     packed into the state's slots and the result cut back into the tree's shapes."""
@@ -85,7 +82,7 @@ def eval_params(opt_state: Any, params: optax.Params) -> optax.Params:
     b1 = _array(state.b1)
 
     def to_x(y, z):
-        cdt = _compute_dtype(y, z, b1)
+        cdt = compute_dtype(y, z, b1)
         b = b1.astype(cdt)
         return ((y.astype(cdt) - (1 - b) * z.astype(cdt)) / b).astype(jnp.result_type(y))
 
@@ -99,7 +96,7 @@ def train_params(opt_state: Any, eval_params: optax.Params) -> optax.Params:
     b1 = _array(state.b1)
 
     def to_y(x, z):
-        cdt = _compute_dtype(x, z, b1)
+        cdt = compute_dtype(x, z, b1)
         b = b1.astype(cdt)
         return (b * x.astype(cdt) + (1 - b) * z.astype(cdt)).astype(jnp.result_type(x))
 

@@ -3,10 +3,17 @@
 ``AdamWScheduleFree``, ``SGDScheduleFree`` and ``RAdamScheduleFree`` are drop-in replacements
 for the ``schedulefree`` classes of the same names (plus ``fused``, ``state_dtype`` and
 ``eval_params()``); ``ScheduleFreeWrapper`` makes any momentum-free torch optimizer
-Schedule-Free. The update rule is stated and implemented in ``sf_torch.rule``.
+Schedule-Free. The update rule is stated and implemented in ``sf_torch.rule``;
+``recompute_batchnorm_stats`` gives BatchNorm statistics at x.
+
+``sf_torch.schedules`` (the adapter of ``sf_schedules`` schedules) and ``sf_torch.deepspeed``
+(DeepSpeed ZeRO) are imported on first attribute access, so that ``import sf_torch`` does not
+import DeepSpeed.
 """
 
-from .batchnorm import batchnorm_stats_at_current_weights
+import importlib
+
+from .batchnorm import batchnorm_stats_at_current_weights, recompute_batchnorm_stats
 from .optimizers import (
     AdamWScheduleFree,
     RAdamScheduleFree,
@@ -15,11 +22,25 @@ from .optimizers import (
 )
 from .wrapper import ScheduleFreeWrapper
 
+# Submodules imported on first attribute access (sf_optax does the same for its own).
+_LAZY_SUBMODULES = ("deepspeed", "schedules")
+
 __all__ = [
-    "batchnorm_stats_at_current_weights",
     "AdamWScheduleFree",
     "RAdamScheduleFree",
     "SGDScheduleFree",
     "ScheduleFreeOptimizer",
     "ScheduleFreeWrapper",
+    "batchnorm_stats_at_current_weights",
+    "recompute_batchnorm_stats",
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY_SUBMODULES})

@@ -1,14 +1,20 @@
 """BatchNorm statistics for the evaluation point x.
 
 Running statistics collected while training were measured at y, not at x, so a model evaluated
-at x needs its own: :func:`batchnorm_stats_at_current_weights` recomputes them with the weights
-the model holds now (x after ``optimizer.eval()`` or ``sf_torch.deepspeed.eval(engine)``) from
-batches the user gives, and puts the training statistics back when the block ends.
+at x needs its own: :func:`recompute_batchnorm_stats` recomputes them with the weights the model
+holds now (x after ``optimizer.eval()`` or ``sf_torch.deepspeed.eval(engine)``) from batches the
+user gives, and puts the training statistics back when the block ends.
+
+The name and arguments are those of ``sf_optax.recompute_batchnorm_stats``. There the function
+returns and the caller's ``sf_optax.at_x`` (or ``eval_model``'s copy) undoes it; torch has no such
+snapshot of the model, so here it is a context manager that restores the statistics itself. The
+statistics are each framework's own: torch tracks the unbiased batch variance, nnx the biased one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -22,7 +28,7 @@ def _norm_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 @contextlib.contextmanager
-def batchnorm_stats_at_current_weights(
+def recompute_batchnorm_stats(
     model: torch.nn.Module,
     batches: Iterable[Any],
     forward: Callable[[torch.nn.Module, Any], Any] | None = None,
@@ -35,8 +41,9 @@ def batchnorm_stats_at_current_weights(
     written.
 
     Args:
-      model: a torch module (or DeepSpeed engine's ``module``) holding x.
-      batches: inputs to recompute from; each is passed to ``forward``.
+      model: a torch module (or DeepSpeed engine's ``module``) holding x; changed in place
+        (only BatchNorm running statistics and modes) until the block ends.
+      batches: inputs, each handed to ``forward``; at least one.
       forward: ``forward(model, batch)``; default ``model(batch)``.
 
     Yields:
@@ -69,3 +76,19 @@ def batchnorm_stats_at_current_weights(
             m.num_batches_tracked.copy_(tracked)
             m.momentum = momentum
         model.train(was_training)
+
+
+def batchnorm_stats_at_current_weights(
+    model: torch.nn.Module,
+    batches: Iterable[Any],
+    forward: Callable[[torch.nn.Module, Any], Any] | None = None,
+):
+    """Deprecated name of :func:`recompute_batchnorm_stats` (the name sf_optax uses too)."""
+    warnings.warn(
+        "sf_torch.batchnorm_stats_at_current_weights is renamed "
+        "sf_torch.recompute_batchnorm_stats (the name of sf_optax's function); the old name "
+        "will be removed",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return recompute_batchnorm_stats(model, batches, forward)

@@ -1,11 +1,13 @@
 """``sf_schedules`` schedules as torch learning-rate schedulers.
 
-import sf_schedules, sf_torch.schedules, torch
-opt = torch.optim.SGD(model.parameters(), lr=0.1)
-sched = sf_torch.schedules.scheduler(opt, sf_schedules.wsd(0.1, total_steps=1000))
-for batch in data:
-    loss(batch).backward(); opt.step(); opt.zero_grad()
-    sched.step()                          # after opt.step(): sets the lr of the next one
+    import sf_schedules, sf_torch, torch
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = sf_torch.schedules.to_torch(opt, sf_schedules.wsd(0.1, total_steps=1000))
+    for batch in data:
+        loss(batch).backward(); opt.step(); opt.zero_grad()
+        sched.step()                      # after opt.step(): sets the lr of the next one
+
+``to_torch`` mirrors ``sf_optax.schedules.to_optax``; ``scheduler`` is its older name, kept.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ class ScheduleLR(LRScheduler):
         self._last_lr = list(lrs)
 
 
-def scheduler(optimizer: torch.optim.Optimizer, schedule: Schedule) -> ScheduleLR:
+def to_torch(optimizer: torch.optim.Optimizer, schedule: Schedule) -> ScheduleLR:
     """A :class:`ScheduleLR` driving ``optimizer`` with ``schedule``; call ``.step()`` after
     each ``optimizer.step()``.
 
@@ -69,5 +71,11 @@ def scheduler(optimizer: torch.optim.Optimizer, schedule: Schedule) -> ScheduleL
             For Schedule-Free optimizers a constant lr with their own ``warmup_steps`` is the
             usual choice; a decaying schedule is allowed and scales the z steps.
         schedule: a :class:`sf_schedules.Schedule`.
+
+    Returns:
+        the scheduler, which has already set ``schedule(0)`` as the lr of the first step.
     """
     return ScheduleLR(optimizer, schedule)
+
+
+scheduler = to_torch  # the name before to_torch mirrored sf_optax.schedules.to_optax

@@ -45,7 +45,7 @@ def test_recomputed_stats_equal_direct_stats_at_x_and_training_state_returns():
         h.remove()
 
     opt.eval()
-    with sf_torch.batchnorm_stats_at_current_weights(model, batches) as used:
+    with sf_torch.recompute_batchnorm_stats(model, batches) as used:
         assert used == 4 and not model.training
         for i, seen in inputs.items():
             mean = torch.stack([s.mean(0) for s in seen]).mean(0)
