@@ -13,7 +13,7 @@ nothing about. Under ZeRO the optimizer only sees DeepSpeed's fp32 partitions, s
 ``sf_torch.deepspeed.eval(engine)`` does, on every rank, and ``train(engine)`` switches back.
 
 BatchNorm's running statistics were collected at y; before each evaluation they are recomputed
-at x from training batches (``sf_torch.batchnorm_stats_at_current_weights``), and the training
+at x from training batches (``sf_torch.recompute_batchnorm_stats``), and the training
 statistics come back afterwards.
 """
 
@@ -104,7 +104,7 @@ def evaluate(engine, images, labels, bn_batches, dtype) -> tuple[float, float]:
     """Loss and accuracy of the weights the engine's model holds, BN statistics at them."""
     device = engine.device
     inputs = torch.from_numpy(images).to(device, dtype)
-    with sf_torch.batchnorm_stats_at_current_weights(engine.module, bn_batches):
+    with sf_torch.recompute_batchnorm_stats(engine.module, bn_batches):
         with torch.no_grad():
             logits = engine(inputs).float()
     target = torch.from_numpy(labels).to(device)
