@@ -1,6 +1,6 @@
 """A fused step that is planned once and then only checked: the many-small-tensors fast path.
 
-The general fused step (``rule.update`` with ``impl="fused"``) is one Triton launch, but before
+The general fused step (``kernels.update_fused``) is one Triton launch per bucket, but before
 it the host reads every ``.grad``, checks every layout, looks up every state and sends every
 address to the device: ~1-5 us per tensor, which is the whole step for models of many small
 tensors (2,000 tensors of 64x64: ~10 ms of host time for a ~0.2 ms kernel).
@@ -22,8 +22,9 @@ graph's copy reads it at each replay), and a plan a graph has captured is kept a
 optimizer after it is replaced.
 
 Changes to the state (a param's state dict replaced, or z replaced inside it) are seen through
-``TrackedState``, the optimizers' ``state`` mapping, which counts them in its ``version``; state
-dicts it does not track (put there by hand) are looked into at every check.
+``state.TrackedState``, the optimizers' ``state`` mapping, which counts them in its ``version``;
+state dicts it does not track (put there by hand) are looked into at every check. Whether a
+group takes its plan, and when a plan is built, is decided in ``dispatch.py``.
 """
 
 from __future__ import annotations
@@ -31,105 +32,18 @@ from __future__ import annotations
 import os
 import threading
 import warnings
-from collections import defaultdict
 
 import torch
 
-from . import rule
+from . import kernels
+from .rule import StepScalars
+from .state import is_tracked
 
 SAME, GRADS_MOVED, STALE = 0, 1, 2
 
 # A plan's device table: the coefficients, the capturable step's hyperparameters, then the
 # addresses of g, y, z and v.
-_HEAD = rule._N_SCALARS + rule._N_HYPER
-
-# ---------------------------------------------------------------------------------------------
-# The optimizers' state mapping
-
-
-class ParamState(dict):
-    """One param's state dict inside a ``TrackedState``: every change to it counts in the
-    owner's ``version``. Pickles and copies as a plain dict."""
-
-    __slots__ = ("_owner",)
-
-    def __init__(self, owner: TrackedState | None = None, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._owner = owner
-
-    def _changed(self) -> None:
-        if self._owner is not None:
-            self._owner.version += 1
-
-    def __reduce__(self):
-        return (dict, (dict(self),))
-
-
-class TrackedState(defaultdict):
-    """The optimizers' ``state``: a ``defaultdict`` of per-param dicts that counts every change,
-    to its entries and (for the ``ParamState`` dicts it creates) inside them, in ``version``.
-    A plan built at one version is current while the version stays."""
-
-    def __init__(self, items=()):
-        super().__init__(self._new_entry)
-        self.version = 0
-        for key, value in dict(items).items():
-            # Plain dicts from a checkpoint or a copy are taken in as tracked dicts.
-            if type(value) is dict:
-                value = ParamState(self, value)
-            super().__setitem__(key, value)
-
-    def _new_entry(self) -> ParamState:
-        return ParamState(self)
-
-    def __reduce__(self):
-        return (type(self), (dict(self),))
-
-    def __copy__(self):
-        return type(self)(self)
-
-    def _changed(self) -> None:
-        self.version += 1
-
-
-def _counting(cls, name):
-    base = getattr(dict, name)
-
-    def method(self, *args, **kwargs):
-        self._changed()
-        return base(self, *args, **kwargs)
-
-    method.__name__ = name
-    method.__qualname__ = f"{cls.__name__}.{name}"
-    setattr(cls, name, method)
-
-
-for _cls in (ParamState, TrackedState):
-    for _name in (
-        "__setitem__",
-        "__delitem__",
-        "__ior__",
-        "clear",
-        "pop",
-        "popitem",
-        "setdefault",
-        "update",
-    ):
-        _counting(_cls, _name)
-
-
-def tracked(state) -> TrackedState:
-    """``state`` as a ``TrackedState`` (the same entries, plain dicts taken in as tracked
-    ones; ``state`` itself when it already is one)."""
-    if isinstance(state, TrackedState):
-        return state
-    return TrackedState(state)
-
-
-def is_tracked(entry, state_map: TrackedState) -> bool:
-    """Whether changes inside ``entry`` (a param's state dict) count in ``state_map``."""
-    return type(entry) is ParamState and entry._owner is state_map
-
+_HEAD = kernels.N_SCALARS + kernels.N_HYPER
 
 # ---------------------------------------------------------------------------------------------
 # The per-step check: C++ where it builds, else the same checks in Python
@@ -205,7 +119,7 @@ class PySnapshot:
 
 
 def py_put_scalars(out: torch.Tensor, values) -> None:
-    out[: len(values)] = torch.tensor(rule.float_bits(values), dtype=torch.int64)
+    out[: len(values)] = torch.tensor(kernels.float_bits(values), dtype=torch.int64)
 
 
 _NATIVE_LOCK = threading.Lock()
@@ -289,9 +203,11 @@ class FusedPlan:
         self.state_map = state_map
         self.version = state_map.version
         self.stream = _current_stream(self.device)
-        self.switchable = all(stepped) and rule._lerp_pair_problem(ys[0].dtype, zs[0].dtype) is None
+        self.switchable = (
+            all(stepped) and kernels.lerp_pair_problem(ys[0].dtype, zs[0].dtype) is None
+        )
         numels = tuple(map(torch.Tensor.numel, ys))
-        self.tables = rule._block_tables(self.device, numels, rule.block_size(ys[0].dtype))
+        self.tables = kernels.block_tables(self.device, numels, kernels.block_size(ys[0].dtype))
         data_ptr = torch.Tensor.data_ptr
         v_addrs = list(map(data_ptr, vs)) if has_v else [0] * n
         # The coefficients, the capturable step's hyperparameters and g's addresses come per
@@ -299,11 +215,11 @@ class FusedPlan:
         host = [0] * (_HEAD + n)
         host += [*map(data_ptr, ys), *map(data_ptr, zs), *v_addrs]
         self.meta = torch.tensor(host, dtype=torch.int64).to(self.device)
-        self.addresses = rule.address_slices(self.meta, _HEAD, n, 4)
+        self.addresses = kernels.address_slices(self.meta, _HEAD, n, 4)
         self.head = self.meta[: _HEAD + n]
-        self.scalars = self.meta[: rule._N_SCALARS]
-        self.hyper = self.meta[rule._N_SCALARS : _HEAD]
-        self.hyper_and_grads = self.meta[rule._N_SCALARS : _HEAD + n]
+        self.scalars = self.meta[: kernels.N_SCALARS]
+        self.hyper = self.meta[kernels.N_SCALARS : _HEAD]
+        self.hyper_and_grads = self.meta[kernels.N_SCALARS : _HEAD + n]
         self.captured = False  # a CUDA graph holds this plan's buffers (the optimizer keeps it)
         self._captures: list[torch.Tensor] = []  # host buffers that captured copies read
         keys = ("z", "exp_avg_sq") if has_v else ("z",)
@@ -330,7 +246,7 @@ class FusedPlan:
         self._turn ^= 1
         buf = self._staging[self._turn]
         if buf is None:
-            host = rule.host_int64(_HEAD + self.n, self.device)
+            host = kernels.host_int64(_HEAD + self.n, self.device)
             event = torch.cuda.Event() if self.device.type == "cuda" else None
             buf = self._staging[self._turn] = (host, event)
         elif buf[1] is not None:
@@ -347,7 +263,7 @@ class FusedPlan:
         if not self._usable(group, state_map, any_stream=capturing):
             return None
         if capturing:
-            buf = (rule.host_int64(_HEAD + self.n, self.device), None)
+            buf = (kernels.host_int64(_HEAD + self.n, self.device), None)
         else:
             buf = self._host_buffer()
         status = self.snapshot.check(group["params"], buf[0], _HEAD, True)
@@ -359,20 +275,20 @@ class FusedPlan:
             status = GRADS_MOVED
         return buf, status
 
-    def step(self, prepared, s: rule.StepScalars) -> None:
+    def step(self, prepared, s: StepScalars) -> None:
         """Sends the coefficients (and the gradients' addresses where they moved) and launches
         the kernel."""
         (host, event), status = prepared
-        _put_scalars(host, rule.step_coefficients(s))
+        _put_scalars(host, kernels.step_coefficients(s))
         if status == SAME:
-            self.scalars.copy_(host[: rule._N_SCALARS], non_blocking=True)
+            self.scalars.copy_(host[: kernels.N_SCALARS], non_blocking=True)
         else:
             self.head.copy_(host, non_blocking=True)
             self.snapshot.remember_grads(host, _HEAD)
         if event is not None:
             event.record()
-        flags = rule.scalar_flags(s)
-        rule.launch_update(
+        flags = kernels.scalar_flags(s)
+        kernels.launch_update(
             self.device, self.dtypes, flags, self.scalars, self.addresses, self.tables
         )
 
@@ -382,17 +298,17 @@ class FusedPlan:
         device, and the update kernel reads them there. Nothing the step computes passes
         through the host, so a CUDA graph that captured it replays every later step."""
         (host, event), status = prepared
-        _put_scalars(host[rule._N_SCALARS :], rule.hyperparameters(group, kind))
+        _put_scalars(host[kernels.N_SCALARS :], kernels.hyperparameters(group, kind))
         if status == SAME:
-            self.hyper.copy_(host[rule._N_SCALARS : _HEAD], non_blocking=True)
+            self.hyper.copy_(host[kernels.N_SCALARS : _HEAD], non_blocking=True)
         else:
-            self.hyper_and_grads.copy_(host[rule._N_SCALARS :], non_blocking=True)
+            self.hyper_and_grads.copy_(host[kernels.N_SCALARS :], non_blocking=True)
             self.snapshot.remember_grads(host, _HEAD)
         if event is not None:
             event.record()
-        rule.launch_advance(self.device, kind, group, counters, self.scalars, self.hyper)
-        flags = rule.capturable_flags(kind, group)
-        rule.launch_update(
+        kernels.launch_advance(self.device, kind, group, counters, self.scalars, self.hyper)
+        flags = kernels.capturable_flags(kind, group)
+        kernels.launch_update(
             self.device, self.dtypes, flags, self.scalars, self.addresses, self.tables
         )
 
@@ -405,53 +321,11 @@ class FusedPlan:
         )
 
     def switch(self, weight: float) -> None:
-        """Every param ``p <- lerp(p, z, weight)`` in one launch (``rule.switch_``'s kernel)."""
-        host = rule.host_int64(1, self.device)
+        """Every param ``p <- lerp(p, z, weight)`` in one launch of the lerp kernel."""
+        host = kernels.host_int64(1, self.device)
         _put_scalars(host, (weight,))
         weight_slot = self.scalars[:1]
         weight_slot.copy_(host, non_blocking=True)
         p_and_z = (self.addresses[1], self.addresses[2])
         dtypes = (self.dtypes[0], self.dtypes[2])
-        rule.launch_lerp(self.device, dtypes, weight_slot, p_and_z, self.tables)
-
-
-def capturable_problem(params, grads, states) -> str | None:
-    """Why a capturable group's params and gradients cannot be planned (None when they can):
-    a capturable step is always a planned one, so the group must form one bucket (one device,
-    one dtype for params and gradients) of contiguous tensors, which the fused kernel steps."""
-    if not params:
-        return None
-    problem = rule._group_fused_problem(params, grads, states)
-    if problem is not None:
-        return problem
-    contiguous = torch.Tensor.is_contiguous
-    for p, g in zip(params, grads):
-        if not (contiguous(p) and contiguous(g)):
-            return (
-                "capturable=True needs contiguous params and gradients, got a param of shape "
-                f"{tuple(p.shape)} with strides {p.stride()} (gradient strides {g.stride()})"
-            )
-    keys = rule._buckets(params, grads, params, params)
-    if len(keys) != 1:
-        found = sorted(
-            f"{y} params with {g} gradients" + (f" on cuda:{dev}" if dev >= 0 else "")
-            for dev, y, g, _ in keys
-        )
-        return (
-            "capturable=True needs one device and one dtype per param group (params and "
-            f"gradients alike), got {', '.join(found)}: put each in a group of its own"
-        )
-    return None
-
-
-def plannable(ys, gs, zs, vs, has_v: bool) -> bool:
-    """Whether a group's fused step can be planned: one bucket, everything contiguous. (The
-    fused kernel also steps other dense layouts, e.g. channels_last, but the plan's check
-    would find those stale at every step and a plan would be rebuilt for nothing.)"""
-    if not ys:
-        return False
-    contiguous = torch.Tensor.is_contiguous
-    tensors = (ys, gs, zs, vs) if has_v else (ys, gs, zs)
-    if not all(all(map(contiguous, ts)) for ts in tensors):
-        return False
-    return len(rule._buckets(ys, gs, zs, vs if has_v else zs)) == 1
+        kernels.launch_lerp(self.device, dtypes, weight_slot, p_and_z, self.tables)

@@ -1,4 +1,8 @@
-"""Schedule-Free AdamW, SGD and RAdam as torch optimizers (the math lives in ``rule.py``).
+"""Schedule-Free AdamW, SGD and RAdam as torch optimizers.
+
+The math lives in ``rule.py``, the Triton kernels in ``kernels.py``; ``dispatch.py`` chooses how
+each group steps and switches, and this file keeps the optimizer's groups, state, checks and
+checkpoints.
 
 Drop-in for the ``schedulefree`` classes of the same names: same constructor arguments and
 defaults, same per-group keys (``k``, ``weight_sum``, ``lr_max``, ``scheduled_lr``,
@@ -25,7 +29,7 @@ counter changes, so a step that raises leaves the optimizer as it was.
 ``capturable=True`` groups step so that a CUDA graph can replay the step: they always take the
 planned fused step (``fused_plan``), their counters are one float64 tensor on the params'
 device (the group's ``k``, ``lr_max``, ``weight_sum`` and ``scheduled_lr`` are 0-d views of
-it), and one program of ``rule``'s advance kernel advances them and writes the step's
+it), and one program of ``kernels``' advance kernel advances them and writes the step's
 coefficients on the device. ``state_dict()`` saves the counters as Python numbers. Under a
 capture, a group without a current plan, a group with ``capturable=False`` and ``eval()`` /
 ``train()`` raise a RuntimeError before anything is recorded.
@@ -40,13 +44,18 @@ from typing import Any
 
 import torch
 
-from . import fused_plan, rule
-from ._validation import (
-    check_betas,
+from sf_schedules.validation import (
+    check_b1,
+    check_b2,
+    check_choice,
     check_count,
-    check_momentum,
     check_nonnegative,
+    check_pair,
 )
+
+from . import dispatch, kernels, rule
+from .fused_plan import FusedPlan
+from .state import tracked
 
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 
@@ -60,17 +69,6 @@ _EVAL_MODE_STEP = (
 _COUNTERS = frozenset(("k", "train_mode", "weight_sum", "lr_max", "scheduled_lr"))
 # The counters a capturable group keeps on its device, in the advance kernel's order.
 _DEVICE_COUNTERS = ("k", "lr_max", "weight_sum", "scheduled_lr")
-
-_CAPTURE_STALE = (
-    "a CUDA graph is being captured, but param group {index} has no current fused plan "
-    "(no step yet, or its params, gradients' layout or state changed): take at least one "
-    "step outside the capture first (torch's warm-up iterations), with the gradients the "
-    "captured step will have"
-)
-_CAPTURE_NOT_CAPTURABLE = (
-    "a CUDA graph is being captured, but param group {index} has capturable=False: its step "
-    "computes its scalars on the host, which a replay would not repeat; pass capturable=True"
-)
 _IMMUTABLE = frozenset((float, int, bool, type(None), str, torch.dtype))
 
 
@@ -80,6 +78,13 @@ def _frozen(value):
     if kind in _IMMUTABLE or (kind is tuple and all(type(v) in _IMMUTABLE for v in value)):
         return value
     return object()
+
+
+def _check(check, name: str, value, *args) -> None:
+    """``check(name, value, *args)``, refusing also what the shared checks leave to the caller
+    (None, a callable schedule): a torch step needs the number now."""
+    if check(name, value, *args) is None:
+        raise TypeError(f"{name} must be a real number, got {value!r}")
 
 
 class ScheduleFreeOptimizer(torch.optim.Optimizer):
@@ -111,12 +116,12 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
             state_dtype=state_dtype,
             capturable=capturable,
         )
-        self._plans: dict[int, fused_plan.FusedPlan] = {}  # group index -> planned fused step
+        self._plans: dict[int, FusedPlan] = {}  # group index -> planned fused step
         # capturable groups: group index -> (float64 counters on the device, their views)
         self._counters: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, ...]]] = {}
-        self._retired: list[fused_plan.FusedPlan] = []  # replaced plans a CUDA graph may read
+        self._retired: list[FusedPlan] = []  # replaced plans a CUDA graph may read
         super().__init__(params, defaults)
-        self.state = fused_plan.tracked(self.state)
+        self.state = tracked(self.state)
 
     # -- groups and checks ---------------------------------------------------------------------
 
@@ -129,15 +134,7 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
                 raise ValueError(
                     "capturable=True needs params in the group: its counters live on their device"
                 )
-            if group["fused"] or group["capturable"]:
-                problem = rule.fused_problem(group["params"])
-                if problem is not None and group["capturable"]:
-                    problem = (
-                        "capturable=True steps with the fused kernel, which cannot step these "
-                        f"params (pass capturable=False to step them otherwise): {problem}"
-                    )
-                if problem is not None:
-                    raise RuntimeError(problem)
+            dispatch.check_new_group(group)
         except Exception:
             self.param_groups.pop()
             raise
@@ -145,17 +142,19 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         group["train_mode"] = self.param_groups[0]["train_mode"]
 
     def _check_group(self, group: dict[str, Any]) -> None:
-        check_nonnegative("lr", group["lr"])
+        _check(check_nonnegative, "lr", group["lr"])
         if self.kind == "sgd":
-            check_momentum("momentum", group["momentum"])
+            _check(check_b1, "momentum", group["momentum"])
         else:
-            check_betas(group["betas"])
-            check_nonnegative("eps", group["eps"])
-        check_nonnegative("weight_decay", group["weight_decay"])
+            b1, b2 = check_pair("betas", group["betas"], ("beta1", "beta2"))
+            _check(check_b1, "betas[0]", b1)
+            _check(check_b2, "betas[1]", b2)
+            _check(check_nonnegative, "eps", group["eps"])
+        _check(check_nonnegative, "weight_decay", group["weight_decay"])
         if self.kind != "radam":
-            check_count("warmup_steps", group["warmup_steps"])
-        check_nonnegative("r", group["r"])
-        check_nonnegative("weight_lr_power", group["weight_lr_power"])
+            _check(check_count, "warmup_steps", group["warmup_steps"])
+        _check(check_nonnegative, "r", group["r"])
+        _check(check_nonnegative, "weight_lr_power", group["weight_lr_power"])
         state_dtype = group["state_dtype"]
         if state_dtype is not None and not (
             isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point
@@ -164,10 +163,8 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
                 f"state_dtype must be in floating torch dtypes or None, got {state_dtype!r}"
             )
         for name in ("foreach", "fused"):
-            if group[name] not in (None, True, False):
-                raise ValueError(f"{name} must be in (None, True, False), got {group[name]!r}")
-        if type(group["capturable"]) is not bool:
-            raise ValueError(f"capturable must be in (True, False), got {group['capturable']!r}")
+            check_choice(name, group[name], (None, True, False))
+        check_choice("capturable", group["capturable"], (True, False))
         if group["capturable"] and group["fused"] is False:
             raise ValueError(
                 "capturable=True steps with the fused kernel: fused must be in (None, True), "
@@ -190,59 +187,22 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
             self._check_group(group)
             checked[index] = (group, values)
 
-    def _plan(self) -> list[tuple[dict[str, Any], list, list, list, Any]]:
-        """Each group's params with a gradient, those gradients, their states (None where the
-        first step has yet to create one) and the group's step implementation; changes
-        nothing. Each ``.grad`` and each state is looked up once per step.
-
-        A group with a ``FusedPlan`` that its check finds current gets ``(group, None, None,
-        None, (plan, checked))`` instead: the plan steps it without any per-tensor Python."""
-        plan = []
-        state = self.state
+    def _plan(self) -> list[dispatch.GroupStep]:
+        """Each group's step as ``dispatch.choose_step`` chooses it; changes nothing."""
+        steps = []
         capturing = self._capturing()
+        owner = type(self).__name__
         for index, group in enumerate(self.param_groups):
-            capturable = group["capturable"]
-            if capturing and not capturable:
-                raise RuntimeError(_CAPTURE_NOT_CAPTURABLE.format(index=index))
             planned = self._plans.get(index)
-            if planned is not None:
-                checked = planned.prepare_step(group, state, capturing)
-                if checked is not None:
-                    if capturing and not self._counters_current(index, group):
-                        raise RuntimeError(
-                            f"a CUDA graph is being captured, but param group {index}'s "
-                            "counters (k, lr_max, weight_sum, scheduled_lr) were set by hand "
-                            "since its last step: take one step outside the capture first"
-                        )
-                    plan.append((group, None, None, None, (planned, checked)))
-                    continue
-            if capturing:
-                raise RuntimeError(_CAPTURE_STALE.format(index=index))
-            params, grads = [], []
-            for p in group["params"]:
-                g = p.grad
-                if g is not None:
-                    params.append(p)
-                    grads.append(g)
-            sparse = [i for i, g in enumerate(grads) if g.layout != torch.strided]
-            if sparse:
-                p, g = params[sparse[0]], grads[sparse[0]]
+            step = dispatch.choose_step(index, group, planned, self.state, capturing, owner)
+            if capturing and not self._counters_current(index, group):
                 raise RuntimeError(
-                    f"{type(self).__name__} does not support sparse gradients (got a "
-                    f"{g.layout} gradient for a param of shape {tuple(p.shape)}); "
-                    "use dense gradients (e.g. nn.Embedding(sparse=False))"
+                    f"a CUDA graph is being captured, but param group {index}'s counters (k, "
+                    "lr_max, weight_sum, scheduled_lr) were set by hand since its last step: "
+                    "take one step outside the capture first"
                 )
-            states = [state.get(p) for p in params]
-            impl = None
-            if capturable:
-                problem = fused_plan.capturable_problem(params, grads, states)
-                if problem is not None:
-                    raise RuntimeError(problem)
-                impl = "capturable"
-            elif params:
-                impl = rule.choose_impl(params, grads, states, group["foreach"], group["fused"])
-            plan.append((group, params, grads, states, impl))
-        return plan
+            steps.append(step)
+        return steps
 
     @staticmethod
     def _capturing() -> bool:
@@ -315,13 +275,13 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         """Move every param that has a gradient by the step last counted by advance_scalars()."""
         self._check_ready()
         self._no_split_step("apply_update")
-        plan = self._plan()
-        for group, params, _, _, impl in plan:
-            if (params or not isinstance(impl, str | None)) and group["k"] < 1:
+        steps = self._plan()
+        for step in steps:
+            if (step.params or step.planned is not None) and step.group["k"] < 1:
                 raise RuntimeError(
                     "apply_update() needs a counted step: call advance_scalars() first"
                 )
-        self._apply(plan)
+        self._apply(steps)
 
     def _no_split_step(self, name: str) -> None:
         if any(group["capturable"] for group in self.param_groups):
@@ -338,27 +298,45 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         for group, new in zip(groups, counters):
             group.update(new)
 
-    def _apply(self, plan) -> None:
-        for index, (group, params, grads, states, impl) in enumerate(plan):
-            if not isinstance(impl, str | None):
-                planned, checked = impl
-                if group["capturable"]:
-                    counters = self._device_counters(index, group)
-                    planned.step_capturable(checked, group, self.kind, counters)
-                else:
-                    planned.step(checked, rule.scalars(group, self.kind))
-                continue
-            self._drop_plan(index)
-            if impl == "capturable":
-                self._first_capturable_step(index, group, params, grads, states)
-                continue
-            if not params:
-                continue
-            s = rule.scalars(group, self.kind)
-            dicts, zs, vs = self._buffers(group, params, states, s.has_v)
-            rule.update(impl, params, grads, zs, vs, s)
-            if impl == "fused" and fused_plan.plannable(params, grads, zs, vs, s.has_v):
-                self._plans[index] = self._new_plan(group, params, dicts, zs, vs, s.has_v)
+    def _apply(self, steps: list[dispatch.GroupStep]) -> None:
+        for index, step in enumerate(steps):
+            if step.planned is None:
+                self._drop_plan(index)
+            if step.impl == "planned":
+                step.planned.plan.step(step.planned.prepared, rule.scalars(step.group, self.kind))
+            elif step.impl == "capturable":
+                self._capturable_step(index, step)
+            elif step.impl is not None:
+                self._general_step(index, step)
+
+    def _general_step(self, index: int, step: dispatch.GroupStep) -> None:
+        group, params, grads = step.group, step.params, step.grads
+        s = rule.scalars(group, self.kind)
+        dicts, zs, vs = self._buffers(group, params, step.states, s.has_v)
+        dispatch.update(step.impl, params, grads, zs, vs, s)
+        if dispatch.plans_after(step.impl, params, grads, zs, vs, s.has_v):
+            self._plans[index] = self._new_plan(group, params, dicts, zs, vs, s.has_v)
+
+    def _capturable_step(self, index: int, step: dispatch.GroupStep) -> None:
+        """A capturable group's step: its counters advance on the device, by the plan's
+        kernels. Without a current plan (outside any capture), the missing state is created
+        and the group planned first."""
+        group = step.group
+        counters = self._device_counters(index, group)
+        planned = step.planned
+        if planned is None:
+            if not step.params:  # nothing to move: the counters still advance, as in every group
+                kernels.advance_counters(self.kind, group, counters)
+                return
+            has_v = self.kind != "sgd"
+            dicts, zs, vs = self._buffers(group, step.params, step.states, has_v)
+            plan = self._new_plan(group, step.params, dicts, zs, vs, has_v)
+            prepared = plan.prepare_step(group, self.state)
+            if prepared is None:  # cannot happen right after planning: it would be a bug here
+                raise AssertionError("a new capturable plan found itself stale")
+            planned = dispatch.PlannedStep(plan, prepared)
+        planned.plan.step_capturable(planned.prepared, group, self.kind, counters)
+        self._plans[index] = planned.plan
 
     def _buffers(self, group, params, states, has_v: bool):
         """The state dicts of ``params`` (created where missing), their z and their v (None
@@ -370,32 +348,11 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         vs = [st["exp_avg_sq"] for st in dicts] if has_v else [None] * len(dicts)
         return dicts, zs, vs
 
-    def _new_plan(self, group, params, dicts, zs, vs, has_v: bool) -> fused_plan.FusedPlan:
+    def _new_plan(self, group, params, dicts, zs, vs, has_v: bool) -> FusedPlan:
         """A ``FusedPlan`` of ``group`` for the step that just found ``params`` with gradients."""
         stepped_ids = set(map(id, params))
         stepped = [id(p) in stepped_ids for p in group["params"]]
-        return fused_plan.FusedPlan(group, stepped, dicts, zs, vs, self.state, has_v)
-
-    def _first_capturable_step(self, index, group, params, grads, states) -> None:
-        """A capturable group's step without a current plan (outside any capture): creates
-        the missing state, plans the group and takes the step with the plan."""
-        counters = self._device_counters(index, group)
-        if not params:  # nothing to move: the counters still advance, as in every group
-            bits = rule.float_bits(
-                (0.0,) * rule._N_SCALARS + rule.hyperparameters(group, self.kind)
-            )
-            head = rule._meta(bits, [], counters.device)
-            scalars, hyper = head[: rule._N_SCALARS], head[rule._N_SCALARS :]
-            rule.launch_advance(counters.device, self.kind, group, counters, scalars, hyper)
-            return
-        has_v = self.kind != "sgd"
-        dicts, zs, vs = self._buffers(group, params, states, has_v)
-        planned = self._new_plan(group, params, dicts, zs, vs, has_v)
-        prepared = planned.prepare_step(group, self.state)
-        if prepared is None:  # cannot happen right after planning: it would be a bug here
-            raise AssertionError("a new capturable plan found itself stale")
-        planned.step_capturable(prepared, group, self.kind, counters)
-        self._plans[index] = planned
+        return FusedPlan(group, stepped, dicts, zs, vs, self.state, has_v)
 
     def init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
         """``p``'s state, created as the first step finds it if missing: ``z`` a copy of the
@@ -431,28 +388,16 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
                 "capture (only step() is capturable, with capturable=True)"
             )
         to_train = view == "y"
-        plan = []  # every group's implementation first: an error moves nothing
-        for index, group in enumerate(self.param_groups):
-            if group["train_mode"] == to_train:
-                continue
-            planned = self._plans.get(index)
-            if planned is not None and planned.can_switch(group, self.state):
-                plan.append((group, None, None, planned))
-                continue
-            params, zs = [], []
-            for p in group["params"]:
-                state = self.state.get(p)
-                if state and "z" in state:
-                    params.append(p)
-                    zs.append(state["z"])
-            plan.append((group, params, zs, rule.switch_impl(params, zs, group["fused"])))
-        for group, params, zs, impl in plan:
-            b1 = rule.b1_of(group, self.kind)
-            if isinstance(impl, fused_plan.FusedPlan):
-                impl.switch(rule.view_weight(view, b1))
-            else:
-                rule.switch_(view, params, zs, b1, impl)
-            group["train_mode"] = to_train
+        # Every group's implementation first: an error moves nothing.
+        switches = [
+            dispatch.choose_switch(group, self._plans.get(index), self.state)
+            for index, group in enumerate(self.param_groups)
+            if group["train_mode"] != to_train
+        ]
+        for switch in switches:
+            weight = rule.view_weight(view, rule.b1_of(switch.group, self.kind))
+            dispatch.switch_(switch.impl, switch.params, switch.zs, weight, switch.plan)
+            switch.group["train_mode"] = to_train
 
     @torch.no_grad()
     def eval_params(self) -> list[torch.Tensor]:
@@ -509,7 +454,7 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self.state = fused_plan.tracked(self.state)
+        self.state = tracked(self.state)
         self.__dict__.setdefault("_plans", {})
         self.__dict__.setdefault("_counters", {})
         self.__dict__.setdefault("_retired", [])

@@ -26,10 +26,20 @@ from typing import Any
 
 import torch
 
-from . import rule
-from ._validation import check_momentum, check_nonnegative
+from sf_schedules.validation import check_b1, check_nonnegative
+
+from . import dispatch, rule
 
 _COUNTERS = {"k": 0, "weight_sum": 0.0, "lr_max": 0.0}
+
+
+def _number(check, name: str, value) -> float:
+    """``check(name, value)`` as a float, refusing also what the shared checks leave to the
+    caller (None, a callable schedule): the wrapper needs the number now."""
+    x = check(name, value)
+    if x is None:
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    return x
 
 
 class ScheduleFreeWrapper:
@@ -57,10 +67,10 @@ class ScheduleFreeWrapper:
             raise TypeError(
                 f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer)}"
             )
-        self.momentum = check_momentum("momentum", momentum)
-        self.weight_decay_at_y = check_nonnegative("weight_decay_at_y", weight_decay_at_y)
-        self.r = check_nonnegative("r", r)
-        self.weight_lr_power = check_nonnegative("weight_lr_power", weight_lr_power)
+        self.momentum = _number(check_b1, "momentum", momentum)
+        self.weight_decay_at_y = _number(check_nonnegative, "weight_decay_at_y", weight_decay_at_y)
+        self.r = _number(check_nonnegative, "r", r)
+        self.weight_lr_power = _number(check_nonnegative, "weight_lr_power", weight_lr_power)
         self.base = base_optimizer
         self.train_mode = True
         self.sf_state: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
@@ -131,7 +141,8 @@ class ScheduleFreeWrapper:
         # The optimizers' switch: one Triton launch on CUDA, the per-tensor lerp elsewhere.
         params = list(self.sf_state)
         zs = [st["z"] for st in self.sf_state.values()]
-        rule.switch_(view, params, zs, self.momentum, rule.switch_impl(params, zs, None))
+        weight = rule.view_weight(view, self.momentum)
+        dispatch.switch_(dispatch.switch_impl(params, zs, None), params, zs, weight)
 
     @torch.no_grad()
     def eval_params(self) -> list[torch.Tensor]:

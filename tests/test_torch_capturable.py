@@ -33,9 +33,9 @@ def _checks() -> dict:
     from test_torch_problem import Problem, backward, max_rel_diff, run, train
 
     import sf_torch
-    from sf_torch import rule
+    from sf_torch import kernels
 
-    assert rule.interpreting(), "the child must run with TRITON_INTERPRET=1"
+    assert kernels.INTERPRET, "the child must run with TRITON_INTERPRET=1"
     out: dict = {}
 
     def counters(opt):

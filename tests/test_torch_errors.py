@@ -11,7 +11,7 @@ from test_torch_problem import Problem, backward, max_rel_diff, train
 from test_torch_state import _assert_same, _snapshot
 
 import sf_torch
-from sf_torch import rule
+from sf_torch import kernels
 
 ADAMW_LIKE = [sf_torch.AdamWScheduleFree, sf_torch.RAdamScheduleFree]
 ALL = [sf_torch.AdamWScheduleFree, sf_torch.SGDScheduleFree, sf_torch.RAdamScheduleFree]
@@ -133,7 +133,7 @@ def test_sparse_gradient_fails_before_anything_moves(cls):
 
 @pytest.mark.parametrize("cls", ALL)
 def test_fused_without_cuda_or_interpreter_is_a_clear_error(cls, monkeypatch):
-    monkeypatch.setattr(rule, "_INTERPRET", False)
+    monkeypatch.setattr(kernels, "INTERPRET", False)
     problem = Problem(seed=3)
     params = problem.params()
     with pytest.raises(RuntimeError, match=r"fused=True needs CUDA tensors.*TRITON_INTERPRET=1"):
@@ -149,14 +149,14 @@ def test_fused_without_cuda_or_interpreter_is_a_clear_error(cls, monkeypatch):
         opt.step()
     _assert_same(_snapshot(opt, params), before)
 
-    monkeypatch.setattr(rule, "triton", None)
+    monkeypatch.setattr(kernels, "triton", None)
     with pytest.raises(RuntimeError, match="fused=True needs Triton"):
         cls(params, fused=True)
 
 
 @pytest.mark.parametrize("cls", ALL)
 def test_capturable_without_cuda_or_interpreter_is_a_clear_error(cls, monkeypatch):
-    monkeypatch.setattr(rule, "_INTERPRET", False)
+    monkeypatch.setattr(kernels, "INTERPRET", False)
     params = Problem(seed=3).params()
     with pytest.raises(
         RuntimeError,
@@ -198,7 +198,7 @@ def test_closure_runs_with_grad_enabled_and_its_loss_is_returned():
 
 def test_fused_refuses_a_param_with_gaps_before_anything_moves(monkeypatch):
     """The kernel walks flat memory; a param with gaps (a column slice) is refused."""
-    monkeypatch.setattr(rule, "_INTERPRET", True)  # CPU tensors count as the kernel's device
+    monkeypatch.setattr(kernels, "INTERPRET", True)  # CPU tensors count as the kernel's device
     base = torch.randn(8, 6, dtype=torch.float64)
     params = [torch.nn.Parameter(base[:, :3]), torch.nn.Parameter(torch.randn(5))]
     assert params[0].stride() == (6, 1)

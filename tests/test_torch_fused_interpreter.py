@@ -24,9 +24,9 @@ def _checks() -> dict:
     from test_torch_problem import Problem, backward, max_rel_diff, run
 
     import sf_torch
-    from sf_torch import rule
+    from sf_torch import dispatch, kernels, rule
 
-    assert rule.interpreting(), "the child must run with TRITON_INTERPRET=1"
+    assert kernels.INTERPRET, "the child must run with TRITON_INTERPRET=1"
     out: dict = {}
 
     # 1. Against the reference, float64, 200 steps (three tensors: the interpreter is slow).
@@ -149,9 +149,9 @@ def _checks() -> dict:
         ]
         for view, b1 in (("x", 0.9), ("y", 0.95)):
             fused, loop = [y.clone() for y in ys], [y.clone() for y in ys]
-            impl = rule.switch_impl(fused, zs, True)
-            rule.switch_(view, fused, zs, b1, impl)
-            rule.switch_(view, loop, zs, b1, "loop")
+            impl = dispatch.switch_impl(fused, zs, True)
+            dispatch.switch_(impl, fused, zs, rule.view_weight(view, b1))
+            dispatch.switch_("loop", loop, zs, rule.view_weight(view, b1))
             weight = 1.0 - 1.0 / b1 if view == "x" else 1.0 - b1
             exact = [
                 (y.double().numpy() + weight * (z.double().numpy() - y.double().numpy()))

@@ -4,7 +4,7 @@ that stays the reference's step through those changes.
 1. The C++ ``Snapshot`` and its Python twin answer SAME / GRADS_MOVED / STALE as the scenario
    says (each expected answer is written in the test, not taken from either implementation),
    and report the gradients' real addresses.
-2. ``TrackedState`` counts every change to the state, survives pickling and copying.
+2. ``state.TrackedState`` counts every change to the state, survives pickling and copying.
 3. In a child process under ``TRITON_INTERPRET=1`` (the real kernel on CPU): an optimizer with
    ``fused=True`` trained through grads re-allocated, a grad missing, a param's storage
    replaced, z replaced by hand, train()/eval() switches, a checkpoint reloaded and the fused
@@ -25,6 +25,7 @@ import torch
 
 from sf_torch import fused_plan
 from sf_torch.fused_plan import GRADS_MOVED, SAME, STALE
+from sf_torch.state import ParamState, TrackedState, is_tracked, tracked
 
 # ---------------------------------------------------------------------------------------------
 # 1. The check
@@ -57,7 +58,7 @@ def impl(request):
 
 def _setup(impl, n=4, untracked=False):
     params = _group(n)
-    state = fused_plan.TrackedState()
+    state = TrackedState()
     dicts = []
     for p in params:
         st = {} if untracked else state[p]
@@ -135,7 +136,7 @@ def test_every_change_is_stale(impl, mutation):
 def test_grad_appearing_on_an_unstepped_param_is_stale(impl):
     params = _group(3)
     params[1].grad = None
-    state = fused_plan.TrackedState()
+    state = TrackedState()
     dicts = [state[p] for p in (params[0], params[2])]
     for p, st in zip((params[0], params[2]), dicts):
         st["z"] = p.detach().clone()
@@ -193,7 +194,7 @@ def test_native_put_scalars_matches_python():
 
 
 def test_tracked_state_counts_every_change():
-    state = fused_plan.TrackedState()
+    state = TrackedState()
     key, other = object(), object()
     versions = [state.version]
 
@@ -211,16 +212,16 @@ def test_tracked_state_counts_every_change():
     changed(lambda: state[key].clear())
     changed(lambda: state.setdefault(other, {}))
     changed(lambda: state.clear())
-    assert isinstance(state[key], fused_plan.ParamState)
+    assert isinstance(state[key], ParamState)
 
 
 def test_tracked_state_copies_and_pickles_stay_tracked():
-    state = fused_plan.TrackedState()
+    state = TrackedState()
     key = "k"
     state[key]["z"] = torch.ones(2)
     for other in (copy.deepcopy(state), pickle.loads(pickle.dumps(state))):
-        assert type(other) is fused_plan.TrackedState
-        assert fused_plan.is_tracked(other[key], other)
+        assert type(other) is TrackedState
+        assert is_tracked(other[key], other)
         assert torch.equal(other[key]["z"], torch.ones(2))
         before = other.version
         other[key]["z"] = torch.zeros(2)
@@ -228,8 +229,8 @@ def test_tracked_state_copies_and_pickles_stay_tracked():
     # A plain defaultdict (torch's load_state_dict builds one) is taken in, entries tracked.
     d = defaultdict(dict)
     d[key]["z"] = 1
-    t = fused_plan.tracked(d)
-    assert fused_plan.is_tracked(t[key], t) and t[key]["z"] == 1
+    t = tracked(d)
+    assert is_tracked(t[key], t) and t[key]["z"] == 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,9 +241,9 @@ def _scenario() -> dict:
     from test_torch_problem import Problem, max_rel_diff
 
     import sf_torch
-    from sf_torch import rule
+    from sf_torch import kernels
 
-    assert rule.interpreting()
+    assert kernels.INTERPRET
     counts = {"planned": 0, "general_fused": 0, "planned_switch": 0}
 
     def counting(name, fn):
@@ -254,7 +255,7 @@ def _scenario() -> dict:
 
     fused_plan.FusedPlan.step = counting("planned", fused_plan.FusedPlan.step)
     fused_plan.FusedPlan.switch = counting("planned_switch", fused_plan.FusedPlan.switch)
-    rule._update_fused = counting("general_fused", rule._update_fused)
+    kernels.update_fused = counting("general_fused", kernels.update_fused)
 
     problem = Problem(seed=7, shapes=[(6, 5), (40,), (3, 3, 2), (1100,)], rows=30)
     kw = dict(lr=0.02, betas=(0.9, 0.99), warmup_steps=3, weight_decay=0.05)

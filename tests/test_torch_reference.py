@@ -139,19 +139,19 @@ def test_cpu_default_is_the_loop_and_chunked_foreach_matches_it(monkeypatch):
     # foreach=None picks the loop for CPU params (as torch's optimizers do); the multi-tensor
     # path cut into chunks (here of 40 elements, so most tensors are a chunk of their own and
     # the small ones share) steps exactly like the reference's foreach, chunk by chunk.
-    from sf_torch import rule
+    from sf_torch import dispatch, rule
 
     problem = Problem(seed=8, shapes=[(6, 5), (7,), (2, 3, 2), (3,), (40,), (50,)])
     params = problem.params()
     grads = [torch.ones_like(p) for p in params]
-    assert rule.choose_impl(params, grads, [None] * 6, None, None) == "loop"
-    assert rule.choose_impl(params, grads, [None] * 6, True, None) == "foreach"
+    assert dispatch.choose_impl(params, grads, [None] * 6, None, None) == "loop"
+    assert dispatch.choose_impl(params, grads, [None] * 6, True, None) == "foreach"
 
     calls = []
-    chunk = rule._update_foreach_chunk
-    monkeypatch.setattr(rule, "_FOREACH_CHUNK", 40)
+    chunk = rule.update_foreach_chunk
+    monkeypatch.setattr(rule, "FOREACH_CHUNK", 40)
     monkeypatch.setattr(
-        rule, "_update_foreach_chunk", lambda *a: (calls.append(len(a[0])), chunk(*a))
+        rule, "update_foreach_chunk", lambda *a: (calls.append(len(a[0])), chunk(*a))
     )
     kw = dict(lr=0.02, warmup_steps=3, weight_decay=0.1)
     y_ref, x_ref = run(

@@ -1,0 +1,218 @@
+"""Which implementation steps a param group, and which one switches it: decided here only.
+
+A step (``choose_step``; every check runs before anything moves), one of:
+
+- ``"planned"``: the group has a ``FusedPlan`` whose check finds it current; the plan steps it
+  without per-tensor Python (``fused_plan``).
+- ``"capturable"``: a group with ``capturable=True``, always stepped by a plan whose advance
+  kernel computes the coefficients on the device; where no plan is current (the first step,
+  or one after a change) the optimizer creates the missing state and plans the group first.
+- ``"fused"``, ``"foreach"`` or ``"loop"`` (``choose_impl``): the general fused step
+  (``kernels.update_fused``), torch's multi-tensor ops (``rule.update_foreach``) or one tensor
+  at a time (``rule.update_loop``); ``update`` runs the one chosen. A fused step over one
+  bucket of contiguous tensors leaves a plan for the next steps (``plans_after``).
+
+A switch between the views x and y (``choose_switch``), one of ``"planned"`` (the plan's
+launch), ``"fused"`` (``kernels.lerp_fused``) or ``"loop"`` (``rule.lerp_``); ``switch_``
+runs it.
+
+While a CUDA graph is captured, only a capturable group with a current plan can step: anything
+else raises before it is recorded.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, NamedTuple
+
+import torch
+
+from . import kernels, rule
+from .fused_plan import FusedPlan
+
+_CAPTURE_STALE = (
+    "a CUDA graph is being captured, but param group {index} has no current fused plan "
+    "(no step yet, or its params, gradients' layout or state changed): take at least one "
+    "step outside the capture first (torch's warm-up iterations), with the gradients the "
+    "captured step will have"
+)
+_CAPTURE_NOT_CAPTURABLE = (
+    "a CUDA graph is being captured, but param group {index} has capturable=False: its step "
+    "computes its scalars on the host, which a replay would not repeat; pass capturable=True"
+)
+
+
+class PlannedStep(NamedTuple):
+    """A group's current plan and what its check prepared for this step."""
+
+    plan: FusedPlan
+    prepared: Any  # FusedPlan.prepare_step's answer: the host buffer and the check's status
+
+
+class GroupStep(NamedTuple):
+    """One group's step as chosen: the implementation and what it steps."""
+
+    group: dict
+    params: list  # the params with a gradient (empty when the plan steps the group)
+    grads: list
+    states: list  # their state dicts, None where the first step has yet to create one
+    impl: str | None  # "planned", "capturable", "fused", "foreach", "loop"; None: no gradient
+    planned: PlannedStep | None  # the current plan ("planned"; "capturable" where one is)
+
+
+class GroupSwitch(NamedTuple):
+    """One group's switch between x and y as chosen."""
+
+    group: dict
+    params: list  # the params with a z (empty when the plan switches the group)
+    zs: list
+    impl: str  # "planned", "fused" or "loop"
+    plan: FusedPlan | None  # "planned" only
+
+
+def check_new_group(group: dict) -> None:
+    """A RuntimeError now, rather than at the first step, for a group that asks for the fused
+    kernel (``fused=True``, ``capturable=True``) with params it cannot step."""
+    if not (group["fused"] or group["capturable"]):
+        return
+    problem = kernels.fused_problem(group["params"])
+    if problem is None:
+        return
+    if group["capturable"]:
+        problem = (
+            "capturable=True steps with the fused kernel, which cannot step these params (pass "
+            f"capturable=False to step them otherwise): {problem}"
+        )
+    raise RuntimeError(problem)
+
+
+def choose_step(
+    index: int, group: dict, plan: FusedPlan | None, state_map, capturing: bool, owner: str
+) -> GroupStep:
+    """How param group ``index`` steps, given its last plan (None if none) and the optimizer's
+    ``state``; ``owner`` names the optimizer in errors. Changes nothing; each ``.grad`` and
+    each state is looked up once."""
+    if capturing and not group["capturable"]:
+        raise RuntimeError(_CAPTURE_NOT_CAPTURABLE.format(index=index))
+    if plan is not None:
+        prepared = plan.prepare_step(group, state_map, capturing)
+        if prepared is not None:
+            impl = "capturable" if group["capturable"] else "planned"
+            return GroupStep(group, [], [], [], impl, PlannedStep(plan, prepared))
+    if capturing:
+        raise RuntimeError(_CAPTURE_STALE.format(index=index))
+    params, grads = _with_grads(group["params"], owner)
+    states = [state_map.get(p) for p in params]
+    if group["capturable"]:
+        problem = kernels.capturable_problem(params, grads, states)
+        if problem is not None:
+            raise RuntimeError(problem)
+        impl = "capturable"
+    elif params:
+        impl = choose_impl(params, grads, states, group["foreach"], group["fused"])
+    else:
+        impl = None
+    return GroupStep(group, params, grads, states, impl, None)
+
+
+def _with_grads(group_params, owner: str) -> tuple[list, list]:
+    params, grads = [], []
+    for p in group_params:
+        g = p.grad
+        if g is not None:
+            params.append(p)
+            grads.append(g)
+    sparse = [i for i, g in enumerate(grads) if g.layout != torch.strided]
+    if sparse:
+        p, g = params[sparse[0]], grads[sparse[0]]
+        raise RuntimeError(
+            f"{owner} does not support sparse gradients (got a {g.layout} gradient for a param "
+            f"of shape {tuple(p.shape)}); use dense gradients (e.g. nn.Embedding(sparse=False))"
+        )
+    return params, grads
+
+
+def choose_impl(params, grads, states, foreach: bool | None, fused: bool | None) -> str:
+    """The general step of a group's params with gradients: ``"fused"``, ``"foreach"`` or
+    ``"loop"``.
+
+    ``fused=True``: the Triton kernel, or a RuntimeError saying why it cannot run.
+    ``fused=None``: the Triton kernel when every param is a CUDA tensor it can step (never the
+    interpreter), else as ``fused=False``. ``fused=False``: ``foreach=True``: torch's
+    multi-tensor ops; ``foreach=False``: the loop; ``foreach=None``: multi-tensor ops when every
+    param is a CUDA tensor, else the loop (as torch's optimizers choose: on the CPU the
+    multi-tensor ops run the same per-tensor kernels, and their whole-list temporaries cost
+    memory and time, e.g. DeepSpeed's CPU-offloaded masters).
+    """
+    if fused or (fused is None and not kernels.INTERPRET):
+        problem = kernels.group_problem(params, grads, states)
+        if problem is None:
+            return "fused"
+        if fused:
+            raise RuntimeError(problem)
+    if foreach is None:
+        foreach = all(map(operator.attrgetter("is_cuda"), params))
+    return "foreach" if foreach else "loop"
+
+
+def update(impl: str, ys, gs, zs, vs, s: rule.StepScalars) -> None:
+    """Moves ``y``, ``z`` and ``v`` (None without v) of one group by one step with ``s``, with
+    the general step ``impl`` that ``choose_impl`` picked."""
+    if impl == "fused":
+        kernels.update_fused(ys, gs, zs, vs, s)
+    elif impl == "foreach":
+        rule.update_foreach(ys, gs, zs, vs, s)
+    else:
+        rule.update_loop(ys, gs, zs, vs, s)
+
+
+def plans_after(impl: str, ys, gs, zs, vs, has_v: bool) -> bool:
+    """Whether the general step ``impl`` just taken leaves a plan for the next steps: a fused
+    step over one bucket, everything contiguous. (The kernel also steps other dense layouts,
+    e.g. channels_last, but a plan's check would find those stale at every step and a plan
+    would be rebuilt for nothing.)"""
+    if impl != "fused" or not ys:
+        return False
+    contiguous = torch.Tensor.is_contiguous
+    tensors = (ys, gs, zs, vs) if has_v else (ys, gs, zs)
+    if not all(all(map(contiguous, ts)) for ts in tensors):
+        return False
+    return len(rule.buckets(ys, gs, zs, vs if has_v else zs)) == 1
+
+
+def choose_switch(group: dict, plan: FusedPlan | None, state_map) -> GroupSwitch:
+    """How the params of ``group`` that have a z switch between x and y."""
+    if plan is not None and plan.can_switch(group, state_map):
+        return GroupSwitch(group, [], [], "planned", plan)
+    params, zs = [], []
+    for p in group["params"]:
+        state = state_map.get(p)
+        if state and "z" in state:
+            params.append(p)
+            zs.append(state["z"])
+    return GroupSwitch(group, params, zs, switch_impl(params, zs, group["fused"]), None)
+
+
+def switch_impl(params, zs, fused: bool | None) -> str:
+    """The unplanned switch of these params: ``"fused"`` (one lerp-kernel launch per bucket)
+    or ``"loop"``; ``fused`` as in ``choose_impl`` (True raises a RuntimeError saying why the
+    kernel cannot run)."""
+    if fused or (fused is None and not kernels.INTERPRET):
+        problem = kernels.lerp_problem(params, zs)
+        if problem is None:
+            return "fused"
+        if fused:
+            raise RuntimeError(problem)
+    return "loop"
+
+
+def switch_(impl: str, params, zs, weight: float, plan: FusedPlan | None = None) -> None:
+    """Every ``p <- lerp(p, z, weight)`` (``rule.view_weight`` gives the weight of a view),
+    with the switch ``impl`` chosen by ``choose_switch`` or ``switch_impl``."""
+    if impl == "planned":
+        plan.switch(weight)
+    elif impl == "fused":
+        kernels.lerp_fused(params, zs, weight)
+    else:
+        for p, z in zip(params, zs):
+            rule.lerp_(p, z, weight)
