@@ -30,10 +30,13 @@ def _counts(minimum: int) -> str:
     return f"{{{minimum}, {minimum + 1}, {minimum + 2}, ...}}"
 
 
-def known_number(name: str, value: Any, accepted: str) -> float | None:
+def known_number(name: str, value: Any, accepted: str, required: bool = False) -> float | None:
     """``value`` as a Python float when its number is known now; None when it is not (a JAX
-    tracer, a callable schedule, None). TypeError when it is no real scalar."""
+    tracer, a callable schedule, None). TypeError when it is no real scalar, or when
+    ``required`` (a number must be known now, as in torch) and it is not."""
     if value is None or callable(value):
+        if required:
+            raise TypeError(f"{name} must be a real number in {accepted}, got {value!r}")
         return None
     if isinstance(value, bool | str | bytes):
         raise TypeError(f"{name} must be a real number in {accepted}, got {value!r}")
@@ -46,6 +49,8 @@ def known_number(name: str, value: Any, accepted: str) -> float | None:
     try:
         return float(value)
     except Exception:  # noqa: BLE001  (a traced or abstract value: its number is not known now)
+        if required:
+            raise TypeError(f"{name} must be a real number in {accepted}, got {value!r}") from None
         return None
 
 
@@ -57,11 +62,12 @@ def check_real(
     *,
     low_open: bool = False,
     high_open: bool = False,
+    required: bool = False,
 ) -> float | None:
     """Checks that ``value`` is a finite number in the interval; returns it as a float (None
-    when its number is not known now)."""
+    when its number is not known now, which ``required`` refuses)."""
     accepted = interval(low, high, low_open, high_open)
-    x = known_number(name, value, accepted)
+    x = known_number(name, value, accepted, required)
     if x is None:
         return None
     ok = math.isfinite(x)
@@ -72,27 +78,29 @@ def check_real(
     return x
 
 
-def check_nonnegative(name: str, value: Any) -> float | None:
+def check_nonnegative(name: str, value: Any, required: bool = False) -> float | None:
     """A finite number >= 0 (learning rates, eps, weight decay, r, weight_lr_power)."""
-    return check_real(name, value, 0.0, math.inf)
+    return check_real(name, value, 0.0, math.inf, required=required)
 
 
-def check_b1(name: str, value: Any, *, allow_zero: bool = False) -> float | None:
+def check_b1(
+    name: str, value: Any, *, allow_zero: bool = False, required: bool = False
+) -> float | None:
     """The interpolation momentum ``b1`` (``momentum``, ``betas[0]``): in (0, 1], or [0, 1]
     where x is stored (b1 = 0 makes x impossible to recover from y and z)."""
-    return check_real(name, value, 0.0, 1.0, low_open=not allow_zero)
+    return check_real(name, value, 0.0, 1.0, low_open=not allow_zero, required=required)
 
 
-def check_b2(name: str, value: Any) -> float | None:
+def check_b2(name: str, value: Any, required: bool = False) -> float | None:
     """The second-moment decay ``b2`` (``betas[1]``): in [0, 1)."""
-    return check_real(name, value, 0.0, 1.0, high_open=True)
+    return check_real(name, value, 0.0, 1.0, high_open=True, required=required)
 
 
-def check_count(name: str, value: Any, minimum: int = 0) -> int | None:
+def check_count(name: str, value: Any, minimum: int = 0, required: bool = False) -> int | None:
     """A whole number >= ``minimum`` (steps, sizes); returned as an int (None when not known
     now). Whole-valued floats and integer arrays count as whole numbers."""
     accepted = _counts(minimum)
-    x = known_number(name, value, accepted)
+    x = known_number(name, value, accepted, required)
     if x is None:
         return None
     if not (math.isfinite(x) and x.is_integer() and x >= minimum):
