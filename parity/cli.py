@@ -3,6 +3,7 @@
     python -m parity run                                   # MLP on digits, AdamW, float32
     python -m parity run --model lm --dtype float64 --steps 500
     python -m parity run --backends sf_optax,sf_torch --baseline sf_torch --warmup-steps 20
+    python -m parity run --backends sf_optax               # one backend, its own baseline
     python -m parity run --backends sf_torch,deepspeed_z2,deepspeed_z3 --ranks 2
     python -m parity run --device cuda --dtype bfloat16    # bf16 mixed precision on a GPU
     python -m parity handoff --model mlp --steps 300 --switch-at 100,200
@@ -13,7 +14,9 @@
 first step over the tolerance), writes ``report.json`` and ``report.png`` into ``--out`` and
 exits with 1 when a tolerance of DESIGN.md section 3 is exceeded (``parity.tolerances``), 2
 when a backend failed to run (or ``--device cuda`` finds no GPU). Its last line says where
-the report is.
+the report is. An argument out of range (``--lr -1``, ``--b2 1``) is exit code 2 and one
+``error:`` line naming the flag, before any backend starts. In a terminal a progress bar
+shows; where the output goes to a file or a pipe, one line per finished backend (on stderr).
 """
 
 from __future__ import annotations
@@ -27,11 +30,25 @@ from pathlib import Path
 
 from parity import data, devices, launch, report, runners, tolerances
 from parity.compare import compare
-from parity.config import DEVICES, DTYPES, OPTIMIZERS, RunConfig
+from parity.config import DEFAULT_LR, DEVICES, DTYPES, FIELD_CHECKS, OPTIMIZERS, RunConfig
 from parity.models.canonical import MODELS
 from parity.training.record import Record
+from sf_schedules import validation
 
 EXIT_OK, EXIT_TOLERANCE, EXIT_ERROR = 0, 1, 2
+# The handoff checks that a moved run follows the unmoved one to float32/float64 tolerances;
+# in bfloat16 two unmoved runs already part after a few steps (parity.tolerances).
+HANDOFF_DTYPES = ("float64", "float32")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every option's default, except where there is none to show (a flag, or None,
+    whose help says what happens instead)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _add_run_options(p: argparse.ArgumentParser, default_dtype: str, dtypes=DTYPES) -> None:
@@ -42,54 +59,118 @@ def _add_run_options(p: argparse.ArgumentParser, default_dtype: str, dtypes=DTYP
         default=d.model,
         help="mlp: digits MLP; cnn: digits CNN with BatchNorm; lm: tiny causal LM",
     )
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
-    p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument(
-        "--dtype",
-        choices=dtypes,
-        default=default_dtype,
-        help="bfloat16: mixed precision (bf16 params and compute, float32 "
-        "optimizer state); its rows are measured against a loose sanity bound",
+        "--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="the Schedule-Free optimizer"
     )
-    p.add_argument("--seed", type=int, default=d.seed, help="init, data split and batches")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--steps", type=int, default=d.steps, help="training steps, >= 1")
+    dtype_help = "float64: parity to 1e-10; float32: eval loss to 1e-4"
+    if "bfloat16" in dtypes:
+        dtype_help += (
+            "; bfloat16: mixed precision (bf16 params and compute, float32 optimizer state), "
+            "its rows measured against a loose sanity bound"
+        )
+    p.add_argument("--dtype", choices=dtypes, default=default_dtype, help=dtype_help)
+    p.add_argument("--seed", type=int, default=d.seed, help="init, data split and batches; >= 0")
+    p.add_argument(
+        "--batch-size", type=int, default=d.batch_size, help="sequences or images per step, >= 1"
+    )
     p.add_argument(
         "--eval-every",
         type=int,
         default=d.eval_every,
-        help="evaluate at x every this many steps (and at the last)",
+        help="evaluate at x every this many steps (and at the last); >= 1",
     )
     p.add_argument(
         "--recal-batches",
         type=int,
         default=d.recal_batches,
-        help="CNN: training batches that recompute BatchNorm statistics at x",
+        help="CNN: training batches that recompute BatchNorm statistics at x; >= 1",
     )
     p.add_argument(
         "--lr",
         type=float,
         default=None,
-        help="peak learning rate (default: adamw/radam 0.005, sgd 0.2)",
+        help="peak learning rate, >= 0 (default: "
+        + ", ".join(f"{name} {lr:g}" for name, lr in DEFAULT_LR.items())
+        + ")",
     )
-    p.add_argument("--b1", type=float, default=d.b1, help="momentum (betas[0]) in (0, 1]")
-    p.add_argument("--b2", type=float, default=d.b2, help="second-moment decay (betas[1])")
-    p.add_argument("--eps", type=float, default=d.eps)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    p.add_argument("--r", type=float, default=d.r, help="polynomial weighting power")
-    p.add_argument("--weight-lr-power", type=float, default=d.weight_lr_power)
+    p.add_argument("--b1", type=float, default=d.b1, help="momentum (betas[0]), in (0, 1]")
+    p.add_argument(
+        "--b2", type=float, default=d.b2, help="second-moment decay (betas[1]), in [0, 1)"
+    )
+    p.add_argument(
+        "--eps", type=float, default=d.eps, help="AdamW/RAdam: added to the denominator, >= 0"
+    )
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="weight decay, >= 0")
+    p.add_argument(
+        "--warmup-steps", type=int, default=d.warmup_steps, help="linear warmup steps, >= 0"
+    )
+    p.add_argument("--r", type=float, default=d.r, help="polynomial weighting power, >= 0")
+    p.add_argument(
+        "--weight-lr-power",
+        type=float,
+        default=d.weight_lr_power,
+        help="power of the peak lr in the averaging weights, >= 0",
+    )
     p.add_argument(
         "--sgd-phase",
         action="store_true",
         help="RAdam: take SGD steps while rectification is off (silent_sgd_phase=False)",
     )
-    p.add_argument("--jobs", type=int, default=2, help="backends run at the same time")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--jobs", type=int, default=2, help="backends run at the same time, >= 1")
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress at all (default: a bar where stdout and stderr are terminals, "
+        "else one line on stderr per finished backend)",
+    )
     p.add_argument(
         "--keep-records",
         action="store_true",
         help="keep each backend's per-step record (.npz, all params) in OUT/records",
     )
+
+
+# Checked before anything runs: the flags of RunConfig's fields (their ranges are
+# FIELD_CHECKS), and counts that are no field (flag: dest, minimum).
+_FIELD_FLAGS = {f"--{field.replace('_', '-')}": field for field in FIELD_CHECKS}
+_COUNT_FLAGS = {"--jobs": ("jobs", 1), "--ranks": ("ranks", 1)}
+
+
+def _flag_error(parser: argparse.ArgumentParser, flag: str, error: Exception):
+    """argparse's own form, ``argument --lr: must be in [0, inf), got -1.0``; exits with 2."""
+    message = str(error).removeprefix(flag).lstrip()
+    parser.error(f"argument {flag}: {message}")
+
+
+def _check_flags(parser: argparse.ArgumentParser, args) -> None:
+    """Every hyperparameter in its range before any backend starts (the same ranges as
+    sf_optax and sf_torch, from sf_schedules.validation): a bad value is one clear error
+    naming its flag, rather than a backend's traceback or a report of a meaningless run."""
+    for flag, field in _FIELD_FLAGS.items():
+        value = getattr(args, field, None)
+        if value is not None:
+            try:
+                FIELD_CHECKS[field](flag, value)
+            except (TypeError, ValueError) as error:
+                _flag_error(parser, flag, error)
+    for flag, (dest, minimum) in _COUNT_FLAGS.items():
+        if hasattr(args, dest):
+            try:
+                validation.check_count(flag, getattr(args, dest), minimum)
+            except (TypeError, ValueError) as error:
+                _flag_error(parser, flag, error)
+    if getattr(args, "switch_at", None) is not None:
+        try:
+            switches = sorted({int(s) for s in args.switch_at.split(",") if s.strip()})
+        except ValueError:
+            switches = []
+        if not switches or switches[0] <= 0 or switches[-1] >= args.steps:
+            parser.error(
+                f"argument --switch-at: needs comma-separated steps in (0, {args.steps}) "
+                f"(--steps {args.steps}), got {args.switch_at!r}"
+            )
+        args.switch_at = switches
 
 
 def _config(args, **extra) -> RunConfig:
@@ -116,10 +197,16 @@ def _config(args, **extra) -> RunConfig:
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m parity", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m parity",
+        description=__doc__.splitlines()[0],
+        formatter_class=_HelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="one model, several backends, one report")
+    run = sub.add_parser(
+        "run", help="one model, several backends, one report", formatter_class=_HelpFormatter
+    )
     _add_run_options(run, default_dtype="float32")
     run.add_argument(
         "--device",
@@ -130,21 +217,29 @@ def parse_args(argv):
         "one rank per GPU",
     )
     run.add_argument(
-        "--ranks", type=int, default=2, help="DeepSpeed ranks (cuda: at most the GPUs there are)"
+        "--ranks",
+        type=int,
+        default=2,
+        help="DeepSpeed ranks, >= 1 (cuda: at most the GPUs there are)",
     )
     run.add_argument(
         "--backends",
         default=None,
-        help="comma-separated; default: every backend this machine can run "
-        "(see `python -m parity backends`; DeepSpeed: deepspeed_z0 ... _z3, "
-        "one row per ZeRO stage)",
+        help="comma-separated (default: every backend this machine can run, see "
+        "`python -m parity backends`; DeepSpeed: deepspeed_z0 ... _z3, one row per ZeRO stage)",
     )
-    run.add_argument("--baseline", default="sf_torch", help="the row every other is compared to")
+    run.add_argument(
+        "--baseline",
+        default=None,
+        help="the row every other is compared to (default: sf_torch where it runs, else the "
+        "first primary backend, else the first backend; a lone backend is its own baseline: "
+        "its losses are reported and nothing is compared)",
+    )
     run.add_argument(
         "--out",
         type=Path,
         default=None,
-        help="report folder (default reports/<model>_<optimizer>_<dtype>)",
+        help="report folder (default: reports/<model>_<optimizer>_<dtype>)",
     )
     run.add_argument(
         "--override",
@@ -152,15 +247,17 @@ def parse_args(argv):
         default=[],
         metavar="BACKEND:KEY=VALUE",
         help="change one config field for one backend (to check that the "
-        "checks catch a mismatch), e.g. sf_optax:lr=0.0051",
+        "checks catch a mismatch), e.g. sf_optax:lr=0.0051; repeatable (default: none)",
     )
 
-    handoff = sub.add_parser("handoff", help="move a run JAX -> torch -> JAX mid-run")
-    _add_run_options(handoff, default_dtype="float64", dtypes=("float64", "float32"))
+    handoff = sub.add_parser(
+        "handoff", help="move a run JAX -> torch -> JAX mid-run", formatter_class=_HelpFormatter
+    )
+    _add_run_options(handoff, default_dtype="float64", dtypes=HANDOFF_DTYPES)
     handoff.add_argument(
         "--switch-at",
         default="100,200",
-        help="comma-separated steps at which the run changes framework",
+        help="comma-separated steps in (0, --steps) at which the run changes framework",
     )
     handoff.add_argument(
         "--start",
@@ -172,18 +269,23 @@ def parse_args(argv):
         "--out",
         type=Path,
         default=None,
-        help="report folder (default reports/handoff_<model>_<optimizer>_<dtype>)",
+        help="report folder (default: reports/handoff_<model>_<optimizer>_<dtype>)",
     )
 
-    sub.add_parser("backends", help="list the backends and whether this machine can run them")
+    sub.add_parser(
+        "backends",
+        help="list the backends and whether this machine can run them",
+        formatter_class=_HelpFormatter,
+    )
     export = sub.add_parser(
         "export-digits",
         help="write scikit-learn's digits to the file that machines without scikit-learn read",
+        formatter_class=_HelpFormatter,
     )
-    export.add_argument("--out", type=Path, default=data.DIGITS_FILE)
+    export.add_argument("--out", type=Path, default=data.DIGITS_FILE, help="the .npz to write")
     args = parser.parse_args(argv)
-    if args.command == "run" and args.ranks < 1:
-        parser.error("--ranks must be >= 1")
+    if args.command in ("run", "handoff"):
+        _check_flags(sub.choices[args.command], args)
     if args.command not in ("backends", "export-digits") and args.out is None:
         prefix = "handoff_" if args.command == "handoff" else ""
         args.out = Path("reports") / f"{prefix}{args.model}_{args.optimizer}_{args.dtype}"
@@ -203,7 +305,7 @@ def main(argv=None) -> int:
             return _run(args)
         return _handoff(args)
     except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"python -m parity {args.command}: error: {err}", file=sys.stderr)
         return EXIT_ERROR
 
 
@@ -241,6 +343,27 @@ def _overrides(items, names):
     return out
 
 
+def _progress(args) -> str:
+    return launch.OFF if args.no_progress else launch.default_progress()
+
+
+def _default_baseline(names, registry, config) -> str:
+    """sf_torch where it runs, else the first primary backend, else the first backend (of
+    those that run here and are not expected to differ)."""
+    usable = [
+        n
+        for n in names
+        if runners.unavailable(registry[n]) is None
+        and not registry[n].unsupported(runners.configure(registry[n], config))
+        and not registry[n].expected_difference(runners.configure(registry[n], config))
+    ] or names
+    for name in usable:
+        if name == "sf_torch":
+            return name
+    primary = [n for n in usable if registry[n].ROLE == "primary"]
+    return (primary or usable)[0]
+
+
 def _with_cuda(config: RunConfig, selected) -> RunConfig:
     """Checks that the frameworks of ``selected`` see a GPU (ValueError if not) and gives
     DeepSpeed one rank per GPU at most."""
@@ -263,9 +386,12 @@ def _run(args) -> int:
     config = _config(args, device=args.device, extra={"ranks": args.ranks})
     registry = runners.discover()
     names = _select(args, registry)
-    baseline = args.baseline
+    baseline = args.baseline or _default_baseline(names, registry, config)
     if baseline not in names:
-        raise ValueError(f"the baseline {baseline!r} is not among the backends {names}")
+        raise ValueError(
+            f"the baseline {baseline!r} (--baseline) is not among the backends {names}: "
+            "add it to --backends or pick one of those"
+        )
     overrides = _overrides(args.override, names)
     if config.device == "cuda":
         available = [registry[n] for n in names if runners.unavailable(registry[n]) is None]
@@ -282,7 +408,10 @@ def _run(args) -> int:
             continue
         backend_config = runners.configure(runner, config)
         for key, value in overrides.get(name, []):
-            backend_config = backend_config.with_override(key, value)
+            try:
+                backend_config = backend_config.with_override(key, value)
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"--override {name}:{key}={value}: {error}") from None
         jobs.append((runner, backend_config))
     if registry[baseline].expected_difference(config):
         raise ValueError(
@@ -291,7 +420,7 @@ def _run(args) -> int:
         )
 
     workdir = args.out / "records"
-    outcomes = launch.run_all(jobs, workdir, parallel=args.jobs, progress_bar=not args.no_progress)
+    outcomes = launch.run_all(jobs, workdir, parallel=args.jobs, progress=_progress(args))
     base_outcome = outcomes.get(baseline)
     base_record = base_outcome.record if base_outcome else None
     nominal = tolerances.nominal(config.dtype)
@@ -361,6 +490,8 @@ def _write(out: Path, rows, config, baseline, code, title, started, keep_records
         EXIT_TOLERANCE: "a tolerance was exceeded",
         EXIT_ERROR: "a backend failed",
     }[code]
+    if code == EXIT_OK and not any(r.comparison is not None for r in rows):
+        verdict = f"nothing compared: only the baseline {baseline} ran (add --backends to compare)"
     png = out / "report.png" if plotted else "no PNG (matplotlib is not installed)"
     sys.stderr.flush()
     print(
@@ -375,9 +506,7 @@ def _handoff(args) -> int:
     config = _config(args)
     registry = runners.discover()
     by_framework = {"jax": registry["sf_optax"], "torch": registry["sf_torch"]}
-    switches = sorted({int(s) for s in args.switch_at.split(",") if s.strip()})
-    if not switches or switches[0] <= 0 or switches[-1] >= config.steps:
-        raise ValueError(f"--switch-at needs steps in (0, {config.steps}), got {args.switch_at!r}")
+    switches = args.switch_at  # parse_args checked and sorted them
     for runner in by_framework.values():
         why = runners.unavailable(runner)
         if why:
@@ -389,7 +518,7 @@ def _handoff(args) -> int:
         [(r, config) for r in by_framework.values()],
         workdir,
         parallel=args.jobs,
-        progress_bar=not args.no_progress,
+        progress=_progress(args),
     )
     # The moving run: segments [0, s1], [s1, s2], ... alternating frameworks.
     bounds = [0, *switches, config.steps]

@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass, field
 
 from parity.models.canonical import MODELS
+from sf_schedules import validation
 
 OPTIMIZERS = ("adamw", "sgd", "radam")
 # bfloat16 is mixed precision: bf16 params and compute, float32 optimizer state and loss.
@@ -21,6 +22,30 @@ DEVICES = ("cpu", "cuda")
 # Learning rates that train the twin models well in a few hundred steps. The other defaults
 # are those of the `schedulefree` reference classes.
 DEFAULT_LR = {"adamw": 0.005, "sgd": 0.2, "radam": 0.005}
+
+
+def _count(minimum: int):
+    return lambda name, value: validation.check_count(name, value, minimum)
+
+
+# The accepted range of each numeric field: the ranges sf_optax and sf_torch accept, from their
+# shared checks. The CLI checks its flags with them (naming the flag), RunConfig its fields
+# (naming the field: an --override, or a config file a child reads).
+FIELD_CHECKS = {
+    "steps": _count(1),
+    "seed": _count(0),
+    "batch_size": _count(1),
+    "eval_every": _count(1),
+    "recal_batches": _count(1),
+    "lr": validation.check_nonnegative,
+    "b1": validation.check_b1,
+    "b2": validation.check_b2,
+    "eps": validation.check_nonnegative,
+    "weight_decay": validation.check_nonnegative,
+    "warmup_steps": _count(0),
+    "r": validation.check_nonnegative,
+    "weight_lr_power": validation.check_nonnegative,
+}
 
 
 @dataclass
@@ -63,6 +88,8 @@ class RunConfig:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        for name, check in FIELD_CHECKS.items():
+            check(name, getattr(self, name))
         if not 0 <= self.first_step < self.steps:
             raise ValueError(
                 f"need 0 <= first_step < steps, got first_step {self.first_step}, "
@@ -70,8 +97,6 @@ class RunConfig:
             )
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
-        if self.eval_every < 1 or self.batch_size < 1:
-            raise ValueError("eval_every and batch_size must be >= 1")
 
     @property
     def host_dtype(self) -> str:
@@ -105,12 +130,15 @@ class RunConfig:
         ):
             raise ValueError(f"cannot override {key!r}; fields: {sorted(fields)}")
         current = getattr(self, key)
-        if isinstance(current, bool):
-            parsed = value.lower() in ("1", "true", "yes")
-        elif isinstance(current, int):
-            parsed = int(value)
-        elif isinstance(current, float):
-            parsed = float(value)
-        else:
-            parsed = value
+        try:
+            if isinstance(current, bool):
+                parsed = value.lower() in ("1", "true", "yes")
+            elif isinstance(current, int):
+                parsed = int(value)
+            elif isinstance(current, float):
+                parsed = float(value)
+            else:
+                parsed = value
+        except ValueError:
+            raise ValueError(f"{key} wants a {type(current).__name__}, got {value!r}") from None
         return self.replace(**{key: parsed})

@@ -1,13 +1,16 @@
 """Runs backends as child processes (one per backend, several at a time) and collects records.
 
 Each child gets its own config file and writes its record and a log into ``workdir``; its
-``@progress`` lines drive one shared progress bar.
+``@progress`` lines drive one shared progress bar in a terminal, or one plain line per finished
+backend where the output goes to a file or a pipe (a redrawn bar would fill a log with
+thousands of carriage-return frames).
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -72,26 +75,50 @@ def run_child(
     return Outcome(tag, Record.load(result_path), seconds, None, log_path)
 
 
+# How run_all shows progress: a redrawn bar, one line per finished backend, or nothing.
+BAR, LINES, OFF = "bar", "lines", "off"
+PROGRESS_MODES = (BAR, LINES, OFF)
+# A bar redraws at most this often (seconds): tqdm's default, 0.1 s, is ten frames a second.
+BAR_INTERVAL = 0.5
+
+
+def default_progress() -> str:
+    """A bar where both stdout and stderr are terminals, else plain lines."""
+    return BAR if sys.stdout.isatty() and sys.stderr.isatty() else LINES
+
+
 def run_all(
     jobs: list[tuple[ModuleType, RunConfig]],
     workdir: Path,
     parallel: int = 1,
-    progress_bar: bool = True,
+    progress: str | None = None,
 ) -> dict[str, Outcome]:
-    """Run every ``(runner, config)`` pair, ``parallel`` at a time, behind one progress bar
-    (none where tqdm is not installed)."""
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        tqdm, progress_bar = None, False
+    """Run every ``(runner, config)`` pair, ``parallel`` at a time.
 
-    total = sum(c.steps - c.first_step for _, c in jobs)
-    bar = (
-        tqdm(total=total, unit="step", leave=False, desc="parity", dynamic_ncols=True)
-        if progress_bar
-        else _NoBar()
-    )
+    ``progress``: ``"bar"``, one tqdm bar on stderr (plain lines where tqdm is not installed);
+    ``"lines"``, one line on stderr per finished backend; ``"off"``; None picks
+    :func:`default_progress`.
+    """
+    progress = progress or default_progress()
+    if progress not in PROGRESS_MODES:
+        raise ValueError(f"progress must be one of {PROGRESS_MODES}, got {progress!r}")
+    bar = None
+    if progress == BAR:
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            progress = LINES
+        else:
+            bar = tqdm(
+                total=sum(c.steps - c.first_step for _, c in jobs),
+                unit="step",
+                leave=False,
+                desc="parity",
+                dynamic_ncols=True,
+                mininterval=BAR_INTERVAL,
+            )
     lock = threading.Lock()
+    finished = [0]
 
     def one(job):
         runner, config = job
@@ -100,26 +127,29 @@ def run_all(
         def advance(step):
             with lock:
                 bar.update(step - done[0])
-                bar.set_postfix_str(runner.NAME)
+                # refresh=False: the postfix shows at the next throttled redraw, not as one of
+                # its own (a forced redraw per step made thousands of frames).
+                bar.set_postfix_str(runner.NAME, refresh=False)
                 done[0] = step
 
-        return run_child(runner, config, workdir, on_progress=advance)
+        outcome = run_child(runner, config, workdir, on_progress=advance if bar else None)
+        if progress == LINES:
+            with lock:
+                finished[0] += 1
+                verdict = "done" if outcome.record is not None else "FAILED"
+                print(
+                    f"parity: {runner.NAME} {verdict} ({config.steps - config.first_step} steps, "
+                    f"{outcome.seconds:.1f} s) [{finished[0]}/{len(jobs)}]",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        return outcome
 
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
         outcomes = list(pool.map(one, jobs))
-    bar.close()
+    if bar is not None:
+        bar.close()
     return {o.name: o for o in outcomes}
-
-
-class _NoBar:
-    def update(self, n):
-        pass
-
-    def set_postfix_str(self, text):
-        pass
-
-    def close(self):
-        pass
 
 
 _digits_lock = threading.Lock()

@@ -211,7 +211,7 @@ def plot(rows: list[Row], path: Path, title: str, dtype: str) -> bool:
     )
     for ax, metric in ((ax_params, "params"), (ax_loss, "eval_loss")):
         limit = tolerances.nominal(dtype).get(metric)
-        if limit:
+        if limit and ax.has_data():  # a lone tolerance line (nothing compared) has no y range
             ax.axhline(
                 limit, color="red", linewidth=0.8, linestyle=":", label=f"tolerance {limit:g}"
             )

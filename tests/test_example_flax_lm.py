@@ -7,6 +7,7 @@ mesh) or to float32 round-off (another mesh shape).
 """
 
 import math
+import os
 import shutil
 from pydoc_data.topics import topics
 
@@ -48,7 +49,7 @@ def runs(tmp_path_factory):
     moved = lm_sharded.main(
         SMALL + [f"--steps={STEPS}", f"--ckpt-dir={root / 'moved'}", "--resume", "--mesh=4,2"]
     )
-    return {"whole": whole, "first": first, "resumed": resumed, "moved": moved}
+    return {"whole": whole, "first": first, "resumed": resumed, "moved": moved, "root": root}
 
 
 def test_resumed_run_is_the_uninterrupted_run_bit_for_bit(runs):
@@ -95,3 +96,50 @@ def test_eval_loss_at_x_is_what_numpy_x_gives_and_beats_uniform(runs):
     # Uniform guessing costs log(vocab) = 4.63; six steps already learn character frequencies.
     assert np.mean(losses) < math.log(vocab) - 0.5
     assert run["train_losses"][-1] < run["train_losses"][0]
+
+
+def killed_while_saving(runs, tmp_path):
+    """A copy of the uninterrupted run's checkpoints as a kill during the step-6 save leaves
+    them: Orbax writes a step into STEP.orbax-checkpoint-tmp-TIME and renames it when done."""
+    directory = tmp_path / "killed"
+    shutil.copytree(runs["root"] / "whole", directory)
+    assert sorted(os.listdir(directory)) == ["3", "6"]
+    os.rename(directory / "6", directory / "6.orbax-checkpoint-tmp-1767225600")
+    return directory
+
+
+def test_resume_after_a_kill_while_saving_continues_from_the_last_complete_step(runs, tmp_path):
+    directory = killed_while_saving(runs, tmp_path)
+    resumed = lm_sharded.main(SMALL + [f"--steps={STEPS}", f"--ckpt-dir={directory}", "--resume"])
+    assert resumed["start_step"] == SPLIT
+    assert resumed["train_losses"] == runs["whole"]["train_losses"][SPLIT:]
+    assert sorted(os.listdir(directory)) == ["3", "6"]  # the unfinished save is gone
+
+
+def test_fresh_run_after_a_kill_while_saving_replaces_the_old_checkpoints(runs, tmp_path):
+    directory = killed_while_saving(runs, tmp_path)
+    run = lm_sharded.main(SMALL + [f"--steps={SPLIT}", f"--ckpt-dir={directory}"])
+    assert run["train_losses"] == runs["whole"]["train_losses"][:SPLIT]
+    assert os.listdir(directory) == ["3"]
+
+
+def test_fresh_run_keeps_files_that_are_not_checkpoints(tmp_path):
+    directory = tmp_path / "mine"
+    directory.mkdir()
+    (directory / "notes.txt").write_text("not a checkpoint")
+    with pytest.raises(SystemExit, match="notes.txt"):
+        lm_sharded.main(SMALL + [f"--steps={SPLIT}", f"--ckpt-dir={directory}"])
+    assert (directory / "notes.txt").exists()
+
+
+@pytest.mark.parametrize("exists", [False, True])
+def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, capsys, exists):
+    directory = tmp_path / "nothing"
+    if exists:
+        directory.mkdir()
+    with pytest.raises(SystemExit) as stop:
+        lm_sharded.main(SMALL + [f"--steps={SPLIT}", f"--ckpt-dir={directory}", "--resume"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lm_sharded: error: --resume: ") and str(directory) in err
+    assert directory.exists() == exists  # nothing created

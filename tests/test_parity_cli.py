@@ -4,9 +4,11 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from parity import report, tolerances
 from parity.compare import Comparison
@@ -213,3 +215,204 @@ def test_runs_without_scikit_learn_tqdm_and_matplotlib(tmp_path):
     last = result.stdout.rstrip().splitlines()[-1]
     assert last == f"report: {out / 'report.json'}, no PNG (matplotlib is not installed)"
     assert (out / "report.json").exists() and not (out / "report.png").exists()
+
+
+# --- hyperparameters are checked before anything runs ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "command, flag, value, accepted",
+    [
+        ("run", "--lr", "-1", "[0, inf)"),
+        ("run", "--lr", "nan", "[0, inf)"),
+        ("run", "--b1", "1.5", "(0, 1]"),
+        ("run", "--b1", "nan", "(0, 1]"),
+        ("run", "--b2", "1.0", "[0, 1)"),
+        ("run", "--warmup-steps", "-3", "{0, 1, 2, ...}"),
+        ("run", "--weight-decay", "inf", "[0, inf)"),
+        ("run", "--steps", "0", "{1, 2, 3, ...}"),
+        ("run", "--jobs", "0", "{1, 2, 3, ...}"),
+        ("handoff", "--b2", "1.0", "[0, 1)"),
+        ("handoff", "--steps", "0", "{1, 2, 3, ...}"),
+    ],
+)
+def test_bad_hyperparameter_is_one_error_naming_the_flag(tmp_path, command, flag, value, accepted):
+    out = tmp_path / "report"
+    started = time.perf_counter()
+    # A small run, so that old code, which started the backends, fails quickly.
+    small = ["--backends", "sf_torch"] if command == "run" else ["--switch-at", "1"]
+    small += [] if flag == "--steps" else ["--steps", "2"]
+    result = parity(command, *small, "--out", str(out), flag, value)
+    assert result.returncode == 2, result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, result.stderr
+    prefix = f"python -m parity {command}: error: argument {flag}: must be in {accepted}, got "
+    assert errors[0].startswith(prefix), errors[0]
+    assert "Traceback" not in result.stderr and "first_step" not in result.stderr
+    assert not out.exists()  # no backend started (it writes into OUT/records), no report
+    assert time.perf_counter() - started < 30
+
+
+def test_bad_override_value_is_refused_before_any_backend_starts(tmp_path):
+    out = tmp_path / "report"
+    result = parity(
+        "run",
+        "--backends",
+        "sf_torch,schedulefree",
+        "--steps",
+        "2",
+        "--override",
+        "schedulefree:b1=1.5",
+        "--out",
+        str(out),
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "--override schedulefree:b1=1.5: b1 must be in (0, 1], got 1.5" in result.stderr
+    assert "Traceback" not in result.stderr and not out.exists()
+
+
+def test_lone_backend_is_its_own_baseline(tmp_path):
+    out = tmp_path / "report"
+    result = parity("run", "--backends", "sf_optax", "--steps", "3", "--out", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    payload = json.loads((out / "report.json").read_text())
+    assert payload["baseline"] == "sf_optax"
+    assert [(r["name"], r["status"]) for r in payload["rows"]] == [("sf_optax", "baseline")]
+    # Nothing was compared, and the verdict says so rather than "all checks passed".
+    assert "nothing compared" in result.stdout and "all checks passed" not in result.stdout
+
+
+def test_default_baseline_prefers_sf_torch_then_a_primary_backend(tmp_path):
+    from parity import cli, runners
+    from parity.config import RunConfig
+
+    registry, config = runners.discover(), RunConfig()
+    assert cli._default_baseline(["schedulefree", "sf_torch"], registry, config) == "sf_torch"
+    assert cli._default_baseline(["schedulefree", "sf_optax"], registry, config) == "sf_optax"
+    # optax.contrib's warmup lags one step: it is expected to differ, so no baseline.
+    warm = RunConfig(warmup_steps=5)
+    assert cli._default_baseline(["optax_contrib", "schedulefree"], registry, warm) == (
+        "schedulefree"
+    )
+
+
+def help_text(*command):
+    result = subprocess.run(
+        [sys.executable, "-m", "parity", *command, "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def option_blocks(text):
+    """``{--flag: its help text}`` of an argparse help page."""
+    blocks, current = {}, None
+    for line in text.splitlines():
+        if line.startswith("  -"):
+            current = line.split()[0].rstrip(",")
+            blocks[current] = line
+        elif current and line.startswith("    "):
+            blocks[current] += " " + line.strip()
+        else:
+            current = None
+    return blocks
+
+
+def test_handoff_help_offers_only_the_dtypes_it_accepts():
+    text = help_text("handoff")
+    assert "bfloat16" not in text
+    assert "--dtype {float64,float32}" in text
+    for dtype in ("float64", "float32"):
+        assert cli_args("handoff", "--dtype", dtype).dtype == dtype
+    with pytest.raises(SystemExit):
+        cli_args("handoff", "--dtype", "bfloat16")
+
+
+def cli_args(*argv):
+    from parity import cli
+
+    return cli.parse_args(list(argv))
+
+
+@pytest.mark.parametrize("command", [(), ("run",), ("handoff",), ("export-digits",)])
+def test_every_help_shows_the_defaults(command):
+    blocks = option_blocks(help_text(*command))
+    flags = {"-h", "--sgd-phase", "--keep-records"}  # store_true: nothing to show
+    if command:
+        assert len(blocks) > 1
+    for flag, block in blocks.items():
+        if flag not in flags:
+            assert "(default" in block, block
+
+
+# --- logs ---------------------------------------------------------------------------------------
+
+
+def test_log_of_a_redirected_run_has_plain_lines_only(tmp_path):
+    log = tmp_path / "log"
+    with open(log, "w") as f:  # stdout and stderr into one file, as `> log 2>&1`
+        result = subprocess.run(
+            [sys.executable, "-m", "parity", "run", "--backends", "sf_torch,schedulefree"]
+            + ["--steps", "60", "--out", str(tmp_path / "report")],
+            cwd=ROOT,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            timeout=300,
+        )
+    text = log.read_text()
+    assert result.returncode == 0, text
+    assert "\r" not in text  # no progress-bar frames
+    lines = text.splitlines()
+    assert len(lines) <= 20, text
+    # One plain progress line per backend, on top of the report.
+    assert sum(line.startswith("parity: ") and " done " in line for line in lines) == 2, text
+
+
+def test_progress_bar_in_a_terminal_redraws_a_few_times_a_second(tmp_path):
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+    import threading
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    chunks = []
+
+    def read():
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # the terminal closed: the run is over
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    started = time.perf_counter()
+    child = subprocess.Popen(
+        [sys.executable, "-m", "parity", "run", "--backends", "sf_torch,schedulefree"]
+        + ["--steps", "400", "--eval-every", "400", "--out", str(tmp_path / "report")],
+        cwd=ROOT,
+        stdout=slave,
+        stderr=slave,
+        stdin=subprocess.DEVNULL,
+    )
+    os.close(slave)
+    rc = child.wait(timeout=300)
+    seconds = time.perf_counter() - started
+    reader.join(timeout=10)
+    os.close(master)
+    text = b"".join(chunks).decode(errors="replace")
+    assert rc == 0, text
+    frames = text.count("\r") - text.count("\r\n")  # the terminal turns \n into \r\n
+    assert frames >= 1, text  # a bar in a terminal
+    # tqdm redraws at most every 0.5 s, plus its first frame and the clearing at the end.
+    assert frames <= 2 * seconds / 0.5 + 6, (frames, seconds)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 import numpy as np
 import torch
@@ -33,6 +34,12 @@ import sf_torch
 import sf_torch.deepspeed as sfds
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def show_progress(quiet: bool) -> bool:
+    """A progress bar only in a terminal: written to a log or a pipe, its redraws would be
+    thousands of carriage-return frames (the per-epoch lines are printed either way)."""
+    return not quiet and sys.stdout.isatty() and sys.stderr.isatty()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,6 +62,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+class Float32BatchNorm1d(torch.nn.BatchNorm1d):
+    """BatchNorm1d that normalises in float32 whatever dtype its input and weights have.
+
+    Under ``"bf16"`` or ``"fp16"`` DeepSpeed casts the parameters but not the buffers, and
+    torch's CPU kernel refuses a bf16 input and weight with float32 running statistics. Float32
+    statistics are what mixed precision wants anyway (a bf16 running variance keeps about three
+    significant digits); the output comes back in the input's dtype. In float32 this is
+    BatchNorm1d exactly.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # a cumulative average (recompute_batchnorm_stats at x)
+                factor = 1.0 / float(self.num_batches_tracked)
+        out = torch.nn.functional.batch_norm(
+            x.float(),
+            self.running_mean,
+            self.running_var,
+            self.weight.float(),
+            self.bias.float(),
+            self.training,
+            factor,
+            self.eps,
+        )
+        return out.to(x.dtype)
+
+
 class Net(torch.nn.Module):
     """64 pixels -> hidden -> BatchNorm -> ReLU -> hidden -> BatchNorm -> ReLU -> 10 logits."""
 
@@ -62,10 +99,10 @@ class Net(torch.nn.Module):
         super().__init__()
         self.body = torch.nn.Sequential(
             torch.nn.Linear(64, hidden),
-            torch.nn.BatchNorm1d(hidden),
+            Float32BatchNorm1d(hidden),
             torch.nn.ReLU(),
             torch.nn.Linear(hidden, hidden),
-            torch.nn.BatchNorm1d(hidden),
+            Float32BatchNorm1d(hidden),
             torch.nn.ReLU(),
             torch.nn.Linear(hidden, 10),
         )
@@ -100,6 +137,21 @@ def config_for(args: argparse.Namespace) -> dict:
     return config
 
 
+def check_precision(config: dict, accelerator) -> None:
+    """A clear stop, before any rank builds an engine, for a precision the device lacks."""
+    if config.get("fp16", {}).get("enabled") and not accelerator.is_fp16_supported():
+        raise SystemExit(
+            f"error: ds_config enables fp16, which {accelerator.device_name()} ranks here cannot "
+            "run (DeepSpeed's CPU accelerator needs a CPU with oneDNN fp16, AVX512-FP16 or AMX): "
+            'run on GPUs, or use "bf16": {"enabled": true} on CPU'
+        )
+    if config.get("bf16", {}).get("enabled") and not accelerator.is_bf16_supported():
+        raise SystemExit(
+            f"error: ds_config enables bf16, which {accelerator.device_name()} ranks here cannot "
+            'run: set "bf16": {"enabled": false}, or use "fp16" on GPUs that lack bf16'
+        )
+
+
 def evaluate(engine, images, labels, bn_batches, dtype) -> tuple[float, float]:
     """Loss and accuracy of the weights the engine's model holds, BN statistics at them."""
     device = engine.device
@@ -124,10 +176,14 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     train_x, test_x, train_y, test_y = load_data(args.seed)
 
-    engine, *_ = sfds.initialize(
-        model=Net(args.hidden_dim), model_parameters=None, config=config_for(args)
-    )
+    config = config_for(args)
+    check_precision(config, get_accelerator())
+    engine, *_ = sfds.initialize(model=Net(args.hidden_dim), model_parameters=None, config=config)
+    # The dtype the engine computes in (bf16/fp16 when the config enables them): inputs must
+    # have it too.
     device, dtype = engine.device, next(engine.module.parameters()).dtype
+    if rank == 0:
+        print(f"{world} {torch.device(device).type} ranks, computing in {dtype}", flush=True)
     rng = np.random.default_rng(args.seed)
     # The same BN batches on every rank, so that every rank gets the same statistics at x.
     bn_rows = rng.permutation(len(train_x))[: args.bn_batches * args.batch_size]
@@ -137,7 +193,12 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     global_batch = args.batch_size * world
     steps = len(train_x) // global_batch
-    bar = tqdm(total=args.epochs * steps, disable=args.quiet or rank != 0, desc="train")
+    bar = tqdm(
+        total=args.epochs * steps,
+        disable=rank != 0 or not show_progress(args.quiet),
+        desc="train",
+        mininterval=0.5,  # a few redraws a second, not ten
+    )
     history = []
     for epoch in range(args.epochs):
         sfds.train(engine)  # weights at y, BatchNorm in training mode

@@ -3,6 +3,8 @@
     python -m examples.flax.digits_cnn                   # ~20 s on a 2-core CPU, writes a PNG
     python -m examples.flax.digits_cnn --epochs 4 --plot '' --quiet
 
+(from the checkout's root: ``examples`` is not an installed package).
+
 Two runs of the same network, same data order, same number of epochs:
 
 * ``sf_optax.adamw``: no schedule to tune and no length to fix in advance. The model's params
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 
 import jax
@@ -36,6 +39,12 @@ from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 import sf_optax
+
+
+def show_progress(quiet: bool) -> bool:
+    """A progress bar only in a terminal: written to a log or a pipe, its redraws would be
+    thousands of carriage-return frames (the per-epoch lines are printed either way)."""
+    return not quiet and sys.stdout.isatty() and sys.stderr.isatty()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -144,7 +153,8 @@ def train(name, tx, args, data, evaluate_epoch) -> tuple[dict, CNN, nnx.Optimize
         desc=name,
         unit="step",
         leave=False,
-        disable=args.quiet,
+        disable=not show_progress(args.quiet),
+        mininterval=0.5,  # a few redraws a second, not ten
     )
     for epoch in range(1, args.epochs + 1):
         losses = []

@@ -3,6 +3,8 @@
     python -m examples.flax.digits_demo                  # about 5 s on a 2-core CPU
     python -m examples.flax.digits_demo --epochs 30 --lr 0.005 --quiet
 
+(from the checkout's root: ``examples`` is not an installed package).
+
 Schedule-Free keeps two points. The model's params are ``y``: gradients are taken there and the
 optimizer moves them. The point to evaluate (and to ship) is ``x = (y - (1 - b1) z) / b1``, where
 ``z`` lives in the optimizer state. There is no learning-rate schedule to tune; the one thing to
@@ -17,6 +19,7 @@ between x and the latest z.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import jax
@@ -28,6 +31,12 @@ from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 import sf_optax
+
+
+def show_progress(quiet: bool) -> bool:
+    """A progress bar only in a terminal: written to a log or a pipe, its redraws would be
+    thousands of carriage-return frames (the per-epoch lines are printed either way)."""
+    return not quiet and sys.stdout.isatty() and sys.stderr.isatty()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -121,7 +130,13 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     start = time.perf_counter()
-    bar = tqdm(total=args.epochs * steps_per_epoch, disable=args.quiet, unit="step", leave=False)
+    bar = tqdm(
+        total=args.epochs * steps_per_epoch,
+        disable=not show_progress(args.quiet),
+        unit="step",
+        leave=False,
+        mininterval=0.5,  # a few redraws a second, not ten
+    )
     for epoch in range(1, args.epochs + 1):
         losses = []
         for idx in batches(rng, len(train_images), args.batch_size):

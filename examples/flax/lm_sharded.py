@@ -4,6 +4,8 @@
     python -m examples.flax.lm_sharded --cpu-devices 8 --steps 400 --resume   # continue to 400
     python -m examples.flax.lm_sharded --steps 1000 --d-model 256 --layers 4  # one GPU: mesh 1x1
 
+(from the checkout's root: ``examples`` is not an installed package).
+
 Sharding. The devices form a mesh with two axes, ``data`` and ``fsdp``. Every batch is split
 over all devices (data parallelism over both axes); every large parameter is split over the
 ``fsdp`` axis along its largest dimension (FSDP-style: no device holds a whole weight, XLA
@@ -18,7 +20,9 @@ is no learning-rate schedule and no run length to fix in advance: ``--resume`` c
 for as many more steps as asked, on the same trajectory.
 
 Checkpoints (Orbax, through ``sf_optax.save_checkpoint``) hold params, optimizer state and
-step; they can be restored onto another mesh (``--resume --mesh 4,2`` after a run on 2,4).
+step; they can be restored onto another mesh (``--resume --mesh 4,2`` after a run on 2,4). A
+run stopped while saving resumes from its last complete checkpoint (the unfinished save is
+removed).
 Batches are a function of (seed, step), so a resumed run sees what an uninterrupted run sees.
 
 Data: the text of Python's own help topics (``pydoc_data.topics``, shipped with CPython),
@@ -33,6 +37,7 @@ import argparse
 import importlib.util
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -95,6 +100,12 @@ try:  # optional: a progress bar
     from tqdm import tqdm
 except ImportError:
     tqdm = None
+
+
+def show_progress(quiet: bool) -> bool:
+    """A progress bar only in a terminal: written to a log or a pipe, its redraws would be
+    thousands of carriage-return frames (the per-epoch lines are printed either way)."""
+    return not quiet and sys.stdout.isatty() and sys.stderr.isatty()
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -240,9 +251,13 @@ def main(argv: list[str] | None = None) -> dict:
         )
     if args.ckpt_dir and importlib.util.find_spec("orbax") is None:
         if args.resume:
-            raise SystemExit("--resume needs orbax-checkpoint: pip install orbax-checkpoint")
+            usage_error("--resume needs orbax-checkpoint: pip install orbax-checkpoint")
         print("orbax-checkpoint is not installed: training without checkpoints")
         args.ckpt_dir = ""
+    if args.resume:  # before anything is built: a wrong directory is a quick, clear error
+        if not args.ckpt_dir:
+            usage_error("--resume needs --ckpt-dir")
+        check_resumable(args.ckpt_dir)
     mesh = make_mesh(args.mesh)
     if args.batch_size % mesh.size:
         raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of {mesh.size}")
@@ -318,8 +333,6 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     if args.resume:
-        if not args.ckpt_dir:
-            raise SystemExit("--resume needs --ckpt-dir")
         # Read straight into this mesh's shardings, whatever mesh saved the checkpoint.
         target = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -351,8 +364,8 @@ def main(argv: list[str] | None = None) -> dict:
     pending, train_losses = [], []
     last_saved = start_step if args.resume else None
     bar = None
-    if tqdm is not None and not args.quiet:
-        bar = tqdm(total=args.steps, initial=start_step, unit="step", leave=False)
+    if tqdm is not None and show_progress(args.quiet):
+        bar = tqdm(total=args.steps, initial=start_step, unit="step", leave=False, mininterval=0.5)
     log = bar.write if bar is not None else print
     start = time.perf_counter()
     eval_x = eval_y = float("nan")
@@ -400,12 +413,52 @@ def main(argv: list[str] | None = None) -> dict:
     }
 
 
+# What a save killed midway leaves: Orbax writes each step into STEP.orbax-checkpoint-tmp-TIME
+# and renames it to STEP only once it is complete.
+UNFINISHED = re.compile(r"^\d+\.orbax-checkpoint-tmp")
+
+
+def usage_error(message: str):
+    """Stops with argparse's exit code 2: the command line asks for something impossible."""
+    print(f"lm_sharded: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def clear_unfinished_saves(directory: str) -> None:
+    """Removes what killed saves left: it is never read (restoring takes the newest complete
+    step), but a fresh run would take it for foreign files and it would stay forever."""
+    for name in sorted(os.listdir(directory)):
+        if UNFINISHED.match(name):
+            print(f"removing an unfinished save (the run was stopped while saving): {name}")
+            shutil.rmtree(os.path.join(directory, name))
+
+
+def check_resumable(directory: str) -> None:
+    """--resume on a directory that holds a complete checkpoint; a clear error otherwise."""
+    if not os.path.isdir(directory):
+        usage_error(
+            f"--resume: there is no checkpoint directory {directory}; run once without --resume "
+            "to start one (or give the --ckpt-dir of the run to continue)"
+        )
+    clear_unfinished_saves(directory)
+    if not any(name.isdigit() for name in os.listdir(directory)):
+        usage_error(
+            f"--resume: {directory} holds no complete checkpoint; run without --resume to start "
+            "afresh"
+        )
+
+
 def clear_old_checkpoints(directory: str) -> None:
-    """A fresh run replaces the checkpoints of an earlier one (Orbax step folders only)."""
+    """A fresh run replaces the checkpoints of an earlier one (Orbax step folders, finished or
+    not) and refuses to delete anything else."""
     if not os.path.isdir(directory) or not os.listdir(directory):
         return
-    if not all(name.isdigit() for name in os.listdir(directory)):
-        raise SystemExit(f"--ckpt-dir {directory} holds files that are not checkpoints")
+    foreign = [n for n in os.listdir(directory) if not (n.isdigit() or UNFINISHED.match(n))]
+    if foreign:
+        raise SystemExit(
+            f"--ckpt-dir {directory} holds files that are not checkpoints ({', '.join(foreign)}):"
+            " give another --ckpt-dir, or remove them"
+        )
     print(f"starting afresh: removing the checkpoints in {directory} (--resume continues them)")
     shutil.rmtree(directory)
 
