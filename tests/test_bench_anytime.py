@@ -1,14 +1,19 @@
-"""bench.anytime at its tiny size, both problems, both frameworks, checked against other numbers.
+"""bench.anytime at its tiny size, every problem, both frameworks, checked against other numbers.
 
-- The JAX run and the torch run of each config start from the same weights and see the same
-  batches through independent implementations (flax + optax vs torch): their eval losses must
-  agree to float32 round-off, and so must their accuracies.
+- The JAX and torch runs of each config start from the same weights and see the same batches
+  through independent implementations: digits' and charlm's eval losses and accuracies agree to
+  float32 round-off, convex's float64 trajectories to 1e-10, and a plain numpy replay of three
+  convex runs (SGD + cosine written out here, Schedule-Free SGD from the recurrence of DESIGN.md
+  1.1, with and without warmup) lands on the same weights.
 - Each table cell is recomputed here from the runs in the JSON: the minimum over the sweep of
-  the eval loss at that horizon (SF runs count at every horizon, a baseline only at its own).
+  the loss at that horizon (a run of a schedule told its length counts only at its own).
 - The learning rates the baselines' optimizers report having used are compared with the cosine
   and WSD formulas written out below (not with sf_schedules).
-- The Schedule-Free bound curve is compared with its closed form, and its learning rate with a
-  grid search.
+- Convex: f* agrees with scikit-learn's solution, the gradient (written here) is ~0 at W*, and
+  every loss is the objective recomputed here minus f*; G is the proven bound (recomputed
+  here, and checked on random weights and batches with torch autograd), every bound lies above
+  its run's suboptimality, and the bounds of the constant-lr runs equal their closed forms.
+- The Schedule-Free bound curve at D = G = 1 equals its closed form, at the lr minimising it.
 """
 
 import json
@@ -16,36 +21,28 @@ import math
 
 import numpy as np
 import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
 
-from bench import anytime, anytime_runs
+from bench.anytime import cli, problems
+from parity import data as parity_data
 
 LRS = (1e-3, 1e-2)
 WARMUP = 2
 STEPS = 16
+LAM = 1e-3
+HORIZONS = {"T/4": 4, "T/2": 8, "T": 16}
+CONVEX_HORIZONS = {"T/4": 40, "T/2": 80, "T": 160}
 
 
 @pytest.fixture(scope="module")
 def out(tmp_path_factory):
+    """digits and charlm with a sweep of our own."""
     path = tmp_path_factory.mktemp("anytime")
-    anytime.main(
-        [
-            "--size",
-            "tiny",
-            "--problem",
-            "all",
-            "--framework",
-            "both",
-            "--steps",
-            str(STEPS),
-            "--lrs",
-            ",".join(map(str, LRS)),
-            "--sf-b1",
-            "0.9,0.95",
-            "--warmup",
-            str(WARMUP),
-            "--out",
-            str(path),
-        ]
+    cli.main(
+        ["--size", "tiny", "--problem", "digits,charlm", "--framework", "both"]
+        + ["--steps", str(STEPS), "--lrs", ",".join(map(str, LRS)), "--sf-b1", "0.9,0.95"]
+        + ["--warmup", str(WARMUP), "--out", str(path)]
     )
     return path
 
@@ -55,7 +52,56 @@ def results(out):
     return json.loads((out / "results.json").read_text())
 
 
-def test_outputs_exist(out, results):
+@pytest.fixture(scope="module")
+def convex_out(tmp_path_factory):
+    """convex with its own tiny sweep: lrs 0.5, 1, 2; T = 160; SF without and with warmup 8."""
+    path = tmp_path_factory.mktemp("convex")
+    results = cli.main(
+        ["--size", "tiny", "--problem", "convex", "--out", str(path)] + ["--trajectories"]
+    )
+    with np.load(path / "trajectories.npz") as f:
+        arrays = {k: f[k] for k in f.files}
+    return results["problems"]["convex"], arrays, path
+
+
+def _snaps(arrays, framework, i):
+    """The evaluated weights of convex run ``i``, as (evals, 65, 10)."""
+    return arrays[f"convex/{framework}/{i}/snaps"].reshape(-1, 65, 10)
+
+
+@pytest.fixture(scope="module")
+def features():
+    """The convex training and test features and labels, built here: pixels / 16, then a 1."""
+    d = parity_data.load("mlp", 0, 1, "float64")
+
+    def bias(x):
+        return np.hstack([x, np.ones((len(x), 1))])
+
+    return (
+        bias(d.train_inputs),
+        d.train_labels.astype(int),
+        bias(d.eval_inputs),
+        d.eval_labels.astype(int),
+    )
+
+
+def objective(a, y, w):
+    z = a @ w
+    z = z - z.max(axis=-1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    ce = -np.take_along_axis(log_p, np.broadcast_to(y[:, None], z.shape[:-1] + (1,)), -1)
+    return ce[..., 0].mean(axis=-1) + 0.5 * LAM * (w * w).sum(axis=(-2, -1))
+
+
+def gradient(a, y, w):
+    z = a @ w
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    p[np.arange(len(y)), y] -= 1
+    return a.T @ p / len(y) + LAM * w
+
+
+def test_outputs_exist(out, results, convex_out):
     assert (out / "anytime.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "anytime.png").stat().st_size > 20_000
     table = (out / "table.md").read_text()
@@ -74,6 +120,14 @@ def test_outputs_exist(out, results):
                 assert set(problem["horizons"]) & set(range(run["spec"]["horizon"] + 1)) <= set(
                     run["eval_steps"]
                 )
+    convex, _, path = convex_out
+    for name in ("results.json", "table.md", "anytime.png"):
+        assert (path / name).stat().st_size > 0
+    assert "f* = 0.2550157566" in (path / "table.md").read_text()
+    assert convex["horizons"] == [40, 80, 160]
+    for fw in convex["frameworks"].values():
+        # 3 lrs x (SF, SF with warmup, constant, sqrt, cosine and WSD at three horizons each)
+        assert len(fw["runs"]) == 30
 
 
 def test_jax_and_torch_agree_to_float32(results):
@@ -93,28 +147,34 @@ def test_jax_and_torch_agree_to_float32(results):
             assert run["eval_loss"][-1] < run["eval_loss"][0]
 
 
-def test_each_cell_is_the_minimum_over_the_sweep(results):
-    names = dict(zip(anytime_runs.HORIZON_NAMES, (4, 8, 16)))
-    for problem in results["problems"].values():
+def test_each_cell_is_the_minimum_over_the_sweep(results, convex_out):
+    entries = [(p, HORIZONS) for p in results["problems"].values()]
+    entries.append((convex_out[0], CONVEX_HORIZONS))
+    for problem, horizons in entries:
         for fw in problem["frameworks"].values():
             labels = {r["spec"]["label"] for r in fw["runs"]}
-            assert (
-                set(fw["table"])
-                == labels
-                == {"SF b1=0.9", "SF b1=0.95", "cosine", "WSD (cooldown 20%)"}
-            )
+            assert set(fw["table"]) == labels
             for label, row in fw["table"].items():
-                for h_name, h in names.items():
+                for h_name, h in horizons.items():
                     candidates = [
                         (r["eval_loss"][r["eval_steps"].index(h)], r["spec"]["lr"])
                         for r in fw["runs"]
                         if r["spec"]["label"] == label
-                        and (r["spec"]["method"] == "sf" or r["spec"]["horizon"] == h)
+                        and (
+                            r["spec"]["method"] not in ("cosine", "wsd")
+                            or r["spec"]["horizon"] == h
+                        )
                     ]
-                    assert len(candidates) == len(LRS)
+                    assert len(candidates) == len(problem["sweep"]["lrs"])
                     loss, lr = min(candidates)
                     assert row[h_name]["loss"] == loss
                     assert row[h_name]["lr"] == lr
+    assert set(results["problems"]["digits"]["frameworks"]["jax"]["table"]) == {
+        "SF b1=0.9",
+        "SF b1=0.95",
+        "cosine",
+        "WSD (cooldown 20%)",
+    }
 
 
 def _cosine(peak, total, warmup, s):
@@ -134,40 +194,45 @@ def _wsd(peak, total, warmup, s):
     return peak * (1 - (s - (total - cooldown) + 1) / cooldown)
 
 
-def test_baselines_ran_with_the_schedules_learning_rates(results):
+def test_baselines_ran_with_the_schedules_learning_rates(results, convex_out):
     formulas = {"cosine": _cosine, "wsd": _wsd}
     checked = 0
-    for problem in results["problems"].values():
+    problems_ = [*results["problems"].values(), convex_out[0]]
+    for problem in problems_:
+        warmup = problem["sweep"]["warmup"]
         for fw in problem["frameworks"].values():
             for run in fw["runs"]:
                 spec = run["spec"]
                 if spec["method"] == "sf":
                     assert run["lrs_used"] is None
                     continue
+                if spec["method"] not in formulas:
+                    continue
                 h = spec["horizon"]
-                expected = [formulas[spec["method"]](spec["lr"], h, WARMUP, s) for s in range(h)]
+                expected = [formulas[spec["method"]](spec["lr"], h, warmup, s) for s in range(h)]
                 assert len(run["lrs_used"]) == h
                 # float32 in JAX (1 + cos near -1 loses digits), float64 in torch
                 np.testing.assert_allclose(
                     run["lrs_used"], expected, rtol=1e-6, atol=1e-6 * spec["lr"]
                 )
                 checked += 1
-    assert checked == 2 * 2 * len(LRS) * 6
+    assert checked == 2 * 2 * len(LRS) * 6 + 2 * 3 * 6
 
 
 def test_schedule_free_bound_curve(results):
     for problem in results["problems"].values():
-        sf = problem["bounds"]["sf"]
-        gamma, bound = sf["base_lr"], np.array(sf["bound"])
-        t = np.arange(1, STEPS + 1)
-        np.testing.assert_allclose(bound, (1 + gamma**2 * t) / (2 * gamma * t), rtol=1e-12)
-        grid = np.geomspace(gamma / 4, gamma * 4, 401)
-        at_t = (1 + grid**2 * STEPS) / (2 * grid * STEPS)
-        assert bound[-1] <= at_t.min() * (1 + 1e-12)
+        sf = problem["bounds"]["curves"]["sf T"]
+        lr, bound = sf["lr"], np.array(sf["bound"])
+        # D = G = 1; the optimizer's x after n updates, restarted at z_2 (sf_schedules'
+        # schedule_free_optimizer_bound): (D^2 + lr^2 G^2 (n + 1)) / (2 n lr)
+        n = np.arange(1, STEPS + 1)
+        np.testing.assert_allclose(bound, (1 + lr**2 * (n + 1)) / (2 * n * lr), rtol=1e-12)
+        best = math.sqrt(STEPS + 1) / STEPS  # at lr = 1 / sqrt(T + 1)
+        assert best <= bound[-1] <= best * (1 + 1e-4)
         for key in ("cosine T/4", "wsd T", "cosine T"):
-            curve = problem["bounds"][key]
+            curve = problem["bounds"]["curves"][key]
             assert all(math.isfinite(v) and v > 0 for v in curve["bound"])
-            assert curve["base_lr"] > 0
+            assert curve["lr"] > 0
 
 
 @pytest.mark.parametrize(
@@ -178,20 +243,170 @@ def test_schedule_free_bound_curve(results):
         (["--lrs", "0.01,-1"], "lrs"),
         (["--sf-b1", "1.5"], "sf-b1"),
         (["--methods", "sf,adam"], "methods"),
+        (["--problem", "digits,mnist"], "problem"),
     ],
 )
 def test_bad_input_is_a_value_error(tmp_path, argv, match):
     with pytest.raises(ValueError, match=match):
-        anytime.main(
-            [
-                "--size",
-                "tiny",
-                "--problem",
-                "digits",
-                "--framework",
-                "torch",
-                "--out",
-                str(tmp_path),
-                *argv,
-            ]
+        cli.main(
+            ["--size", "tiny", "--problem", "digits", "--framework", "torch"]
+            + ["--out", str(tmp_path), *argv]
         )
+    with pytest.raises(ValueError, match="size must be one of"):
+        problems.load("convex", "huge")
+
+
+# -- convex -----------------------------------------------------------------------------------
+
+
+def test_convex_jax_and_torch_trajectories_agree(convex_out):
+    convex, arrays, _ = convex_out
+    torch_runs = convex["frameworks"]["torch"]["runs"]
+    jax_runs = convex["frameworks"]["jax"]["runs"]
+    for i, (run, jax_run) in enumerate(zip(torch_runs, jax_runs)):
+        t, j = _snaps(arrays, "torch", i), _snaps(arrays, "jax", i)
+        assert t.shape == j.shape == (len(run["eval_steps"]), 65, 10)
+        assert np.abs(t[-1]).max() > 0.1  # the run moved
+        name = run["spec"]["name"]
+        np.testing.assert_allclose(j, t, rtol=0, atol=1e-10 * np.abs(t).max(), err_msg=name)
+        for key in ("w_norm", "g_norm"):
+            np.testing.assert_allclose(
+                arrays[f"convex/jax/{i}/{key}"],
+                arrays[f"convex/torch/{i}/{key}"],
+                rtol=1e-10,
+                atol=1e-14,
+            )
+        np.testing.assert_allclose(jax_run["eval_loss"], run["eval_loss"], rtol=1e-9, atol=1e-13)
+
+
+def _replay(features, rows, steps, lrs, b1=None, warmup=0):
+    """Numpy SGD (b1 None) or Schedule-Free SGD (DESIGN.md 1.1, weight_lr_power 2, r 0);
+    returns the evaluated weights after every update."""
+    a, y = features[0], features[1]
+    w = np.zeros((65, 10))
+    z, weight_sum, lr_max, out = w.copy(), 0.0, 0.0, []
+    for k in range(steps):
+        g = gradient(a[rows[k]], y[rows[k]], w)
+        if b1 is None:
+            w = w - lrs[k] * g
+            out.append(w)
+            continue
+        lr = lrs[k] * ((k + 1) / warmup if k < warmup else 1.0)
+        lr_max = max(lr_max, lr)
+        weight = lr_max**2
+        weight_sum += weight
+        c = weight / weight_sum
+        w = (1 - c) * w + c * z + lr * (b1 * (1 - c) - 1) * g
+        z = z - lr * g
+        out.append((w - (1 - b1) * z) / b1)
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("name", ["cosine lr 1 h 80", "SF b1=0.9 lr 2", "SF b1=0.9, warmup 8 lr 1"])
+def test_convex_numpy_replay(convex_out, features, name):
+    convex, arrays, _ = convex_out
+    runs = convex["frameworks"]["torch"]["runs"]
+    i = next(k for k, r in enumerate(runs) if r["spec"]["name"] == name)
+    spec, steps = runs[i]["spec"], runs[i]["spec"]["horizon"]
+    rows = problems.batch_rows(len(features[1]), 16, steps)
+    if spec["method"] == "cosine":
+        # half cosine from lr to 0 over the updates 0 .. steps-1
+        lrs = spec["lr"] * 0.5 * (1 + np.cos(np.pi * np.arange(steps) / (steps - 1)))
+        replay = _replay(features, rows, steps, lrs)
+    else:
+        assert spec["warmup"] == (8 if "warmup" in name else 0)
+        lrs = np.full(steps, spec["lr"])
+        replay = _replay(features, rows, steps, lrs, b1=0.9, warmup=spec["warmup"])
+    evaluated = replay[np.asarray(runs[i]["eval_steps"][1:]) - 1]
+    snaps = _snaps(arrays, "torch", i)[1:]
+    np.testing.assert_allclose(snaps, evaluated, rtol=0, atol=1e-10 * np.abs(evaluated).max())
+
+
+def test_convex_optimum_matches_sklearn_and_lies_below_every_run(convex_out, features):
+    convex, arrays, _ = convex_out
+    a, y, test_a, test_y = features
+    info = convex["info"]
+    # sklearn minimises C * sum_i CE_i + ||W||^2 / 2: the same minimiser when C = 1/(lam n).
+    clf = LogisticRegression(
+        C=1 / (LAM * len(y)), fit_intercept=False, tol=1e-12, max_iter=10_000
+    ).fit(a, y)
+    w_sk = clf.coef_.T
+    f_sk = objective(a, y, w_sk)
+    assert info["f_star"] <= f_sk + 1e-15
+    assert f_sk - info["f_star"] < 1e-10
+    w_star, _ = problems.convex_optimum(0)
+    assert np.linalg.norm(gradient(a, y, w_star)) < 1e-12
+    assert np.abs(w_star - w_sk).max() < 1e-4
+    assert info["D"] == pytest.approx(np.linalg.norm(w_sk), rel=1e-6)
+    assert info["test_acc_at_optimum"] == pytest.approx(
+        np.mean(np.argmax(test_a @ w_sk, 1) == test_y)
+    )
+    for fw, fw_runs in convex["frameworks"].items():
+        for i, run in enumerate(fw_runs["runs"]):
+            w = _snaps(arrays, fw, i)
+            f = objective(a, y, w)
+            assert np.all(f > info["f_star"]), run["spec"]["name"]
+            np.testing.assert_allclose(run["eval_loss"], f - info["f_star"], rtol=1e-10, atol=1e-14)
+            np.testing.assert_allclose(
+                run["eval_acc"], np.mean(np.argmax(test_a @ w, -1) == test_y, -1)
+            )
+
+
+def test_gradient_bound_holds_on_random_weights(convex_out, features):
+    a, y = torch.as_tensor(features[0]), torch.as_tensor(features[1])
+    gen = torch.Generator().manual_seed(0)
+    bound_a = math.sqrt(2) * torch.linalg.vector_norm(a, dim=1).max().item()
+    for scale in (0.0, 1.0, 30.0):
+        for batch in (1, 16):
+            w = (scale * torch.randn(65, 10, generator=gen, dtype=torch.float64)).requires_grad_()
+            rows = torch.randint(0, len(y), (batch,), generator=gen)
+            loss = torch.nn.functional.cross_entropy(a[rows] @ w, y[rows])
+            (loss + 0.5 * LAM * (w * w).sum()).backward()
+            norm = torch.linalg.vector_norm(w.grad).item()
+            assert norm <= bound_a + LAM * torch.linalg.vector_norm(w).item()
+    info = convex_out[0]["info"]
+    assert math.sqrt(2) * info["max_feature_norm"] == pytest.approx(bound_a, rel=1e-14)
+
+
+def test_convex_bound_above_measured_suboptimality(convex_out, features):
+    convex, arrays, _ = convex_out
+    n_runs = len(convex["frameworks"]["torch"]["runs"])
+    radius = max(
+        arrays[f"convex/{fw}/{i}/w_norm"].max() for fw in ("torch", "jax") for i in range(n_runs)
+    )
+    G = math.sqrt(2) * np.linalg.norm(features[0], axis=1).max() + LAM * radius
+    assert convex["convex"]["G"] == pytest.approx(G, rel=1e-12)
+    assert max(arrays[f"convex/torch/{i}/g_norm"].max() for i in range(n_runs)) <= G
+    checked = 0
+    for i, run in enumerate(convex["frameworks"]["torch"]["runs"]):
+        spec = run["spec"]
+        w_norm = arrays[f"convex/torch/{i}/w_norm"]
+        assert w_norm.shape == (spec["horizon"] + 1,)  # every gradient point and the last one
+        if spec["method"] != "sf":  # the last SGD iterate is the last evaluated W
+            last = np.linalg.norm(_snaps(arrays, "torch", i)[-1])
+            assert w_norm[-1] == pytest.approx(last, rel=1e-14)
+        if run["bound"] is None:
+            assert spec["warmup"] > 0  # only SF with warmup lacks a theorem
+            continue
+        assert np.all(np.asarray(run["eval_loss"][1:]) < np.asarray(run["bound"][1:])), spec
+        checked += 1
+    assert checked == 27
+
+
+def test_convex_constant_lr_bounds_equal_their_closed_forms(convex_out):
+    convex = convex_out[0]
+    D, G = convex["info"]["D"], convex["convex"]["G"]
+    for run in convex["frameworks"]["torch"]["runs"]:
+        n = np.asarray(run["eval_steps"][1:], dtype=float)
+        spec, lr = run["spec"], run["spec"]["lr"]
+        if spec["method"] == "constant":
+            # Theorem 1 at constant lr for the iterate after n updates (T = n + 1):
+            # D^2 / (2 T lr) + lr G^2 (1 + H_{T-1}) / 2, H_m the m-th harmonic number.
+            harmonic = np.array([np.sum(1.0 / np.arange(1, m + 1)) for m in n.astype(int)])
+            want = D**2 / (2 * (n + 1) * lr) + lr * G**2 * (1 + harmonic) / 2
+        elif spec["method"] == "sf" and not spec["warmup"]:
+            # SF restarted at z_2, ||z_2 - x*||^2 <= D^2 + lr^2 G^2: n updates average n z's.
+            want = (D**2 + lr**2 * G**2 * (n + 1)) / (2 * n * lr)
+        else:
+            continue
+        np.testing.assert_allclose(run["bound"][1:], want, rtol=1e-12, err_msg=spec["name"])

@@ -1,0 +1,3 @@
+from bench.anytime.cli import main
+
+main()
