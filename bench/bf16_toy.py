@@ -31,41 +31,23 @@ def loss_fn(w, a, b):
     return 0.5 * jnp.mean(r * r)
 
 
+F32 = dict(state_dtype=jnp.float32)
+# name: (params' dtype, "ours" (sf_optax.adamw) or "contrib" (optax.contrib's), keywords)
 VARIANTS = {
-    "sf_optax fp32": (jnp.float32, lambda lr: sf_optax.adamw(lr), "ours"),
-    "sf_optax bf16": (jnp.bfloat16, lambda lr: sf_optax.adamw(lr), "ours"),
-    "sf_optax bf16 + fp32 state": (
-        jnp.bfloat16,
-        lambda lr: sf_optax.adamw(lr, state_dtype=jnp.float32),
-        "ours",
-    ),
-    "sf_optax bf16 + fp32 state + exact_x": (
-        jnp.bfloat16,
-        lambda lr: sf_optax.adamw(lr, state_dtype=jnp.float32, exact_x=True),
-        "ours",
-    ),
-    "optax.contrib fp32": (
-        jnp.float32,
-        lambda lr: optax.contrib.schedule_free_adamw(lr),
-        "contrib",
-    ),
-    "optax.contrib bf16": (
-        jnp.bfloat16,
-        lambda lr: optax.contrib.schedule_free_adamw(lr),
-        "contrib",
-    ),
-    "optax.contrib bf16 + fp32 z": (
-        jnp.bfloat16,
-        lambda lr: optax.contrib.schedule_free_adamw(lr, state_dtype=jnp.float32),
-        "contrib",
-    ),
+    "sf_optax fp32": (jnp.float32, "ours", {}),
+    "sf_optax bf16": (jnp.bfloat16, "ours", {}),
+    "sf_optax bf16 + fp32 state": (jnp.bfloat16, "ours", F32),
+    "sf_optax bf16 + fp32 state + exact_x": (jnp.bfloat16, "ours", F32 | dict(exact_x=True)),
+    "optax.contrib fp32": (jnp.float32, "contrib", {}),
+    "optax.contrib bf16": (jnp.bfloat16, "contrib", {}),
+    "optax.contrib bf16 + fp32 z": (jnp.bfloat16, "contrib", F32),
 }
 
 
 def run(name: str, steps: int = 2000, lr: float = 0.01, seed: int = 0) -> dict:
-    dtype, make, kind = VARIANTS[name]
+    dtype, kind, kwargs = VARIANTS[name]
     a, b = problem(seed)
-    tx = make(lr)
+    tx = (sf_optax.adamw if kind == "ours" else optax.contrib.schedule_free_adamw)(lr, **kwargs)
     w = jnp.zeros(a.shape[1], dtype)
     state = tx.init(w)
 

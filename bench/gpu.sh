@@ -14,9 +14,7 @@ done
 # The small set's JAX rows take ~0.1 s a step: 20 steps per sample keep the run short.
 python -m bench.step --device cuda --set small --inner 20 --json "$out/step_small.json" \
     | tee "$out/step_small.txt"
-python -m bench.jax_variants --device gpu --json "$out/jax_variants.json" \
-    | tee "$out/jax_variants.txt"
 for dtype in float32 bfloat16; do
     python -m bench.lm_step --device cuda --size gpt2-small --dtype "$dtype" --framework both \
-        --json "$out/lm_step_$dtype.json" | tee "$out/lm_step_$dtype.txt"
+        --steps 40 --json "$out/lm_step_$dtype.json" | tee "$out/lm_step_$dtype.txt"
 done

@@ -40,7 +40,6 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import argparse  # noqa: E402
-import gc  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
@@ -50,7 +49,16 @@ from dataclasses import asdict, dataclass  # noqa: E402
 import torch  # noqa: E402
 
 import sf_torch  # noqa: E402
-from bench.timing import ROW_SECONDS, capped_repeats, time_jax_steps  # noqa: E402
+from bench.timing import (  # noqa: E402
+    ROW_SECONDS,
+    capped_samples,
+    format_mb,
+    jax_extra_bytes,
+    release,
+    run_rows,
+    skipped_lines,
+    time_jax_steps,
+)
 
 LR_ADAMW = 1e-3
 LR_SGD = 0.1
@@ -99,17 +107,13 @@ def param_set(name: str, scale: float = 1.0) -> ParamSet:
     raise ValueError(f"unknown parameter set {name!r}: use one of {', '.join(SET_NAMES)}")
 
 
-def _itemsize(dtype: str) -> int:
-    return {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}[dtype]
-
-
 def useful_bytes(kind: str, ps: ParamSet) -> int:
     """Bytes a step must move, from the element sizes (grads have the params' dtype).
 
     adamw: reads y, g, z, v; writes y, z, v. sgd: reads y, g, z; writes y, z.
     switch: one eval() or train(): reads y, z; writes y. copy: reads and writes the params' bytes.
     """
-    p, s = _itemsize(ps.param_dtype), _itemsize(ps.state_dtype)
+    p, s = getattr(torch, ps.param_dtype).itemsize, getattr(torch, ps.state_dtype).itemsize
     per_param = {
         "adamw": 3 * p + 4 * s,
         "sgd": 3 * p + 2 * s,
@@ -143,19 +147,22 @@ def _kind_of(name: str) -> str:
     return "adamw"
 
 
+def _per_call(row: Row, calls: int) -> Row:
+    """``row`` whose timed function made ``calls`` steps (a switch pair, a fori loop)."""
+    row.median_s /= calls
+    row.times_s = [t / calls for t in row.times_s]
+    return row
+
+
 # ---------------------------------------------------------------------------------------------
 # torch
-
-
-def _torch_dtype(name: str) -> torch.dtype:
-    return getattr(torch, name)
 
 
 def torch_tensors(ps: ParamSet, device: str, seed: int = 0) -> list[torch.Tensor]:
     """Params (leaf tensors) with gradients set, both from a fixed seed."""
     # Drawn on the device: drawing 2 x 268M numbers on the host would dominate a GPU run.
     gen = torch.Generator(device=device).manual_seed(seed)
-    dtype = _torch_dtype(ps.param_dtype)
+    dtype = getattr(torch, ps.param_dtype)
     params = []
     for shape in ps.shapes:
         p = (0.02 * torch.randn(shape, generator=gen, device=device)).to(dtype)
@@ -166,7 +173,7 @@ def torch_tensors(ps: ParamSet, device: str, seed: int = 0) -> list[torch.Tensor
 
 def torch_optimizer(name: str, params, ps: ParamSet) -> torch.optim.Optimizer:
     """The optimizer of a torch row, by row name (hyperparameters shared by every row)."""
-    state_dtype = _torch_dtype(ps.state_dtype)
+    state_dtype = getattr(torch, ps.state_dtype)
     if state_dtype == params[0].dtype:
         state_dtype = None
     package, kind, impl = name.split(" ")
@@ -182,13 +189,13 @@ def torch_optimizer(name: str, params, ps: ParamSet) -> torch.optim.Optimizer:
         "foreach": dict(foreach=True, fused=False),
         "fused": dict(fused=True),
         "graph": dict(fused=True, capturable=True),
-    }
+    }[impl]
     if kind == "adamw":
         return sf_torch.AdamWScheduleFree(
-            params, lr=LR_ADAMW, weight_decay=WEIGHT_DECAY, state_dtype=state_dtype, **flags[impl]
+            params, lr=LR_ADAMW, weight_decay=WEIGHT_DECAY, state_dtype=state_dtype, **flags
         )
     return sf_torch.SGDScheduleFree(
-        params, lr=LR_SGD, weight_decay=WEIGHT_DECAY, state_dtype=state_dtype, **flags[impl]
+        params, lr=LR_SGD, weight_decay=WEIGHT_DECAY, state_dtype=state_dtype, **flags
     )
 
 
@@ -221,10 +228,6 @@ JAX_ROW_NAMES = [
 ]
 
 
-def row_names(ps: ParamSet, device: str) -> list[str]:
-    return torch_row_names(ps, device) + JAX_ROW_NAMES
-
-
 def _time_torch(fn, device: str, inner: int) -> float:
     """Seconds per call of ``fn`` over ``inner`` calls: CUDA events on cuda, else a clock."""
     if device == "cuda":
@@ -240,24 +243,6 @@ def _time_torch(fn, device: str, inner: int) -> float:
     for _ in range(inner):
         fn()
     return (time.perf_counter() - t0) / inner
-
-
-def _measure_torch(fn, device, warmup, repeats, inner):
-    """Median seconds per call, the samples, and (CUDA) peak bytes above what was allocated."""
-    for _ in range(warmup):
-        fn()
-    extra = None
-    if device == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        extra = torch.cuda.max_memory_allocated() - base
-    first = _time_torch(fn, device, inner)
-    more = capped_repeats(repeats, first, inner) - 1
-    times = [first] + [_time_torch(fn, device, inner) for _ in range(more)]
-    return statistics.median(times), times, extra
 
 
 def captured_step(opt: torch.optim.Optimizer, warmup: int):
@@ -276,64 +261,57 @@ def captured_step(opt: torch.optim.Optimizer, warmup: int):
 
 
 def _torch_row(name, ps, device, warmup, repeats, inner) -> Row:
-    kind = _kind_of(name)
+    kind, calls = _kind_of(name), 1
     if kind == "copy":
-        src = torch.randn(ps.n_params, device=device).to(_torch_dtype(ps.param_dtype))
+        src = torch.randn(ps.n_params, device=device).to(getattr(torch, ps.param_dtype))
         dst = torch.empty_like(src)
-        median, times, extra = _measure_torch(
-            lambda: dst.copy_(src), device, warmup, repeats, inner
-        )
+
+        def fn():
+            dst.copy_(src)
+
     else:
         params = torch_tensors(ps, device)
         opt = torch_optimizer(name.replace("switch", "adamw"), params, ps)
         opt.train()  # the reference classes start in eval mode
+        fn = opt.step
         if kind == "switch":
             opt.step()  # creates z: a switch needs a state to switch with
+            calls = 2
 
-            def switch_pair():
+            def fn():
                 opt.eval()
                 opt.train()
 
-            median, times, extra = _measure_torch(switch_pair, device, warmup, repeats, inner)
-            median, times = median / 2, [t / 2 for t in times]
         elif name.endswith(" graph"):
-            replay = captured_step(opt, warmup)
-            median, times, extra = _measure_torch(replay, device, warmup, repeats, inner)
-        else:
-            median, times, extra = _measure_torch(opt.step, device, warmup, repeats, inner)
-    return Row(name, "torch", kind, median, times, useful_bytes(kind, ps), extra_mem_bytes=extra)
+            fn = captured_step(opt, warmup)
+    for _ in range(warmup):
+        fn()
+    extra = None
+    if device == "cuda":  # the peak above what is allocated, in one more untimed call
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - base
+    times = capped_samples(lambda: _time_torch(fn, device, inner), repeats, inner)
+    median, nbytes = statistics.median(times), useful_bytes(kind, ps)
+    return _per_call(Row(name, "torch", kind, median, times, nbytes, extra_mem_bytes=extra), calls)
 
 
 def run_torch(
     ps: ParamSet, device: str, warmup: int, repeats: int, inner: int, skipped: list, names=None
-):
-    rows = []
-    for name in names or torch_row_names(ps, device):
-        try:
-            rows.append(_torch_row(name, ps, device, warmup, repeats, inner))
-        except Exception as e:  # noqa: BLE001  (one row that cannot run must not sink the rest)
-            skipped.append({"name": name, "reason": f"{type(e).__name__}: {e}"})
-            print(f"skipped {name}: {type(e).__name__}: {e}")
-        gc.collect()
-        if device == "cuda":
-            torch.cuda.empty_cache()
-    return rows
+) -> list[Row]:
+    return run_rows(
+        names or torch_row_names(ps, device),
+        lambda name: _torch_row(name, ps, device, warmup, repeats, inner),
+        skipped,
+        lambda: release(device),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # JAX
-
-
-def jax_extra_bytes(compiled, with_arguments: bool = False) -> int | None:
-    """XLA's memory analysis of a compiled program: temporaries plus the outputs that do not
-    reuse a donated input (plus the arguments with ``with_arguments``); None where the backend
-    does not report it."""
-    try:
-        m = compiled.memory_analysis()
-        extra = m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-        return int(extra + (m.argument_size_in_bytes if with_arguments else 0))
-    except Exception:  # noqa: BLE001  (not every backend reports it)
-        return None
 
 
 def jax_optimizer(name: str, ps: ParamSet):
@@ -363,7 +341,7 @@ def jax_optimizer(name: str, ps: ParamSet):
     raise ValueError(f"no JAX optimizer named {name!r}")
 
 
-def _jax_moved_bytes(params, grads, state) -> int:
+def _jax_moved_bytes(params, state, grads) -> int:
     """Bytes a JAX step must move, from the buffers it really has: y read and written, g read,
     every per-parameter state buffer read and written. Peers may keep state in other dtypes
     than ours (optax.contrib keeps v in the params' dtype), so it is counted, not assumed."""
@@ -385,46 +363,41 @@ def run_jax(
     skipped: list,
     names=None,
     hlo_dir: str | None = None,
-):
+) -> list[Row]:
     import jax
     import jax.numpy as jnp
     import optax
 
+    import sf_optax
+
     dev = jax.devices("gpu" if device == "cuda" else "cpu")[0]
     dtype = jnp.dtype(ps.param_dtype)
 
-    def timed(step, args, advance):
-        """Median seconds per step; ``advance`` maps (args, out) to the next call's args."""
-        median, times, _ = time_jax_steps(step, args, advance, warmup, repeats, inner)
-        return median, times
-
-    def copy_row():
-        src = jax.random.normal(jax.random.PRNGKey(0), (ps.n_params,), jnp.float32).astype(dtype)
-        dst = jnp.zeros_like(src)
-        # dst is donated: the copy's output reuses its memory, so each call moves the bytes anew.
-        copy = jax.jit(lambda d, s: s.copy(), donate_argnums=0)
-        extra = jax_extra_bytes(copy.lower(dst, src).compile())
-        median, times = timed(copy, (dst, src), lambda a, out: (out, a[1]))
-        kind = "copy"
-        return Row("jax copy", "jax", kind, median, times, useful_bytes(kind, ps), 0, 0, extra)
-
-    def tensors():
+    def tensors(opt_name="sf_optax adamw jit"):
+        """Params, their optimizer state (``opt_name``'s) and grads, from fixed seeds."""
         keys = jax.random.split(jax.random.PRNGKey(1), 2 * len(ps.shapes))
-        params = [
-            (0.02 * jax.random.normal(keys[2 * i], s, jnp.float32)).astype(dtype)
-            for i, s in enumerate(ps.shapes)
-        ]
-        grads = [
-            (1e-3 * jax.random.normal(keys[2 * i + 1], s, jnp.float32)).astype(dtype)
-            for i, s in enumerate(ps.shapes)
-        ]
-        return params, grads
 
-    def step_row(name):
+        def draw(key, shape, std):
+            return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+        params = [draw(keys[2 * i], s, 0.02) for i, s in enumerate(ps.shapes)]
+        grads = [draw(keys[2 * i + 1], s, 1e-3) for i, s in enumerate(ps.shapes)]
+        return params, jax_optimizer(opt_name, ps).init(params), grads
+
+    def timed(name, kind, fn, args, advance, nbytes, calls=1, compiled=None):
+        """The row of ``fn(*args)``, ``advance`` as in ``time_jax_steps``; its extra memory is
+        that of ``compiled`` (default: ``fn`` compiled for ``args``)."""
+        compiled = compiled or fn.lower(*args).compile()
+        median, times = time_jax_steps(fn, args, advance, warmup, repeats, inner)
+        row = Row(name, "jax", kind, median, times, nbytes, 0, 0, jax_extra_bytes(compiled))
+        return _per_call(row, calls)
+
+    def opt_step_row(name):
         # "fori": FORI_STEPS steps in one jitted lax.fori_loop, as in a training loop that
         # stays on the device: the step's own cost, without the per-call cost of its arrays.
         fori = name.endswith(" fori")
-        opt = jax_optimizer(name.removesuffix(" fori") + " jit" if fori else name, ps)
+        opt_name = name.removesuffix(" fori") + " jit" if fori else name
+        opt = jax_optimizer(opt_name, ps)
 
         def step_fn(params, state, grads):
             updates, state = opt.update(grads, state, params)
@@ -437,85 +410,70 @@ def run_jax(
             return jax.lax.fori_loop(0, FORI_STEPS, body, (params, state))
 
         step = jax.jit(loop_fn if fori else step_fn, donate_argnums=(0, 1))
-        params, grads = tensors()
-        state = opt.init(params)
-        moved = _jax_moved_bytes(params, grads, state)
-        compiled = step.lower(params, state, grads).compile()
-        extra = jax_extra_bytes(compiled)
+        args = tensors(opt_name)
+        moved = _jax_moved_bytes(*args)
+        compiled = step.lower(*args).compile()
         if hlo_dir:
             # The optimized HLO: one multi-output fusion per tensor is what a step should be.
             os.makedirs(hlo_dir, exist_ok=True)
             path = os.path.join(hlo_dir, f"{ps.name} {name}.hlo.txt".replace(" ", "_"))
             with open(path, "w") as f:
                 f.write(compiled.as_text())
-        median, times = timed(step, (params, state, grads), lambda a, out: (out[0], out[1], a[2]))
-        if fori:
-            median, times = median / FORI_STEPS, [t / FORI_STEPS for t in times]
-        return Row(name, "jax", _kind_of(name), median, times, moved, 0, 0, extra)
+        return timed(
+            name,
+            _kind_of(name),
+            step,
+            args,
+            lambda a, out: (*out, a[2]),
+            moved,
+            calls=FORI_STEPS if fori else 1,
+            compiled=compiled,
+        )
 
-    def eval_params_row(name):
-        # JAX's train()/eval(): x = (y - (1 - b1) z) / b1 as new arrays (reads y, z; writes x).
-        import sf_optax
+    def row(name):
+        if name == "jax copy":
+            src = jax.random.normal(jax.random.PRNGKey(0), (ps.n_params,), jnp.float32)
+            src = src.astype(dtype)
+            # dst is donated: the copy's output reuses its memory, so each call moves the bytes
+            # anew.
+            copy = jax.jit(lambda dst, src: src.copy(), donate_argnums=0)
+            args = (jnp.zeros_like(src), src)
+            return timed(
+                name, "copy", copy, args, lambda a, out: (out, a[1]), useful_bytes("copy", ps)
+            )
+        if name == "sf_optax eval_params jit":
+            # JAX's train()/eval(): x = (y - (1 - b1) z) / b1 as new arrays (reads y, z; writes x).
+            params, state, _ = tensors()
+            view = jax.jit(lambda params, state: sf_optax.eval_params(state, params))
+            args = (params, state)
+            return timed(name, "switch", view, args, lambda a, out: a, useful_bytes("switch", ps))
+        if name.startswith("sf_optax switch"):
+            # JAX's in-place train()/eval(): params = eval_params(state, params) and back with
+            # train_params, the params donated (x takes y's buffers, as torch's switch writes p).
+            packed = "packed" in name.split(" ")
+            params, state, _ = tensors(f"sf_optax adamw {'packed ' if packed else ''}jit")
+            to_x = jax.jit(lambda state, y: sf_optax.eval_params(state, y), donate_argnums=1)
+            to_y = jax.jit(lambda state, x: sf_optax.train_params(state, x), donate_argnums=1)
+            return timed(
+                name,
+                "switch",
+                lambda state, params: to_y(state, to_x(state, params)),
+                (state, params),
+                lambda a, out: (a[0], out),
+                useful_bytes("switch", ps),
+                calls=2,
+                compiled=to_x.lower(state, params).compile(),
+            )
+        if name == "jax dispatch floor":
+            # The same buffers as sf_optax's AdamW step in and out of a jitted call that does no
+            # arithmetic (the donated params and state come back as they are): what JAX's
+            # dispatch alone costs per step for this many arrays, whatever the optimizer computes.
+            floor = jax.jit(lambda params, state, grads: (params, state), donate_argnums=(0, 1))
+            return timed(name, "floor", floor, tensors(), lambda a, out: (*out, a[2]), 0)
+        return opt_step_row(name)
 
-        opt = jax_optimizer("sf_optax adamw jit", ps)
-        params, _ = tensors()
-        state = opt.init(params)
-        view = jax.jit(lambda params, state: sf_optax.eval_params(state, params))
-        extra = jax_extra_bytes(view.lower(params, state).compile())
-        median, times = timed(view, (params, state), lambda a, out: a)
-        return Row(name, "jax", "switch", median, times, useful_bytes("switch", ps), 0, 0, extra)
-
-    def switch_row(name):
-        # JAX's in-place train()/eval(): params = eval_params(state, params) and back with
-        # train_params, the params donated (x takes y's buffers, as torch's switch writes p).
-        import sf_optax
-
-        packed = "packed" in name.split(" ")
-        opt = jax_optimizer("sf_optax adamw packed jit" if packed else "sf_optax adamw jit", ps)
-        params, _ = tensors()
-        state = opt.init(params)
-        to_x = jax.jit(lambda state, params: sf_optax.eval_params(state, params), donate_argnums=1)
-        to_y = jax.jit(lambda state, x: sf_optax.train_params(state, x), donate_argnums=1)
-        extra = jax_extra_bytes(to_x.lower(state, params).compile())
-
-        def pair(state, params):
-            return to_y(state, to_x(state, params))
-
-        median, times = timed(pair, (state, params), lambda a, out: (a[0], out))
-        median, times = median / 2, [t / 2 for t in times]
-        return Row(name, "jax", "switch", median, times, useful_bytes("switch", ps), 0, 0, extra)
-
-    def floor_row(name):
-        # The same buffers as sf_optax's AdamW step in and out of a jitted call that does no
-        # arithmetic (the donated params and state come back as they are): what JAX's dispatch
-        # alone costs per step for this many arrays, whatever the optimizer computes.
-        opt = jax_optimizer("sf_optax adamw jit", ps)
-        params, grads = tensors()
-        state = opt.init(params)
-        floor = jax.jit(lambda params, state, grads: (params, state), donate_argnums=(0, 1))
-        extra = jax_extra_bytes(floor.lower(params, state, grads).compile())
-        median, times = timed(floor, (params, state, grads), lambda a, out: (out[0], out[1], a[2]))
-        return Row(name, "jax", "floor", median, times, 0, 0, 0, extra)
-
-    rows = []
     with jax.default_device(dev):
-        for name in names or JAX_ROW_NAMES:
-            try:
-                if name == "jax dispatch floor":
-                    rows.append(floor_row(name))
-                elif name == "jax copy":
-                    rows.append(copy_row())
-                elif name == "sf_optax eval_params jit":
-                    rows.append(eval_params_row(name))
-                elif name.startswith("sf_optax switch"):
-                    rows.append(switch_row(name))
-                else:
-                    rows.append(step_row(name))
-            except Exception as e:  # noqa: BLE001  (one row that cannot run must not sink the rest)
-                skipped.append({"name": name, "reason": f"{type(e).__name__}: {e}"})
-                print(f"skipped {name}: {type(e).__name__}: {e}")
-            gc.collect()
-    return rows
+        return run_rows(names or JAX_ROW_NAMES, row, skipped, lambda: release(device))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -524,17 +482,6 @@ def run_jax(
 
 def _fmt_bw(bw: float, device: str) -> str:
     return f"{bw / 1e12:.3f} TB/s" if device == "cuda" else f"{bw / 1e9:.2f} GB/s"
-
-
-def format_mb(n_bytes: int | None) -> str:
-    """``n_bytes`` in MB (10^6 bytes) to one decimal, or ``n/a`` where it was not measured."""
-    return "n/a" if n_bytes is None else f"{n_bytes / 1e6:.1f}"
-
-
-def skipped_lines(skipped: list[dict], width: int) -> list[str]:
-    """One table line per row that could not run: its name padded to ``width`` (the table's
-    first column), then the first 200 characters of the reason."""
-    return [f"{s['name']:<{width}} skipped: {s['reason'][:200]}" for s in skipped]
 
 
 def format_table(result: dict) -> str:
@@ -578,9 +525,6 @@ def run(args) -> dict:
     skipped: list = []
     torch_names = select_rows(torch_row_names(ps, args.device), args.rows)
     rows = run_torch(ps, args.device, args.warmup, repeats, inner, skipped, names=torch_names)
-    gc.collect()
-    if args.device == "cuda":
-        torch.cuda.empty_cache()
     jax_names = select_rows(JAX_ROW_NAMES, args.rows)
     if not args.no_jax and any(_kind_of(n) != "copy" for n in jax_names):
         rows += run_jax(

@@ -25,35 +25,46 @@ MODELS = ("mlp", "cnn", "lm")
 MLP = dict(inputs=64, hidden=64, classes=10)
 CNN = dict(image=8, channels=(8, 16), classes=10)  # conv-BN-SiLU twice, 2x2 avg pool, dense
 LM = dict(vocab=32, width=32, layers=2, heads=2, seq=16, mlp=128)
+# What bench.lm_step's GPT-2-like LMs need and the parity twin leaves off: the output head is the
+# embedding (no head params), and attention runs as the frameworks' fused causal kernels
+# (flash-style, no (T, T) scores kept) instead of the written-out formula.
+LM_OPTIONS = dict(tied=False, fused_attention=False)
 
 
-def lm_sizes(lm: dict | None = None) -> dict[str, int]:
-    """The LM's sizes: ``lm`` checked, or the parity twin's :data:`LM` when it is None.
+def lm_sizes(lm: dict | None = None) -> dict:
+    """The LM's sizes and options: ``lm`` checked, or the parity twin's :data:`LM` when None.
 
     Args:
       lm: ``{vocab, width, layers, heads, seq, mlp}``, positive integers with ``width`` a
-        multiple of ``heads`` (each head has ``width / heads`` dimensions).
+        multiple of ``heads`` (each head has ``width / heads`` dimensions), and optionally the
+        booleans of :data:`LM_OPTIONS`.
 
     Returns:
-      The sizes as a new dict.
+      The sizes and every option (absent ones at their defaults) as a new dict.
     """
     if lm is None:
-        return dict(LM)
-    if not isinstance(lm, dict) or set(lm) != set(LM):
+        return LM | LM_OPTIONS
+    if not isinstance(lm, dict) or not set(LM) <= set(lm) <= set(LM) | set(LM_OPTIONS):
         got = sorted(lm) if isinstance(lm, dict) else type(lm).__name__
-        raise ValueError(f"lm must be a dict with exactly the keys {sorted(LM)}, got {got}")
+        raise ValueError(
+            f"lm must be a dict with exactly the keys {sorted(LM)} (and optionally "
+            f"{sorted(LM_OPTIONS)}), got {got}"
+        )
     bad = {
         k: v
         for k, v in lm.items()
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1
+        if k in LM and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1)
     }
     if bad:
         raise ValueError(f"lm sizes must be integers >= 1, got {bad}")
+    bad = {k: v for k, v in lm.items() if k in LM_OPTIONS and not isinstance(v, bool)}
+    if bad:
+        raise ValueError(f"lm options must be booleans, got {bad}")
     if lm["width"] % lm["heads"]:
         raise ValueError(
             f"lm width must be a multiple of heads, got width {lm['width']}, heads {lm['heads']}"
         )
-    return {k: int(v) for k, v in lm.items()}
+    return LM_OPTIONS | {k: v if k in LM_OPTIONS else int(v) for k, v in lm.items()}
 
 
 def param_shapes(model: str, lm: dict | None = None) -> dict[str, tuple[int, ...]]:
@@ -100,7 +111,9 @@ def param_shapes(model: str, lm: dict | None = None) -> dict[str, tuple[int, ...
         shapes |= {b + "ln2.scale": (d,), b + "ln2.bias": (d,)}
         shapes |= {b + "mlp_in.kernel": (d, m), b + "mlp_in.bias": (m,)}
         shapes |= {b + "mlp_out.kernel": (m, d), b + "mlp_out.bias": (d,)}
-    shapes |= {"ln_f.scale": (d,), "ln_f.bias": (d,), "head.kernel": (d, v), "head.bias": (v,)}
+    shapes |= {"ln_f.scale": (d,), "ln_f.bias": (d,)}
+    if not s["tied"]:
+        shapes |= {"head.kernel": (d, v), "head.bias": (v,)}
     return shapes
 
 
@@ -114,14 +127,19 @@ def buffer_shapes(model: str) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def init_params(model: str, seed: int) -> dict[str, np.ndarray]:
-    """Initial parameters in float64, drawn by numpy from ``seed`` (LeCun-normal kernels)."""
+def init_params(model: str, seed: int, lm: dict | None = None) -> dict[str, np.ndarray]:
+    """Initial parameters in float64, drawn by numpy from ``seed`` (LeCun-normal kernels).
+
+    ``lm``: the LM's sizes and options as in :func:`param_shapes`. A tied embedding is the
+    output head's kernel too and is drawn as one (fan-in ``width``), so the logits start near 0.
+    """
     rng = np.random.default_rng([seed, 0])
+    tied = model == "lm" and lm_sizes(lm)["tied"]
     params = {}
-    for name, shape in param_shapes(model).items():
+    for name, shape in param_shapes(model, lm).items():
         leaf = name.rsplit(".", 1)[-1]
-        if leaf == "kernel":
-            fan_in = int(np.prod(shape[:-1]))
+        if leaf == "kernel" or (leaf == "embedding" and tied):
+            fan_in = int(np.prod(shape[:-1])) if leaf == "kernel" else shape[1]
             params[name] = rng.normal(size=shape) / np.sqrt(fan_in)
         elif leaf in ("embedding", "pos"):
             params[name] = rng.normal(size=shape) * 0.5

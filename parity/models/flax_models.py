@@ -86,11 +86,12 @@ class CNN(nnx.Module):
 
 
 class CausalSelfAttention(nnx.Module):
-    def __init__(self, dtype, rngs: nnx.Rngs, config: dict | None = None):
+    def __init__(self, dtype, rngs: nnx.Rngs, config: dict | None = None, compute_dtype=None):
         s = canonical.lm_sizes(config)
         d = s["width"]
         self.heads = s["heads"]
-        kw = dict(dtype=dtype, param_dtype=dtype, rngs=rngs)
+        self.fused = s["fused_attention"]
+        kw = dict(dtype=compute_dtype or dtype, param_dtype=dtype, rngs=rngs)
         self.query = nnx.Linear(d, d, **kw)
         self.key = nnx.Linear(d, d, use_bias=False, **kw)  # softmax ignores a key bias
         self.value = nnx.Linear(d, d, **kw)
@@ -99,6 +100,11 @@ class CausalSelfAttention(nnx.Module):
     def __call__(self, h):
         b, t, d = h.shape
         dh = d // self.heads
+        if self.fused:  # heads on axis 2, as dot_product_attention takes them
+            q, k, v = (
+                a.reshape(b, t, self.heads, dh) for a in (self.query(h), self.key(h), self.value(h))
+            )
+            return self.out(jax.nn.dot_product_attention(q, k, v, is_causal=True).reshape(b, t, d))
 
         def split_heads(a):  # (B, T, D) -> (B, heads, T, dh)
             return a.reshape(b, t, self.heads, dh).transpose(0, 2, 1, 3)
@@ -115,13 +121,13 @@ class CausalSelfAttention(nnx.Module):
 class Block(nnx.Module):
     """Pre-norm: h + attn(ln1(h)), then h + mlp_out(gelu(mlp_in(ln2(h))))."""
 
-    def __init__(self, dtype, rngs: nnx.Rngs, config: dict | None = None):
+    def __init__(self, dtype, rngs: nnx.Rngs, config: dict | None = None, compute_dtype=None):
         s = canonical.lm_sizes(config)
         d, m = s["width"], s["mlp"]
-        ln = dict(epsilon=1e-5, use_fast_variance=False, dtype=dtype, param_dtype=dtype, rngs=rngs)
-        kw = dict(dtype=dtype, param_dtype=dtype, rngs=rngs)
+        kw = dict(dtype=compute_dtype or dtype, param_dtype=dtype, rngs=rngs)
+        ln = dict(epsilon=1e-5, use_fast_variance=False, **kw)
         self.ln1 = nnx.LayerNorm(d, **ln)
-        self.attn = CausalSelfAttention(dtype, rngs, s)
+        self.attn = CausalSelfAttention(dtype, rngs, s, compute_dtype)
         self.ln2 = nnx.LayerNorm(d, **ln)
         self.mlp_in = nnx.Linear(d, m, **kw)
         self.mlp_out = nnx.Linear(m, d, **kw)
@@ -134,30 +140,27 @@ class Block(nnx.Module):
 class LM(nnx.Module):
     """Tokens (B, T) -> next-token logits (B, T, vocab): embeddings, blocks, LayerNorm, head.
 
-    ``config`` holds the sizes (``canonical.lm_sizes``); the default is the parity twin's
-    ``canonical.LM``.
+    ``config`` holds the sizes and options (``canonical.lm_sizes``); the default is the parity
+    twin's ``canonical.LM``. ``compute_dtype`` (default ``dtype``) is mixed precision: params
+    in ``dtype``, layers computing in ``compute_dtype``; the residual stream keeps the params'
+    dtype, as under torch's autocast.
     """
 
-    def __init__(self, dtype, rngs: nnx.Rngs, config: dict | None = None):
+    def __init__(self, dtype, rngs: nnx.Rngs, config: dict | None = None, compute_dtype=None):
         s = canonical.lm_sizes(config)
-        self.embed = nnx.Embed(s["vocab"], s["width"], dtype=dtype, param_dtype=dtype, rngs=rngs)
+        kw = dict(dtype=compute_dtype or dtype, param_dtype=dtype, rngs=rngs)
+        self.embed = nnx.Embed(s["vocab"], s["width"], **kw)
         self.pos = nnx.Param(jnp.zeros((s["seq"], s["width"]), dtype))
-        self.blocks = nnx.List([Block(dtype, rngs, s) for _ in range(s["layers"])])
-        self.ln_f = nnx.LayerNorm(
-            s["width"],
-            epsilon=1e-5,
-            use_fast_variance=False,
-            dtype=dtype,
-            param_dtype=dtype,
-            rngs=rngs,
-        )
-        self.head = nnx.Linear(s["width"], s["vocab"], dtype=dtype, param_dtype=dtype, rngs=rngs)
+        self.blocks = nnx.List([Block(dtype, rngs, s, compute_dtype) for _ in range(s["layers"])])
+        self.ln_f = nnx.LayerNorm(s["width"], epsilon=1e-5, use_fast_variance=False, **kw)
+        self.head = None if s["tied"] else nnx.Linear(s["width"], s["vocab"], **kw)
 
     def __call__(self, tokens):
         h = self.embed(tokens) + self.pos[...][: tokens.shape[1]]
         for block in self.blocks:
             h = block(h)
-        return self.head(self.ln_f(h))
+        h = self.ln_f(h)
+        return self.embed.attend(h) if self.head is None else self.head(h)
 
 
 _CLASSES = {"mlp": MLP, "cnn": CNN, "lm": LM}
@@ -191,19 +194,23 @@ def build(
     buffers: dict | None = None,
     dtype=jnp.float32,
     lm: dict | None = None,
+    compute_dtype=None,
 ) -> nnx.Module:
     """The flax twin of ``model`` holding the canonical ``params`` (and BatchNorm ``buffers``).
 
-    ``lm``: the LM's sizes (``canonical.lm_sizes``), for ``model == "lm"`` only; default
-    ``canonical.LM``.
+    ``lm``: the LM's sizes and options (``canonical.lm_sizes``), for ``model == "lm"`` only;
+    default ``canonical.LM``. ``compute_dtype``: the LM's, as in :class:`LM`.
     """
     canonical.param_shapes(model, lm)  # a bad model or bad sizes: ValueError before building
-    extra = (lm,) if lm is not None else ()
-    module = _CLASSES[model](dtype, nnx.Rngs(0), *extra)
-    graphdef, state, rest = nnx.split(module, nnx.Param, ...)
+    if compute_dtype is not None and model != "lm":
+        raise ValueError(f"compute_dtype applies to model 'lm' only, got model {model!r}")
+    args = (lm, compute_dtype) if model == "lm" else ()
+    # Shapes only: every value is filled in below, and a random init of a GPT-2-sized LM would
+    # cost seconds (one compiled initializer per shape).
+    abstract = nnx.eval_shape(lambda: _CLASSES[model](dtype, nnx.Rngs(0), *args))
+    graphdef, state, rest = nnx.split(abstract, nnx.Param, ...)
     state = to_state(state, params, dtype)
-    if buffers:
-        rest = to_state(rest, buffers, dtype)
+    rest = to_state(rest, buffers or canonical.init_buffers(model), dtype)
     return nnx.merge(graphdef, state, rest)
 
 

@@ -103,6 +103,7 @@ class CausalSelfAttention(nn.Module):
         s = canonical.lm_sizes(config)
         d = s["width"]
         self.heads = s["heads"]
+        self.fused = s["fused_attention"]
         self.query = nn.Linear(d, d)
         self.key = nn.Linear(d, d, bias=False)  # softmax ignores a key bias
         self.value = nn.Linear(d, d)
@@ -116,6 +117,9 @@ class CausalSelfAttention(nn.Module):
             return a.reshape(b, t, self.heads, dh).permute(0, 2, 1, 3)
 
         q, k, v = split_heads(self.query(h)), split_heads(self.key(h)), split_heads(self.value(h))
+        if self.fused:
+            mixed = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.out(mixed.permute(0, 2, 1, 3).reshape(b, t, d))
         scores = q @ k.permute(0, 1, 3, 2) / math.sqrt(dh)
         causal = torch.tril(torch.ones(t, t, dtype=torch.bool, device=h.device))
         scores = scores.masked_fill(~causal, float("-inf"))
@@ -145,8 +149,8 @@ class Block(nn.Module):
 class LM(nn.Module):
     """Tokens (B, T) -> next-token logits (B, T, vocab).
 
-    ``config`` holds the sizes (``canonical.lm_sizes``); the default is the parity twin's
-    ``canonical.LM``.
+    ``config`` holds the sizes and options (``canonical.lm_sizes``); the default is the parity
+    twin's ``canonical.LM``.
     """
 
     def __init__(self, config: dict | None = None):
@@ -156,13 +160,14 @@ class LM(nn.Module):
         self.pos = nn.Parameter(torch.zeros(s["seq"], s["width"]))
         self.blocks = nn.ModuleList([Block(s) for _ in range(s["layers"])])
         self.ln_f = nn.LayerNorm(s["width"], eps=1e-5)
-        self.head = nn.Linear(s["width"], s["vocab"])
+        self.head = None if s["tied"] else nn.Linear(s["width"], s["vocab"])
 
     def forward(self, tokens):
         h = self.embed(tokens) + self.pos[: tokens.shape[1]]
         for block in self.blocks:
             h = block(h)
-        return self.head(self.ln_f(h))
+        h = self.ln_f(h)
+        return F.linear(h, self.embed.weight) if self.head is None else self.head(h)
 
 
 _CLASSES = {"mlp": MLP, "cnn": CNN, "lm": LM}
@@ -199,8 +204,8 @@ def build(
 ) -> nn.Module:
     """The torch twin of ``model`` holding the canonical ``params`` (and BatchNorm ``buffers``).
 
-    ``lm``: the LM's sizes (``canonical.lm_sizes``), for ``model == "lm"`` only; default
-    ``canonical.LM``.
+    ``lm``: the LM's sizes and options (``canonical.lm_sizes``), for ``model == "lm"`` only;
+    default ``canonical.LM``.
     """
     canonical.param_shapes(model, lm)  # a bad model or bad sizes: ValueError before building
     extra = (lm,) if lm is not None else ()
