@@ -11,11 +11,12 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from sf_optax._dtypes import compute_dtype
+from sf_optax._dtypes import check_state_dtype, compute_dtype
 from sf_optax.packing import check_pack_size, packed
-from sf_optax.transform import schedule_free
+from sf_optax.transform import _schedule_free, all_valid, nan_unless, traced_in_range
 from sf_schedules.radam import radam_rho
 from sf_schedules.validation import check_b2, check_nonnegative
 
@@ -47,10 +48,14 @@ def scale_by_second_moment(
       b2: decay of the second moment, in [0, 1).
       eps: added to the denominator outside the square root, >= 0.
       rectify: RAdam's rule: while the SMA length ``rho_t <= 4`` the direction is ``g`` itself.
-      state_dtype: dtype of ``v``; None keeps each parameter's dtype.
+      state_dtype: dtype of ``v``, a floating dtype; None keeps each parameter's dtype.
+
+    ``b2`` or ``eps`` traced inside ``jax.jit`` (``optax.inject_hyperparams``) and out of range
+    make the direction and ``v`` NaN.
     """
     check_b2("b2", b2)
     check_nonnegative("eps", eps)
+    check_state_dtype(state_dtype)
 
     def init_fn(params):
         def zeros(p):
@@ -66,7 +71,8 @@ def scale_by_second_moment(
         del params
         step = optax.safe_increment(state.count)
         sdt = compute_dtype(*jax.tree.leaves(state.nu) or [0.0])
-        beta = jnp.asarray(b2, sdt)
+        valid = all_valid(traced_in_range(b2, 0.0, 1.0, high_open=True), traced_in_range(eps))
+        beta = nan_unless(valid, jnp.asarray(b2, sdt))
         correction = 1 - beta ** step.astype(sdt)
         use_adam = radam_rho(step.astype(sdt), beta)[0] > 4 if rectify else True
 
@@ -132,13 +138,66 @@ def add_decayed_weights(weight_decay: Any = 0.0, mask: Any = None):
     return decay if mask is None else optax.masked(decay, mask)
 
 
+_MASK = (
+    "mask must be None, a tree of Python bools shaped like the params (or a prefix of them), "
+    "or a function params -> such a tree"
+)
+
+
+def _is_mask_bit(bit: Any) -> bool:
+    if isinstance(bit, bool | np.bool_):
+        return True
+    # A concrete 0-d bool array is accepted, as optax.masked accepts it; a traced one is not.
+    return (
+        isinstance(bit, np.ndarray | jax.Array)
+        and not isinstance(bit, jax.core.Tracer)
+        and bit.shape == ()
+        and bit.dtype == np.bool_
+    )
+
+
+def _checked_mask_tree(tree: Any) -> Any:
+    bits = jax.tree.leaves(tree)
+    for bit in bits:
+        if not _is_mask_bit(bit):
+            raise TypeError(f"{_MASK}; found a leaf {bit!r} ({type(bit).__name__})")
+    return tree
+
+
+def check_mask(mask: Any) -> Any:
+    """``mask`` checked (a tree's leaves now, a function's result when it is called), as
+    ``optax.masked`` takes it: every leaf of the tree a bool."""
+    if mask is None:
+        return None
+    if callable(mask):
+        return lambda params: _checked_mask_tree(mask(params))
+    if isinstance(mask, str | bytes):
+        raise TypeError(f"{_MASK}, got {mask!r}")
+    return _checked_mask_tree(mask)
+
+
 def _direction_with_decay(direction, weight_decay, mask):
     check_nonnegative("weight_decay", weight_decay)
-    return optax.chain(direction, add_decayed_weights(weight_decay, mask))
+    return optax.chain(direction, add_decayed_weights(weight_decay, check_mask(mask)))
+
+
+def _traced_valid(learning_rate=None, b2=None, eps=None, weight_decay=None):
+    """The in-range condition of the aliases' hyperparameters that ``schedule_free`` does not
+    see itself (they go into its base), for those traced inside ``jax.jit``."""
+
+    def valid():
+        return all_valid(
+            traced_in_range(learning_rate),
+            traced_in_range(b2, 0.0, 1.0, high_open=True),
+            traced_in_range(eps),
+            traced_in_range(weight_decay),
+        )
+
+    return valid
 
 
 def _schedule_free_with_decay(
-    direction, weight_decay, mask, learning_rate, pack_small_leaves, **schedule_free_kwargs
+    direction, weight_decay, mask, learning_rate, pack_small_leaves, also_valid, **kwargs
 ):
     """``schedule_free`` around ``direction`` + weight decay, or with ``pack_small_leaves`` > 0
     the same over packed small leaves (:mod:`sf_optax.packing`), where the mask becomes the
@@ -147,10 +206,11 @@ def _schedule_free_with_decay(
     size = check_pack_size(pack_small_leaves)
 
     def build(mask):
-        return schedule_free(
+        return _schedule_free(
             _direction_with_decay(direction, weight_decay, mask),
             learning_rate,
-            **schedule_free_kwargs,
+            also_valid=also_valid,
+            **kwargs,
         )
 
     tx = build(mask)
@@ -185,12 +245,19 @@ def adamw(
       warmup_steps: linear warmup length.
       r: polynomial weighting power of the average.
       weight_lr_power: power of ``lr_max`` in the averaging weights.
-      mask: optax-style mask (tree of bools or callable) of the params that get weight decay.
-      state_dtype: dtype of ``z`` and ``v`` (e.g. float32 state for bf16 params).
+      mask: optax-style mask of the params that get weight decay: a tree of Python bools shaped
+        like the params (or a prefix of them), or a function params -> such a tree.
+      state_dtype: a floating dtype for ``z`` and ``v`` (e.g. float32 state for bf16 params);
+        None keeps each parameter's dtype.
       exact_x: also store ``x``; allows ``b1 = 0``.
       pack_small_leaves: leaves with fewer elements than this share one flat state buffer per
         dtype and are stepped together (:mod:`sf_optax.packing`); None (default) or 0: one
         buffer per parameter.
+
+    Out-of-range values raise (naming the argument) when the optimizer is made; values known only
+    when the step runs (a schedule's, or traced inside ``jax.jit``, e.g. changed in an
+    ``optax.inject_hyperparams`` state) make that step's updates and new state NaN instead of
+    stepping the wrong way: see :func:`sf_optax.schedule_free`.
     """
     direction = scale_by_second_moment(b2, eps, state_dtype=state_dtype)
     return _schedule_free_with_decay(
@@ -199,6 +266,7 @@ def adamw(
         mask,
         learning_rate,
         pack_small_leaves,
+        _traced_valid(b2=b2, eps=eps, weight_decay=weight_decay),
         b1=b1,
         warmup_steps=warmup_steps,
         r=r,
@@ -223,8 +291,13 @@ def sgd(
 ) -> optax.GradientTransformationExtraArgs:
     """Schedule-Free SGD, as ``schedulefree.SGDScheduleFree`` (``b1`` is its ``momentum``).
 
-    ``gn = g + weight_decay * y``; one buffer (``z``) per parameter. ``pack_small_leaves`` as
-    in :func:`adamw`.
+    ``gn = g + weight_decay * y``; one buffer (``z``) per parameter. ``mask``, ``state_dtype``,
+    ``pack_small_leaves`` as in :func:`adamw`.
+
+    Out-of-range values raise (naming the argument) when the optimizer is made; values known only
+    when the step runs (a schedule's, or traced inside ``jax.jit``, e.g. changed in an
+    ``optax.inject_hyperparams`` state) make that step's updates and new state NaN instead of
+    stepping the wrong way: see :func:`sf_optax.schedule_free`.
     """
     return _schedule_free_with_decay(
         optax.identity(),
@@ -232,6 +305,7 @@ def sgd(
         mask,
         learning_rate,
         pack_small_leaves,
+        _traced_valid(weight_decay=weight_decay),
         b1=b1,
         warmup_steps=warmup_steps,
         r=r,
@@ -260,7 +334,13 @@ def radam(
 
     The rectification scales the learning rate (and hence the averaging weight); while the
     variance estimate is unreliable (``rho_t <= 4``) the step is skipped (``silent_sgd_phase``)
-    or is a plain SGD step. ``pack_small_leaves`` as in :func:`adamw`.
+    or is a plain SGD step. ``mask``, ``state_dtype``, ``pack_small_leaves`` as in
+    :func:`adamw`.
+
+    Out-of-range values raise (naming the argument) when the optimizer is made; values known only
+    when the step runs (a schedule's, or traced inside ``jax.jit``, e.g. changed in an
+    ``optax.inject_hyperparams`` state) make that step's updates and new state NaN instead of
+    stepping the wrong way: see :func:`sf_optax.schedule_free`.
     """
     check_b2("b2", b2)
     check_nonnegative("learning_rate", learning_rate)
@@ -276,6 +356,8 @@ def radam(
         mask,
         schedule,
         pack_small_leaves,
+        # The schedule is learning_rate * rect, where a negative rate times rect = 0 is -0.0.
+        _traced_valid(learning_rate=learning_rate, b2=b2, eps=eps, weight_decay=weight_decay),
         b1=b1,
         r=r,
         weight_lr_power=weight_lr_power,

@@ -2,11 +2,14 @@
 
     sf_optax.save_checkpoint(directory, state, view="eval")     # a TrainState
     sf_optax.save_checkpoint(directory, (model, optimizer))     # flax.nnx
+    sf_optax.save_checkpoint(directory, (params, opt_state))    # plain optax
     state = sf_optax.restore_checkpoint(directory, target)      # onto the target's shardings
 
-The targets are those of :mod:`sf_optax.flax`: a ``flax.training.train_state.TrainState`` (e.g.
-:class:`sf_optax.ScheduleFreeTrainState`) or a ``(model, optimizer)`` pair of flax.nnx objects.
-Orbax is imported on the first save or restore, so the module needs it only then.
+The targets: those of :mod:`sf_optax.flax`, a ``flax.training.train_state.TrainState`` (e.g.
+:class:`sf_optax.ScheduleFreeTrainState`) or a ``(model, optimizer)`` pair of flax.nnx objects;
+and what a plain optax loop holds, a ``(params, opt_state)`` tuple or a ``{"params": ...,
+"opt_state": ...}`` dict. Orbax is imported on the first save or restore, so the module needs
+it only then.
 
 Format (``sf_optax-checkpoint-1``): one Orbax step folder per checkpoint, holding ``state``
 (the target's arrays in a nested dict keyed by strings, PRNG keys as their key data) and ``meta``
@@ -31,7 +34,7 @@ from sf_optax.flax import (
     _train_state_train_params,
     at_x,
 )
-from sf_optax.views import train_params
+from sf_optax.views import eval_params, find_state, train_params
 from sf_schedules.validation import check_choice
 
 _VIEWS = ("train", "eval")  # the params at y, or at x
@@ -106,10 +109,34 @@ def _nnx_target(target: Any) -> tuple[nnx.Module, nnx.Optimizer] | None:
     return None
 
 
+_OPTAX_KEYS = ("params", "opt_state")
+
+
+def _optax_target(target: Any) -> tuple[Any, Any] | None:
+    """``(params, opt_state)`` of a plain-optax target: a tuple of the two, or a dict with
+    exactly the keys ``"params"`` and ``"opt_state"``; None for anything else."""
+    if type(target) is tuple and len(target) == 2:
+        return target
+    if isinstance(target, dict) and sorted(target) == sorted(_OPTAX_KEYS):
+        return target["params"], target["opt_state"]
+    return None
+
+
+def _check_optax_state(opt_state: Any, what: str) -> None:
+    try:
+        find_state(opt_state)
+    except ValueError as error:
+        raise TypeError(
+            f"{what}: a (params, opt_state) target needs the state of an sf_optax optimizer as "
+            f"opt_state: {error}"
+        ) from None
+
+
 def _describe(target: Any) -> str:
     return (
-        "a flax TrainState or a (model, optimizer) pair of flax.nnx objects, got "
-        f"{type(target).__name__}"
+        "a flax TrainState or a (model, optimizer) pair of flax.nnx objects, or what a plain "
+        "optax loop holds: a (params, opt_state) tuple or a {'params': ..., 'opt_state': ...} "
+        f"dict; got {type(target).__name__}"
     )
 
 
@@ -146,7 +173,10 @@ def save_checkpoint(
     Args:
       directory: the checkpoint root (one subfolder per step, managed by Orbax).
       target: a ``flax.training.train_state.TrainState`` (e.g. :class:`ScheduleFreeTrainState`)
-        or a ``(model, optimizer)`` pair of a ``flax.nnx.Module`` and its ``nnx.Optimizer``.
+        or a ``(model, optimizer)`` pair of a ``flax.nnx.Module`` and its ``nnx.Optimizer``; or,
+        from a plain optax loop, a ``(params, opt_state)`` tuple or a ``{"params": ...,
+        "opt_state": ...}`` dict, where ``opt_state`` holds an sf_optax optimizer's state
+        (through any optax wrapper) and ``params`` are ``y``.
       view: ``"train"`` stores the parameters at ``y`` (resuming continues bit for bit);
         ``"eval"`` stores them at ``x``, so that the checkpoint's parameters are the ones to
         evaluate or ship. Resuming from an eval view recomputes ``y = b1 x + (1 - b1) z``, equal
@@ -155,7 +185,10 @@ def save_checkpoint(
       max_to_keep: keep only this many newest checkpoints in ``directory`` (None: all).
 
     Returns:
-      The step the checkpoint is labelled with (``state.step``, ``optimizer.step``).
+      The step the checkpoint is labelled with (``state.step``, ``optimizer.step``; for a
+      ``(params, opt_state)`` target the schedule-free step count ``k`` of the state, which
+      steps skipped by ``optax.apply_if_finite`` or accumulated by ``optax.MultiSteps`` do not
+      advance).
     """
     check_choice("view", view, _VIEWS)
     pair = _nnx_target(target)
@@ -173,6 +206,15 @@ def save_checkpoint(
             target = target.replace(params=_train_state_eval_params(target))
         pairs = jax.tree_util.tree_flatten_with_path(target)[0]
         kind = "train_state"
+    elif (optax_pair := _optax_target(target)) is not None:
+        params, opt_state = optax_pair
+        _check_optax_state(opt_state, "save_checkpoint")
+        step = int(np.asarray(find_state(opt_state).count))
+        if view == "eval":
+            params = eval_params(opt_state, params)
+        tree = {"params": params, "opt_state": opt_state}
+        pairs = jax.tree_util.tree_flatten_with_path(tree)[0]
+        kind = "optax"
     else:
         raise TypeError(f"save_checkpoint: target must be {_describe(target)}")
 
@@ -208,11 +250,16 @@ def restore_checkpoint(directory: Any, target: Any, *, step: int | None = None) 
       target: a ``TrainState`` of the same structure, whose leaves are arrays or
         ``jax.ShapeDtypeStruct``s with a ``sharding`` (e.g. ``jax.eval_shape`` of the creation
         combined with :func:`train_state_shardings` on the new mesh); or a ``(model,
-        optimizer)`` pair, restored in place onto the shardings its arrays have now.
+        optimizer)`` pair, restored in place onto the shardings its arrays have now; or a
+        ``(params, opt_state)`` tuple or ``{"params": ..., "opt_state": ...}`` dict (either
+        form restores what either saved), whose leaves are arrays or ``ShapeDtypeStruct``s as
+        for a ``TrainState`` (e.g. ``opt.init(params)`` and ``params`` themselves, or
+        :func:`sf_optax.state_shardings` for the shardings).
       step: the step to restore; None for the newest.
 
     Returns:
-      A new ``TrainState``, or the same ``(model, optimizer)`` pair, now restored.
+      A new ``TrainState``; the same ``(model, optimizer)`` pair, now restored; a new
+      ``(params, opt_state)`` tuple or dict, in the target's form, with ``params`` at ``y``.
     """
     pair = _nnx_target(target)
     if pair is not None:
@@ -222,6 +269,10 @@ def restore_checkpoint(directory: Any, target: Any, *, step: int | None = None) 
     elif isinstance(target, train_state.TrainState):
         tree = target
         kind = "train_state"
+    elif (optax_pair := _optax_target(target)) is not None:
+        _check_optax_state(optax_pair[1], "restore_checkpoint")
+        tree = dict(zip(_OPTAX_KEYS, optax_pair))
+        kind = "optax"
     else:
         raise TypeError(f"restore_checkpoint: target must be {_describe(target)}")
 
@@ -255,6 +306,15 @@ def restore_checkpoint(directory: Any, target: Any, *, step: int | None = None) 
             wrt, graph = _optimizer_filter(optimizer)
             nnx.update(model, train_params(optimizer, nnx.state(model, wrt, graph=graph)))
         return target
+    if kind == "optax":
+        params, opt_state = tree["params"], tree["opt_state"]
+        if meta["view"] == "eval":
+            params = train_params(opt_state, params)
+        return (
+            (params, opt_state)
+            if isinstance(target, tuple)
+            else dict(zip(_OPTAX_KEYS, (params, opt_state)))
+        )
     if meta["view"] == "eval":
         tree = tree.replace(params=_train_state_train_params(tree, tree.params))
     return tree

@@ -11,6 +11,7 @@ tests/conftest.py.
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
@@ -237,3 +238,81 @@ def test_restore_errors_say_what_is_wrong(setup42, tmp_path):
         sf_optax.save_checkpoint(tmp_path / "nnx", nnx_pair(0), view="eval")
     with pytest.raises(TypeError, match="TrainState or a"):
         sf_optax.save_checkpoint(tmp_path / "x", {"params": {}})
+
+
+# --- plain optax: the (params, opt_state) pair of a training loop ------------------------------
+
+OPTAX_TX = optax.chain(
+    optax.clip_by_global_norm(1.0),
+    sf_optax.adamw(0.02, b1=B1, warmup_steps=3, weight_decay=0.01, pack_small_leaves=16),
+)
+
+
+@jax.jit
+def optax_step(params, opt_state, data):
+    grads = jax.grad(loss_fn)(params, data)
+    updates, opt_state = OPTAX_TX.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+
+def optax_run(params, opt_state, start, stop):
+    for k in range(start, stop):
+        params, opt_state = optax_step(params, opt_state, batch(k))
+    return params, opt_state
+
+
+def optax_fresh(seed):
+    params = init_params(seed)
+    return params, OPTAX_TX.init(params)
+
+
+@pytest.mark.parametrize("form", ["tuple", "dict"])
+def test_plain_optax_pair_resumes_bitwise(tmp_path, form):
+    reference = optax_run(*optax_fresh(0), 0, 6)
+
+    params, opt_state = optax_run(*optax_fresh(0), 0, 3)
+    saved = (params, opt_state) if form == "tuple" else {"params": params, "opt_state": opt_state}
+    assert sf_optax.save_checkpoint(tmp_path, saved) == 3  # the schedule-free step count
+
+    template = optax_fresh(5)  # other values: nothing can leak through the template
+    target = template if form == "tuple" else dict(zip(("params", "opt_state"), template))
+    restored = sf_optax.restore_checkpoint(tmp_path, target)
+    assert type(restored) is type(target)
+    if form == "dict":
+        restored = (restored["params"], restored["opt_state"])
+    assert_trees_equal(restored, (params, opt_state))
+    assert_trees_equal(optax_run(*restored, 3, 6), reference)
+
+
+def test_plain_optax_eval_view_holds_x_and_restores_either_form(tmp_path):
+    params, opt_state = optax_run(*optax_fresh(0), 0, 3)
+    sf_optax.save_checkpoint(tmp_path, {"params": params, "opt_state": opt_state}, view="eval")
+
+    on_disk = ocp.StandardCheckpointer().restore(tmp_path / "3" / "state")
+    unpacked = sf_optax.unpacked_state(opt_state, params)
+    z = sf_optax.find_state(unpacked).z
+    for k in SHAPES:
+        y64, z64 = np.asarray(params[k], np.float64), np.asarray(z[k], np.float64)
+        x64 = (y64 - (1 - B1) * z64) / B1
+        assert np.abs(x64 - y64).max() > 1e-3
+        np.testing.assert_allclose(np.asarray(on_disk["params"][k]), x64, rtol=1e-5, atol=1e-6)
+
+    # Into a tuple and with ShapeDtypeStruct leaves: params come back at y.
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), optax_fresh(5)
+    )
+    restored_params, restored_state = sf_optax.restore_checkpoint(tmp_path, abstract)
+    assert_trees_equal(restored_state, opt_state)
+    for k in SHAPES:  # y = b1 x + (1 - b1) z again, to float32 rounding of the two conversions
+        np.testing.assert_allclose(restored_params[k], params[k], rtol=1e-6, atol=1e-6)
+
+
+def test_plain_optax_errors_say_what_is_wrong(setup42, tmp_path):
+    params = init_params()
+    with pytest.raises(TypeError, match="needs the state of an sf_optax optimizer"):
+        sf_optax.save_checkpoint(tmp_path / "adam", (params, optax.adam(1e-3).init(params)))
+    sf_optax.save_checkpoint(tmp_path / "optax", optax_fresh(0))
+    with pytest.raises(ValueError, match="'optax' state but the target is a 'train_state'"):
+        sf_optax.restore_checkpoint(tmp_path / "optax", setup42.target())
+    with pytest.raises(TypeError, match=r"a \(params, opt_state\) tuple"):
+        sf_optax.save_checkpoint(tmp_path / "x", [params, optax_fresh(0)[1]])
