@@ -22,6 +22,8 @@ model sees. Here:
   engine step (to create optimizer state) create ``z``/``v`` and move nothing.
 - ``engine.load_checkpoint`` re-writes the model's weights for the mode the checkpoint was saved
   in, so a run resumes on its exact trajectory whichever mode it was saved in.
+- :func:`client_optimizer` gives the sf_torch optimizer behind an engine (its param groups hold
+  the counters and the mode).
 """
 
 from __future__ import annotations
@@ -151,13 +153,12 @@ def _own_steps(client: ScheduleFreeOptimizer) -> None:
         if getattr(self, _SCOPE) is None:  # DeepSpeed materializing optimizer state
             _create_state(self, _group_params(self, with_grad=True))
             return None
-        self._check_ready()
-        plan = self._plan()  # every check before anything is counted or moved
+        plan = self.plan_update()  # every check before anything is counted or moved
         for group in self.param_groups:
             if id(group) not in self._sf_counted:
                 group.update(rule.advance(group, self.kind))
                 self._sf_counted.add(id(group))
-        self._apply(plan)
+        self.apply_planned(plan)
         return None
 
     client.step = types.MethodType(step, client)
@@ -239,7 +240,11 @@ def _attach(engine: Any, client: ScheduleFreeOptimizer) -> None:
 # -- views -------------------------------------------------------------------------------------
 
 
-def _client(engine: Any) -> ScheduleFreeOptimizer:
+def client_optimizer(engine: Any) -> ScheduleFreeOptimizer:
+    """The sf_torch optimizer that :func:`initialize` handed to DeepSpeed (``engine.optimizer``
+    is DeepSpeed's wrapper around it under ZeRO and bf16/fp16): its ``param_groups`` hold the
+    counters and the mode, its ``state`` the masters' ``z`` and ``v``. ValueError for an engine
+    that :func:`initialize` did not set up."""
     client = getattr(engine, "_sf_client", None)
     if client is None:
         raise ValueError(
@@ -256,7 +261,7 @@ def _mode(client: ScheduleFreeOptimizer) -> bool:
 def _in_place(engine: Any) -> bool:
     """True when the model computes with the client's params themselves: fp32 without ZeRO,
     and fp32 ZeRO-3 without offload (whose masters alias the model's partitions)."""
-    if engine.optimizer is _client(engine):
+    if engine.optimizer is client_optimizer(engine):
         return True
     return _masters(engine)[2]
 
@@ -264,7 +269,7 @@ def _in_place(engine: Any) -> bool:
 def _masters(engine: Any) -> tuple[list[tuple[torch.Tensor, dict]], Callable[[], None], bool]:
     """The fp32 masters with their client param group, DeepSpeed's routine that refreshes the
     model's weights from them, and whether the masters are the model's weights themselves."""
-    wrapper, client = engine.optimizer, _client(engine)
+    wrapper, client = engine.optimizer, client_optimizer(engine)
     groups = client.param_groups
     if hasattr(wrapper, "fp32_partitioned_groups_flat"):  # ZeRO-3
         flats = wrapper.fp32_partitioned_groups_flat
@@ -310,7 +315,7 @@ def _masters(engine: Any) -> tuple[list[tuple[torch.Tensor, dict]], Callable[[],
 @torch.no_grad()
 def _switch(engine: Any, view: str) -> None:
     """Makes the model compute with ``view`` ("x" or "y"); the callers keep the mode flags."""
-    client = _client(engine)
+    client = client_optimizer(engine)
     if engine.optimizer is client:
         (client._sf_plain_eval if view == "x" else client._sf_plain_train)()
         return
@@ -335,7 +340,7 @@ def _switch(engine: Any, view: str) -> None:
 
 def eval(engine: Any) -> None:  # noqa: A001  (the name users know from optimizer.eval())
     """Module in eval mode and its weights at ``x`` on every rank. Collective; idempotent."""
-    client = _client(engine)
+    client = client_optimizer(engine)
     engine.eval()
     if _mode(client):
         _switch(engine, "x")
@@ -345,7 +350,7 @@ def eval(engine: Any) -> None:  # noqa: A001  (the name users know from optimize
 
 def train(engine: Any) -> None:
     """Module in train mode and its weights at ``y`` on every rank. Collective; idempotent."""
-    client = _client(engine)
+    client = client_optimizer(engine)
     engine.train()
     if not _mode(client):
         _switch(engine, "y")
@@ -433,7 +438,7 @@ def _after_universal_load(engine: Any, load_dir: str, tag: str | None) -> None:
     as ``exp_avg``, plus a ``step``) and the first param group's values in every group."""
     import os
 
-    client = _client(engine)
+    client = client_optimizer(engine)
     if tag is None:
         with open(os.path.join(load_dir, "latest_universal")) as f:
             tag = f.read().strip()

@@ -37,6 +37,11 @@ import torch
 
 from . import kernels
 from .rule import StepScalars
+
+# ParamState and TrackedState lived here: whole-optimizer pickles made before
+# still name them here.
+from .state import ParamState as ParamState
+from .state import TrackedState as TrackedState
 from .state import is_tracked
 
 SAME, GRADS_MOVED, STALE = 0, 1, 2

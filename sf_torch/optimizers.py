@@ -22,6 +22,9 @@ A step is two methods, so that a caller that steps the tensors in pieces (DeepSp
   that ``advance_scalars()`` counted last. It can be called once per piece; it changes no
   counter.
 
+A caller that counts the steps itself (``sf_torch.deepspeed``: once per group per engine step)
+uses ``plan_update()`` (every check; changes nothing) and ``apply_planned(plan)`` instead.
+
 ``step(closure=None)`` is ``advance_scalars()`` followed by ``apply_update()``. Every check
 (mode, hyperparameters, sparse gradients, the fused kernel's needs) runs before any tensor or
 counter changes, so a step that raises leaves the optimizer as it was.
@@ -80,11 +83,74 @@ def _frozen(value):
     return object()
 
 
-def _check(check, name: str, value, *args) -> None:
-    """``check(name, value, *args)``, refusing also what the shared checks leave to the caller
-    (None, a callable schedule): a torch step needs the number now."""
-    if check(name, value, *args) is None:
-        raise TypeError(f"{name} must be a real number, got {value!r}")
+_CLASS_NAMES = {
+    "adamw": "AdamWScheduleFree",
+    "sgd": "SGDScheduleFree",
+    "radam": "RAdamScheduleFree",
+}
+
+
+def _saved_group_kind(group: dict[str, Any]) -> tuple[str | None, str]:
+    """The kind of optimizer a saved param group is from, told by its keys (SGD: ``momentum``;
+    AdamW: ``betas`` and ``warmup_steps``; RAdam: ``betas`` and ``silent_sgd_phase``, no
+    ``warmup_steps``), and the keys that tell it. None where they do not tell (both ``betas``
+    and ``momentum``: a key set by hand)."""
+    if "momentum" in group and "betas" not in group:
+        return "sgd", "momentum"
+    if "betas" in group and "momentum" not in group:
+        if "silent_sgd_phase" in group:
+            return "radam", "betas and silent_sgd_phase"
+        if "warmup_steps" not in group:
+            return "radam", "betas and no warmup_steps"
+        return "adamw", "betas and warmup_steps"
+    return None, "betas and momentum"
+
+
+def _check_saved_kind(state_dict: Any, kind: str) -> None:
+    """ValueError when ``state_dict`` is that of another kind of optimizer than ``kind`` (its
+    param groups' keys, or its per-param state: v, ``exp_avg_sq``, is AdamW's and RAdam's).
+    What is no state dict at all is left to torch's ``load_state_dict`` to refuse."""
+    want = _CLASS_NAMES[kind]
+    groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+    if not isinstance(groups, list | tuple):
+        return
+    for index, group in enumerate(groups):
+        if not isinstance(group, dict):
+            return
+        # Every Schedule-Free optimizer's group counts its steps in k, and has betas or momentum.
+        missing = None
+        if "k" not in group:
+            missing = "'k'"
+        elif "betas" not in group and "momentum" not in group:
+            missing = "'betas' nor 'momentum'"
+        if missing is not None:
+            raise ValueError(
+                f"load_state_dict: param group {index} of the state dict has no {missing}: it "
+                f"is no Schedule-Free optimizer's state dict, and this optimizer is an {want}"
+            )
+        saved, keys = _saved_group_kind(group)
+        if saved is not None and saved != kind:
+            raise ValueError(
+                f"load_state_dict: the state dict is an {_CLASS_NAMES[saved]}'s (param group "
+                f"{index} has {keys}), and this optimizer is an {want}: load it into an "
+                f"{_CLASS_NAMES[saved]}"
+            )
+    states = state_dict.get("state")
+    for entry in states.values() if isinstance(states, dict) else ():
+        if not isinstance(entry, dict):
+            continue
+        if kind == "sgd" and "exp_avg_sq" in entry:
+            raise ValueError(
+                "load_state_dict: the state dict is an AdamWScheduleFree's or an "
+                "RAdamScheduleFree's (its per-param state has exp_avg_sq), and this optimizer is "
+                "an SGDScheduleFree: load it into the optimizer it was saved from"
+            )
+        if kind != "sgd" and "z" in entry and "exp_avg_sq" not in entry:
+            raise ValueError(
+                "load_state_dict: the state dict is an SGDScheduleFree's (its per-param state "
+                f"has z and no exp_avg_sq), and this optimizer is an {want}: load it into an "
+                "SGDScheduleFree"
+            )
 
 
 class ScheduleFreeOptimizer(torch.optim.Optimizer):
@@ -142,19 +208,20 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         group["train_mode"] = self.param_groups[0]["train_mode"]
 
     def _check_group(self, group: dict[str, Any]) -> None:
-        _check(check_nonnegative, "lr", group["lr"])
+        # required=True: a torch step needs every number now (None, a callable schedule: no).
+        check_nonnegative("lr", group["lr"], required=True)
         if self.kind == "sgd":
-            _check(check_b1, "momentum", group["momentum"])
+            check_b1("momentum", group["momentum"], required=True)
         else:
             b1, b2 = check_pair("betas", group["betas"], ("beta1", "beta2"))
-            _check(check_b1, "betas[0]", b1)
-            _check(check_b2, "betas[1]", b2)
-            _check(check_nonnegative, "eps", group["eps"])
-        _check(check_nonnegative, "weight_decay", group["weight_decay"])
+            check_b1("betas[0]", b1, required=True)
+            check_b2("betas[1]", b2, required=True)
+            check_nonnegative("eps", group["eps"], required=True)
+        check_nonnegative("weight_decay", group["weight_decay"], required=True)
         if self.kind != "radam":
-            _check(check_count, "warmup_steps", group["warmup_steps"])
-        _check(check_nonnegative, "r", group["r"])
-        _check(check_nonnegative, "weight_lr_power", group["weight_lr_power"])
+            check_count("warmup_steps", group["warmup_steps"], required=True)
+        check_nonnegative("r", group["r"], required=True)
+        check_nonnegative("weight_lr_power", group["weight_lr_power"], required=True)
         state_dtype = group["state_dtype"]
         if state_dtype is not None and not (
             isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point
@@ -282,6 +349,20 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
                     "apply_update() needs a counted step: call advance_scalars() first"
                 )
         self._apply(steps)
+
+    def plan_update(self) -> list[dispatch.GroupStep]:
+        """Every check of a step (mode, hyperparameters, gradients, the fused kernel's needs),
+        then each param group's update as it will run; changes nothing. For callers that count
+        steps themselves (``sf_torch.deepspeed``): ``plan_update()``, then the counters, then
+        ``apply_planned(plan)``."""
+        self._check_ready()
+        return self._plan()
+
+    @torch.no_grad()
+    def apply_planned(self, plan: list[dispatch.GroupStep]) -> None:
+        """Move the params by ``plan`` (from ``plan_update()``, with no param, gradient or state
+        changed since), with the groups' counters as they are now. No checks of its own."""
+        self._apply(plan)
 
     def _no_split_step(self, name: str) -> None:
         if any(group["capturable"] for group in self.param_groups):
@@ -422,8 +503,11 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """torch's state dict, with a capturable group's device counters as Python numbers
-        (``k`` an int), as every other group keeps them."""
+        (``k`` an int), as every other group keeps them. Every per-param state is a plain
+        ``dict`` (the tensors themselves are shared, as in torch), so that
+        ``torch.load(path)`` reads the checkpoint with its default ``weights_only=True``."""
         out = super().state_dict()
+        out["state"] = {key: dict(value) for key, value in out["state"].items()}
         for group in out["param_groups"]:
             for key in _DEVICE_COUNTERS:
                 value = group.get(key)
@@ -432,6 +516,10 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's ``load_state_dict``, for a state dict of this optimizer's kind (sf_torch's or
+        the ``schedulefree`` class of the same name): that of another kind (an AdamW one into
+        SGD, ...) is refused with a ValueError before anything changes."""
+        _check_saved_kind(state_dict, self.kind)
         for index in list(self._plans):
             self._drop_plan(index)
         super().load_state_dict(state_dict)

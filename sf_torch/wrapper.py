@@ -33,13 +33,39 @@ from . import dispatch, rule
 _COUNTERS = {"k": 0, "weight_sum": 0.0, "lr_max": 0.0}
 
 
-def _number(check, name: str, value) -> float:
-    """``check(name, value)`` as a float, refusing also what the shared checks leave to the
-    caller (None, a callable schedule): the wrapper needs the number now."""
-    x = check(name, value)
-    if x is None:
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    return x
+def _nonzero(value) -> bool:
+    try:
+        return float(value) != 0.0
+    except (TypeError, ValueError, RuntimeError):
+        return True  # not a number: not "off" either
+
+
+def _momentum_problem(name: str, group: dict[str, Any]) -> str | None:
+    """What is wrong with a base optimizer's param group (``name``: its class) that has a
+    momentum of its own, with what to pass instead; None when it has none."""
+    if group.get("nesterov"):
+        return f"nesterov={group['nesterov']!r}: pass {name}(momentum=0, nesterov=False)"
+    if "momentum" in group and _nonzero(group["momentum"]):
+        return f"momentum={group['momentum']!r}: pass {name}(momentum=0)"
+    betas = group.get("betas")
+    if isinstance(betas, list | tuple) and len(betas) == 2 and _nonzero(betas[0]):
+        b2 = betas[1]
+        try:
+            b2 = float(b2)
+        except (TypeError, ValueError, RuntimeError):
+            pass
+        return f"betas={tuple(betas)!r}: pass {name}(betas=(0.0, {b2!r}))"
+    return None
+
+
+def _check_momentum_free(base: torch.optim.Optimizer, group: dict[str, Any], index: int) -> None:
+    problem = _momentum_problem(type(base).__name__, group)
+    if problem is not None:
+        raise ValueError(
+            "base_optimizer must have its own momentum off (the wrapper's momentum takes its "
+            f"place; with both, the result is not Schedule-Free): param group {index} has "
+            f"{problem}"
+        )
 
 
 class ScheduleFreeWrapper:
@@ -47,7 +73,10 @@ class ScheduleFreeWrapper:
     before evaluating or saving a checkpoint.
 
     Args:
-        base_optimizer: a torch optimizer over the params, with its momentum off.
+        base_optimizer: a torch optimizer over the params, with its own momentum off (SGD or
+            RMSprop ``momentum=0``, no ``nesterov``; Adam, AdamW, NAdam, RAdam, Adamax
+            ``betas=(0.0, b2)``); one with momentum is refused (ValueError), at construction
+            and in ``add_param_group``.
         momentum: the wrapper's b1, in (0, 1].
         weight_decay_at_y: weight decay evaluated at y and applied to z, >= 0 (weight decay set
             on the base optimizer is evaluated at z instead).
@@ -67,10 +96,15 @@ class ScheduleFreeWrapper:
             raise TypeError(
                 f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer)}"
             )
-        self.momentum = _number(check_b1, "momentum", momentum)
-        self.weight_decay_at_y = _number(check_nonnegative, "weight_decay_at_y", weight_decay_at_y)
-        self.r = _number(check_nonnegative, "r", r)
-        self.weight_lr_power = _number(check_nonnegative, "weight_lr_power", weight_lr_power)
+        # required=True: the wrapper needs every number now (None, a callable: no).
+        self.momentum = check_b1("momentum", momentum, required=True)
+        self.weight_decay_at_y = check_nonnegative(
+            "weight_decay_at_y", weight_decay_at_y, required=True
+        )
+        self.r = check_nonnegative("r", r, required=True)
+        self.weight_lr_power = check_nonnegative("weight_lr_power", weight_lr_power, required=True)
+        for index, group in enumerate(base_optimizer.param_groups):
+            _check_momentum_free(base_optimizer, group, index)
         self.base = base_optimizer
         self.train_mode = True
         self.sf_state: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
@@ -90,6 +124,9 @@ class ScheduleFreeWrapper:
         return self.base.state
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # The group as the base will complete it (its defaults), checked before it is added.
+        completed = {**self.base.defaults, **param_group}
+        _check_momentum_free(self.base, completed, len(self.base.param_groups))
         self.base.add_param_group(param_group)
         for key, value in _COUNTERS.items():
             self.base.param_groups[-1].setdefault(key, value)

@@ -87,7 +87,9 @@ def masters_and_z(engine) -> list[tuple[torch.Tensor, torch.Tensor]]:
     its wrapper's master lists (no ZeRO): the test computes x from these independently."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    client = engine._sf_client
+    import sf_torch.deepspeed as sfds
+
+    client = sfds.client_optimizer(engine)
     wrapper = engine.optimizer
     pairs = {}
     if wrapper is client:
@@ -139,7 +141,7 @@ def resume_universal(engine, opts: dict, rank: int, world: int) -> dict:
     n1, n2 = opts["steps"]
     folder, tag = os.path.split(os.path.normpath(opts["resume_from"]))
     engine.load_checkpoint(folder, tag=tag)
-    client = engine._sf_client
+    client = sfds.client_optimizer(engine)
     result = {"rank": rank, "resumed_x_weights": gathered(engine)}
     result["resumed_train_mode"] = [g["train_mode"] for g in client.param_groups]
     result["resumed_k"] = [g["k"] for g in client.param_groups]
@@ -172,7 +174,7 @@ def worker(rank: int, world: int, port: int, opts: dict, out: str) -> None:
     if opts.get("resume_from"):
         finish(resume_universal(engine, opts, rank, world), world, rank, out)
         return
-    client = engine._sf_client
+    client = sfds.client_optimizer(engine)
     result["before"] = gathered(engine)
     train_steps(engine, 0, n1, rank, world)
     result["y_weights"] = gathered(engine)
@@ -209,14 +211,25 @@ def worker(rank: int, world: int, port: int, opts: dict, out: str) -> None:
     sfds.train(resumed)
     result["losses_resumed"] = train_steps(resumed, n1, n1 + n2, rank, world)
     result["final_resumed"] = gathered(resumed)
-    result["k_resumed"] = [g["k"] for g in resumed._sf_client.param_groups]
+    result["k_resumed"] = [g["k"] for g in sfds.client_optimizer(resumed).param_groups]
     from_train = build(opts, world)
     from_train.load_checkpoint(ckpt, tag="mid_train")
     sfds.train(from_train)  # already in train mode: changes nothing
     train_steps(from_train, n1, n1 + n2, rank, world)
     result["final_resumed_from_train_mode"] = gathered(from_train)
+    if opts.get("weights_only"):
+        if rank == 0:
+            result["refused_globals"] = refused_globals(os.path.join(ckpt, "mid_train"))
+        if opts["stage"] == 0:  # the optimizer's state is in the model-states file
+            plain = build(opts, world)
+            path = os.path.join(ckpt, "mid_train", "mp_rank_00_model_states.pt")
+            saved = torch.load(path)  # torch's default: weights_only=True
+            plain.module.load_state_dict(saved["module"])
+            plain.optimizer.load_state_dict(saved["optimizer"])
+            train_steps(plain, n1, n1 + n2, rank, world)
+            result["final_plain_load"] = gathered(plain)
     if opts["dtype"] == "fp16":  # an overflowing step is skipped: nothing moves, nothing counts
-        before = gathered(resumed), [g["k"] for g in resumed._sf_client.param_groups]
+        before = gathered(resumed), [g["k"] for g in sfds.client_optimizer(resumed).param_groups]
         x, y = (t.to(resumed.device) for t in batch(10**6, rank, world))
         loss = torch.nn.functional.mse_loss(resumed(x.half()).float(), y) * float("inf")
         resumed.backward(loss)
@@ -224,10 +237,36 @@ def worker(rank: int, world: int, port: int, opts: dict, out: str) -> None:
         result["overflow"] = dict(
             weights_moved=max_abs(gathered(resumed), before[0]),
             k_before=before[1],
-            k_after=[g["k"] for g in resumed._sf_client.param_groups],
+            k_after=[g["k"] for g in sfds.client_optimizer(resumed).param_groups],
             skipped=resumed.skipped_steps,
         )
     finish(result, world, rank, out)
+
+
+def refused_globals(folder: str) -> dict[str, list[str]]:
+    """Each file of a checkpoint tag folder, with the globals that ``torch.load``'s default
+    (``weights_only=True``) refuses in it: allowed one at a time until it loads ([]: it loads as
+    it is)."""
+    import glob
+    import importlib
+    import re
+
+    out = {}
+    for path in sorted(glob.glob(os.path.join(folder, "*.pt"))):
+        allowed: list = []
+        while True:
+            try:
+                with torch.serialization.safe_globals(allowed):
+                    torch.load(path)
+                break
+            except Exception as err:  # noqa: BLE001  (the refused global is in the message)
+                found = re.search(r"Unsupported global: GLOBAL (\S+) was not", str(err))
+                if found is None or len(allowed) > 20:
+                    raise
+                module, _, name = found.group(1).rpartition(".")
+                allowed.append(getattr(importlib.import_module(module or "builtins"), name))
+        out[os.path.basename(path)] = [f"{g.__module__}.{g.__qualname__}" for g in allowed]
+    return out
 
 
 def max_abs(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:

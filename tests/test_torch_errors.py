@@ -231,3 +231,192 @@ def test_hyperparameters_changed_in_place_are_still_checked(mutable):
     with pytest.raises(ValueError, match=match):
         opt.step()
     _assert_same(_snapshot(opt, params), before)
+
+
+# -- values that are no numbers at all: a TypeError naming the argument ---------------------
+
+STEPS = "{0, 1, 2, ...}"
+NOT_NUMBERS = [
+    ("lr", "0.1", INF),
+    ("lr", None, INF),
+    ("lr", True, INF),
+    ("eps", "1e-8", INF),
+    ("weight_decay", [0.1], INF),
+    ("warmup_steps", True, STEPS),
+    ("warmup_steps", None, STEPS),
+    ("momentum", True, "(0, 1]"),
+    ("momentum", "0.9", "(0, 1]"),
+    ("r", "1", INF),
+    ("weight_lr_power", None, INF),
+    ("betas", ("0.9", 0.999), "(0, 1]", "betas[0]"),
+    ("betas", (0.9, None), "[0, 1)", "betas[1]"),
+]
+
+
+def _applies(cls, name: str) -> bool:
+    if name in ("eps", "betas"):
+        return cls is not sf_torch.SGDScheduleFree
+    if name == "momentum":
+        return cls is sf_torch.SGDScheduleFree
+    if name == "warmup_steps":
+        return cls is not sf_torch.RAdamScheduleFree
+    return True
+
+
+NOT_NUMBER_CASES = [(cls, case) for cls in ALL for case in NOT_NUMBERS if _applies(cls, case[0])]
+
+
+@pytest.mark.parametrize(
+    "cls,case",
+    NOT_NUMBER_CASES,
+    ids=[f"{c.__name__}-{k[0]}={k[1]!r}" for c, k in NOT_NUMBER_CASES],
+)
+def test_a_value_that_is_no_number_is_a_type_error_naming_it(cls, case):
+    """In the constructor, in a param group, and set by hand mid-run (the step refuses it before
+    anything moves). None too: a torch step needs the number."""
+    name, value, accepted = case[:3]
+    shown = case[3] if len(case) > 3 else name
+    got = value[int(shown[6])] if shown.startswith("betas[") else value
+    want = "^" + re.escape(f"{shown} must be a real number in {accepted}, got {got!r}") + "$"
+    problem = Problem(seed=1)
+    params = problem.params()
+    with pytest.raises(TypeError, match=want):
+        cls(params, **{name: value})
+    with pytest.raises(TypeError, match=want):
+        cls([{"params": params[:2]}, {"params": params[2:], name: value}])
+
+    opt = cls([{"params": params[:2]}, {"params": params[2:]}])
+    train(opt, problem, params, 2)
+    backward(problem, params)
+    opt.param_groups[1][name] = value
+    before = _snapshot(opt, params)
+    with pytest.raises(TypeError, match=want):
+        opt.step()
+    _assert_same(_snapshot(opt, params), before)
+
+
+@pytest.mark.parametrize("cls", ADAMW_LIKE)
+@pytest.mark.parametrize("betas", ["ab", "0.9", 0.9, None])
+def test_betas_that_are_no_pair_are_refused(cls, betas):
+    with pytest.raises(ValueError, match=r"^betas must be a pair \(beta1, beta2\), got "):
+        cls(Problem().params(), betas=betas)
+
+
+# -- a state dict of another kind of optimizer: refused before anything changes ---------------
+
+KIND_OF = {
+    sf_torch.AdamWScheduleFree: "AdamWScheduleFree",
+    sf_torch.SGDScheduleFree: "SGDScheduleFree",
+    sf_torch.RAdamScheduleFree: "RAdamScheduleFree",
+}
+
+
+def _saved_state_dict(source: str, kind: str) -> dict:
+    """The state dict of ``kind`` (a class name) after 3 steps, from sf_torch ("ours") or from
+    the ``schedulefree`` reference class of that name ("reference")."""
+    import schedulefree
+
+    problem = Problem(seed=6)
+    params = problem.params()
+    module = sf_torch if source == "ours" else schedulefree
+    opt = getattr(module, kind)([{"params": params[:2]}, {"params": params[2:]}])
+    if source == "reference":
+        opt.train()
+    train(opt, problem, params, 3)
+    return opt.state_dict()
+
+
+def _trained(cls):
+    problem = Problem(seed=7)
+    params = problem.params()
+    opt = cls([{"params": params[:2]}, {"params": params[2:]}])
+    train(opt, problem, params, 2)
+    return opt, params
+
+
+# (A state dict of the matching kind, sf_torch's or the reference's, loads: test_torch_state.py.)
+MISMATCHED = [
+    (cls, saved) for cls in ALL for saved in sorted(KIND_OF.values()) if KIND_OF[cls] != saved
+]
+
+
+@pytest.mark.parametrize("source", ["ours", "reference"])
+@pytest.mark.parametrize(
+    "cls,saved", MISMATCHED, ids=[f"{saved}-into-{c.__name__}" for c, saved in MISMATCHED]
+)
+def test_a_state_dict_of_another_kind_is_refused(cls, saved, source):
+    state_dict = _saved_state_dict(source, saved)
+    opt, params = _trained(cls)
+    before = _snapshot(opt, params)
+    with pytest.raises(ValueError) as info:
+        opt.load_state_dict(state_dict)
+    message = str(info.value)
+    assert message.startswith("load_state_dict: the state dict is an ")
+    assert f"is an {saved}'s" in message and f"this optimizer is an {KIND_OF[cls]}" in message
+    assert f"load it into an {saved}" in message
+    _assert_same(_snapshot(opt, params), before)
+
+
+@pytest.mark.parametrize(
+    "saved,cls,edit,match",
+    [
+        # groups that say SGD, state that is AdamW's: v (exp_avg_sq) is no SGD state
+        (
+            "SGDScheduleFree",
+            sf_torch.SGDScheduleFree,
+            "add_v",
+            r"is an AdamWScheduleFree's or an RAdamScheduleFree's \(its per-param state has "
+            r"exp_avg_sq\), and this optimizer is an SGDScheduleFree",
+        ),
+        # AdamW's groups without v in the state: the state is SGD's
+        (
+            "AdamWScheduleFree",
+            sf_torch.AdamWScheduleFree,
+            "drop_v",
+            r"is an SGDScheduleFree's \(its per-param state has z and no exp_avg_sq\), and this "
+            r"optimizer is an AdamWScheduleFree",
+        ),
+        # RAdam told by the missing warmup_steps alone
+        (
+            "RAdamScheduleFree",
+            sf_torch.AdamWScheduleFree,
+            "drop_silent_sgd_phase",
+            r"is an RAdamScheduleFree's \(param group 0 has betas and no warmup_steps\)",
+        ),
+    ],
+)
+def test_a_state_dict_told_by_its_state_keys(saved, cls, edit, match):
+    state_dict = _saved_state_dict("ours", saved)
+    for entry in state_dict["state"].values():
+        if edit == "add_v":
+            entry["exp_avg_sq"] = torch.zeros_like(entry["z"])
+        elif edit == "drop_v":
+            del entry["exp_avg_sq"]
+    for group in state_dict["param_groups"]:
+        if edit == "drop_silent_sgd_phase":
+            del group["silent_sgd_phase"]
+    opt, params = _trained(cls)
+    before = _snapshot(opt, params)
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(state_dict)
+    _assert_same(_snapshot(opt, params), before)
+
+
+@pytest.mark.parametrize(
+    "other", [torch.optim.Adam, torch.optim.SGD, torch.optim.Adagrad], ids=lambda c: c.__name__
+)
+@pytest.mark.parametrize("cls", ALL, ids=lambda c: c.__name__)
+def test_a_state_dict_of_no_schedule_free_optimizer_is_refused(cls, other):
+    problem = Problem(seed=6)
+    params = problem.params()
+    theirs = other([{"params": params[:2]}, {"params": params[2:]}], lr=0.01)
+    train(theirs, problem, params, 2)
+    opt, params = _trained(cls)
+    before = _snapshot(opt, params)
+    with pytest.raises(ValueError) as info:
+        opt.load_state_dict(theirs.state_dict())
+    assert str(info.value) == (
+        "load_state_dict: param group 0 of the state dict has no 'k': it is no Schedule-Free "
+        f"optimizer's state dict, and this optimizer is an {KIND_OF[cls]}"
+    )
+    _assert_same(_snapshot(opt, params), before)

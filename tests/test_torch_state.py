@@ -64,7 +64,7 @@ def _roundtrip(obj):
     buf = io.BytesIO()
     torch.save(obj, buf)
     buf.seek(0)
-    return torch.load(buf, weights_only=False)
+    return torch.load(buf)  # torch's default: weights_only=True
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -318,3 +318,41 @@ def test_bf16_params_with_float32_state_track_float64():
     assert max_rel_diff(x_f32_state, x64) <= 0.2
     assert loss_err(x_f32_state) <= 0.06
     assert loss_err(x_f32_state) < loss_err(x_bf16_state) / 4
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_plan_update_then_apply_planned_is_a_step(kind):
+    """The public pair sf_torch.deepspeed steps with: ``plan_update()`` checks and changes
+    nothing; counting the step, then ``apply_planned(plan)``, is ``step()`` bit for bit."""
+    problem = Problem(seed=12)
+    runs = []
+    for split in (False, True):
+        params = problem.params()
+        opt = OURS[kind]([{"params": params[:2]}, {"params": params[2:]}])
+        for _ in range(6):
+            backward(problem, params)
+            if not split:
+                opt.step()
+                continue
+            before = _snapshot(opt, params)
+            plan = opt.plan_update()
+            _assert_same(_snapshot(opt, params), before)
+            opt.advance_scalars()
+            opt.apply_planned(plan)
+        runs.append(_snapshot(opt, params))
+    _assert_same(runs[1], runs[0])
+
+    opt.eval()
+    with pytest.raises(RuntimeError, match=r"eval mode: call optimizer\.train\(\)"):
+        opt.plan_update()
+    opt.train()
+    opt.param_groups[1]["lr"] = -1.0
+    with pytest.raises(ValueError, match=r"^lr must be in \[0, inf\), got -1\.0$"):
+        opt.plan_update()
+
+
+def test_deepspeed_client_optimizer_of_an_engine_it_did_not_set_up():
+    import sf_torch.deepspeed as sfds
+
+    with pytest.raises(ValueError, match="not set up by sf_torch.deepspeed.initialize"):
+        sfds.client_optimizer(object())

@@ -213,7 +213,7 @@ def test_wrapper_resume_is_bit_exact(save_in_eval):
     buf = io.BytesIO()
     torch.save({"params": [p.detach() for p in params], "opt": opt.state_dict()}, buf)
     buf.seek(0)
-    ckpt = torch.load(buf, weights_only=False)
+    ckpt = torch.load(buf)  # torch's default: weights_only=True
     params = problem.params(torch.float32)
     opt = _make_adamw_wrapper(params)
     with torch.no_grad():
@@ -279,3 +279,134 @@ def test_wrapper_bad_input():
         assert str(info.value) == msg
     with pytest.raises(TypeError, match="base_optimizer must be a torch.optim.Optimizer"):
         sf_torch.ScheduleFreeWrapper(params)
+
+
+@pytest.mark.parametrize(
+    "name,value,accepted",
+    [
+        ("momentum", None, "(0, 1]"),
+        ("momentum", "0.9", "(0, 1]"),
+        ("weight_decay_at_y", None, "[0, inf)"),
+        ("r", True, "[0, inf)"),
+        ("weight_lr_power", [2.0], "[0, inf)"),
+    ],
+)
+def test_wrapper_value_that_is_no_number_is_a_type_error(name, value, accepted):
+    base = torch.optim.SGD(Problem().params(), lr=0.1)
+    want = f"{name} must be a real number in {accepted}, got {value!r}"
+    with pytest.raises(TypeError) as info:
+        sf_torch.ScheduleFreeWrapper(base, **{name: value})
+    assert str(info.value) == want
+
+
+_SUFFIX = "the wrapper's momentum takes its place; with both, the result is not Schedule-Free"
+# name: (the base refused, the end of the message, the base it says to pass: accepted)
+REFUSED_BASES = {
+    "sgd_momentum": (
+        lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+        "param group 0 has momentum=0.9: pass SGD(momentum=0)",
+        lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0),
+    ),
+    "sgd_nesterov": (
+        lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.5, nesterov=True),
+        "param group 0 has nesterov=True: pass SGD(momentum=0, nesterov=False)",
+        lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0, nesterov=False),
+    ),
+    "rmsprop_momentum": (
+        lambda ps: torch.optim.RMSprop(ps, lr=0.01, momentum=0.5, centered=True),
+        "param group 0 has momentum=0.5: pass RMSprop(momentum=0)",
+        lambda ps: torch.optim.RMSprop(ps, lr=0.01, momentum=0, centered=True),
+    ),
+    "adam_default": (
+        lambda ps: torch.optim.Adam(ps),
+        "param group 0 has betas=(0.9, 0.999): pass Adam(betas=(0.0, 0.999))",
+        lambda ps: torch.optim.Adam(ps, betas=(0.0, 0.999)),
+    ),
+    "adamw": (
+        lambda ps: torch.optim.AdamW(ps, betas=(0.5, 0.99)),
+        "param group 0 has betas=(0.5, 0.99): pass AdamW(betas=(0.0, 0.99))",
+        lambda ps: torch.optim.AdamW(ps, betas=(0.0, 0.99)),
+    ),
+    "nadam": (
+        lambda ps: torch.optim.NAdam(ps),
+        "param group 0 has betas=(0.9, 0.999): pass NAdam(betas=(0.0, 0.999))",
+        lambda ps: torch.optim.NAdam(ps, betas=(0.0, 0.999)),
+    ),
+    "radam": (
+        lambda ps: torch.optim.RAdam(ps),
+        "param group 0 has betas=(0.9, 0.999): pass RAdam(betas=(0.0, 0.999))",
+        lambda ps: torch.optim.RAdam(ps, betas=(0.0, 0.999)),
+    ),
+    "adamax": (
+        lambda ps: torch.optim.Adamax(ps),
+        "param group 0 has betas=(0.9, 0.999): pass Adamax(betas=(0.0, 0.999))",
+        lambda ps: torch.optim.Adamax(ps, betas=(0.0, 0.999)),
+    ),
+    # one group of two with momentum
+    "second_group": (
+        lambda ps: torch.optim.SGD(
+            [{"params": ps[:2]}, {"params": ps[2:], "momentum": 0.9}], lr=0.1
+        ),
+        "param group 1 has momentum=0.9: pass SGD(momentum=0)",
+        lambda ps: torch.optim.SGD([{"params": ps[:2]}, {"params": ps[2:], "momentum": 0}], lr=0.1),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED_BASES))
+def test_a_base_with_momentum_of_its_own_is_refused_and_the_fix_accepted(case):
+    refused, what, fixed = REFUSED_BASES[case]
+    with pytest.raises(ValueError) as info:
+        sf_torch.ScheduleFreeWrapper(refused(Problem().params()))
+    assert str(info.value) == f"base_optimizer must have its own momentum off ({_SUFFIX}): {what}"
+    # what the message says to pass instead is accepted, and steps
+    problem = Problem(seed=26)
+    params = problem.params()
+    opt = sf_torch.ScheduleFreeWrapper(fixed(params))
+    train(opt, problem, params, 3)
+    assert all(g["k"] == 3 for g in opt.param_groups)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: torch.optim.Adagrad(ps, lr=0.1),
+        lambda ps: torch.optim.Adadelta(ps),
+        lambda ps: torch.optim.Rprop(ps, lr=0.01),
+    ],
+    ids=["Adagrad", "Adadelta", "Rprop"],
+)
+def test_a_base_without_momentum_keys_is_accepted(make):
+    """(A control: bases that have no momentum to turn off are left alone.)"""
+    problem = Problem(seed=27)
+    params = problem.params()
+    opt = sf_torch.ScheduleFreeWrapper(make(params))
+    train(opt, problem, params, 3)
+    assert [g["k"] for g in opt.param_groups] == [3]
+
+
+def test_add_param_group_refuses_momentum_before_adding():
+    params = Problem().params()
+    opt = sf_torch.ScheduleFreeWrapper(torch.optim.SGD(params[:2], lr=0.1))
+    for group, what in [
+        ({"params": params[2:3], "momentum": 0.9}, "momentum=0.9: pass SGD(momentum=0)"),
+        (
+            {"params": params[2:3], "momentum": 0.9, "nesterov": True},
+            "nesterov=True: pass SGD(momentum=0, nesterov=False)",
+        ),
+    ]:
+        with pytest.raises(ValueError) as info:
+            opt.add_param_group(group)
+        assert str(info.value).endswith(f"param group 1 has {what}")
+        assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": params[2:3], "lr": 0.05})
+    assert len(opt.param_groups) == 2 and opt.param_groups[1]["k"] == 0
+
+    adam = sf_torch.ScheduleFreeWrapper(torch.optim.Adam(params[:2], betas=(0.0, 0.99)))
+    with pytest.raises(
+        ValueError, match=r"betas=\(0\.9, 0\.99\): pass Adam\(betas=\(0\.0, 0\.99\)\)"
+    ):
+        adam.add_param_group({"params": params[2:3], "betas": (0.9, 0.99)})
+    assert len(adam.param_groups) == 1
+    adam.add_param_group({"params": params[2:3], "betas": (0.0, 0.9)})
+    assert len(adam.param_groups) == 2
