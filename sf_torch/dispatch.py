@@ -18,6 +18,14 @@ runs it.
 
 While a CUDA graph is captured, only a capturable group with a current plan can step: anything
 else raises before it is recorded.
+
+Whether a step is skipped for a non-finite gradient (``choose_skip``): with ``skip_nonfinite``
+every gradient is checked on its device (``nonfinite_found``, torch's GradScaler check), or
+GradScaler hands its own flag (and scale) to an optimizer whose groups are all capturable. A
+group whose counters live on the host needs the answer there (one host sync per step, as
+GradScaler's own skip); where every group is capturable the answer stays on the device, and
+each group's advance kernel keeps its counters and tells its update kernel to store nothing.
+A skipped step leaves every param, state tensor and counter as it was, in every group.
 """
 
 from __future__ import annotations
@@ -58,6 +66,17 @@ class GroupStep(NamedTuple):
     states: list  # their state dicts, None where the first step has yet to create one
     impl: str | None  # "planned", "capturable", "fused", "foreach", "loop"; None: no gradient
     planned: PlannedStep | None  # the current plan ("planned"; "capturable" where one is)
+
+
+class Skip(NamedTuple):
+    """How a step treats non-finite gradients (``choose_skip``)."""
+
+    now: bool  # skip the whole step: the host knows already, nothing is launched
+    found: dict | None  # device -> 0-d flag for capturable groups (nonzero: skip), or None
+    scale: dict | None  # device -> GradScaler's scale, carried by the gradients, or None
+
+
+NO_SKIP = Skip(False, None, None)
 
 
 class GroupSwitch(NamedTuple):
@@ -216,3 +235,101 @@ def switch_(impl: str, params, zs, weight: float, plan: FusedPlan | None = None)
     else:
         for p, z in zip(params, zs):
             rule.lerp_(p, z, weight)
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite gradients
+
+# What torch's GradScaler check runs on (it casts to float32, or computes in float64)...
+_AMP_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
+# ... except (device type, dtype) pairs found to have no kernel for it (torch 2.11 has none for
+# bfloat16 on CUDA), which the inf-norm checks instead.
+_NO_AMP_CHECK: set = set()
+_GRAD, _DEVICE, _DTYPE = map(operator.attrgetter, ("grad", "device", "dtype"))
+
+
+def step_grads(steps: list[GroupStep]) -> list:
+    """Every gradient the step reads: those the general path gathered, and those of groups
+    their plan steps (which gathers none in Python)."""
+    grads = []
+    for step in steps:
+        if step.planned is not None:
+            grads += [g for g in map(_GRAD, step.group["params"]) if g is not None]
+        else:
+            grads += step.grads
+    return grads
+
+
+def nonfinite_found(grads) -> dict:
+    """Per device, a float32 0-d tensor that is nonzero where one of ``grads`` on that device
+    holds an inf or a NaN. torch's ``_amp_foreach_non_finite_check_and_unscale_`` (GradScaler's
+    check) with a scale of 1, one call per device and dtype: a device op, no host sync, and the
+    gradients keep their values bit for bit. Where torch has no such check for a dtype on a
+    device, and for complex gradients, the largest ``|g|`` of each tensor (``_foreach_norm``
+    with ``ord=inf``: NaN or inf exactly where one element is)."""
+    devices, dtypes = set(map(_DEVICE, grads)), set(map(_DTYPE, grads))
+    if len(devices) == len(dtypes) == 1:  # the common case, without a key per tensor
+        by_key = {(devices.pop(), dtypes.pop()): grads}
+    else:
+        by_key: dict = {}
+        for g in grads:
+            by_key.setdefault((g.device, g.dtype), []).append(g)
+    found: dict = {}
+    for (device, dtype), gs in by_key.items():
+        flag = found.get(device)
+        if flag is None:
+            flag = found[device] = torch.zeros((), dtype=torch.float32, device=device)
+        key = (device.type, dtype)
+        if dtype in _AMP_DTYPES and key not in _NO_AMP_CHECK:
+            ones = torch.ones((), dtype=torch.float32, device=device)
+            try:
+                torch._amp_foreach_non_finite_check_and_unscale_(gs, flag, ones)
+                continue
+            except NotImplementedError:  # raised before any kernel runs: nothing was written
+                _NO_AMP_CHECK.add(key)
+        norms = torch._foreach_norm(gs, float("inf"))
+        flag.add_(torch.stack(norms).isfinite().logical_not_().any())
+    return found
+
+
+def _on(flags: dict, device: torch.device) -> torch.Tensor:
+    """The sum of the per-device ``flags`` on ``device`` (copies between devices, no sync)."""
+    own = flags.get(device)
+    if own is not None and len(flags) == 1:
+        return own
+    return sum(f.to(device) for f in flags.values())
+
+
+def choose_skip(
+    steps: list[GroupStep],
+    skip_nonfinite: bool,
+    found_inf: torch.Tensor | None = None,
+    grad_scale: torch.Tensor | None = None,
+) -> Skip:
+    """Whether and where the step is skipped for a non-finite gradient, before anything moves.
+
+    ``found_inf`` and ``grad_scale``: GradScaler's flag and scale (``optimizer.found_inf`` and
+    ``optimizer.grad_scale``, set by ``GradScaler.step`` where the optimizer says it supports
+    them), else None. Without ``found_inf``, ``skip_nonfinite`` checks every gradient. Every
+    group capturable: the flags stay on the device (``Skip.found``, one per device of a
+    group); otherwise the answer comes to the host (one sync) and ``Skip.now`` says it."""
+    if found_inf is None and grad_scale is None and not skip_nonfinite:
+        return NO_SKIP
+    every_capturable = all(step.group["capturable"] for step in steps)
+    if grad_scale is not None and not every_capturable:
+        raise RuntimeError(
+            "grad_scale (GradScaler's scale, handed to the optimizer) is read by capturable "
+            "groups only; with capturable=False, GradScaler unscales the gradients itself"
+        )
+    if found_inf is not None:
+        flags = {found_inf.device: found_inf}
+    elif skip_nonfinite:
+        flags = nonfinite_found(step_grads(steps))
+    else:
+        flags = {}
+    if not every_capturable:
+        return Skip(bool(_on(flags, next(iter(flags))).item()), None, None) if flags else NO_SKIP
+    devices = {step.group["params"][0].device for step in steps}
+    found = {d: _on(flags, d) for d in devices} if flags else None
+    scale = None if grad_scale is None else {d: grad_scale.to(d) for d in devices}
+    return Skip(False, found, scale)

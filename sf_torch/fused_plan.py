@@ -9,14 +9,15 @@ A ``FusedPlan`` keeps what does not change from step to step on the device: the 
 the addresses of y, z and v, and the gradients' addresses as last sent. Each step it checks,
 in C++ (``csrc/snapshot.cpp``, built on first use with torch's extension builder), that the
 group still holds the same params, at the same addresses, with dense gradients of their dtype
-and device, and with the same state tensors; it then sends the step's 9 coefficients, plus the
+and device, and with the same state tensors; it then sends the step's 11 coefficients, plus the
 gradients' addresses only where one moved, and launches the kernel. Anything else, or any
 doubt, makes the check answer "stale": the optimizer then takes the general path, which raises
 every error it promises and builds a new plan. Where the extension cannot be built (no
 compiler), ``PySnapshot`` makes the same checks in Python (slower, same answers).
 
 A capturable group (``capturable=True``) sends its hyperparameters instead of coefficients, and
-``step_capturable`` lets the advance kernel compute the coefficients on the device; while a
+``step_capturable`` lets the advance kernel compute the coefficients on the device (and, given
+a found-inf flag, skip the step there: counters kept, nothing stored); while a
 CUDA graph is captured, the host buffer of that upload is a new one kept with the plan (the
 graph's copy reads it at each replay), and a plan a graph has captured is kept alive by the
 optimizer after it is replaced.
@@ -297,11 +298,23 @@ class FusedPlan:
             self.device, self.dtypes, flags, self.scalars, self.addresses, self.tables
         )
 
-    def step_capturable(self, prepared, group, kind: str, counters: torch.Tensor) -> None:
+    def step_capturable(
+        self,
+        prepared,
+        group,
+        kind: str,
+        counters: torch.Tensor,
+        found: torch.Tensor | None = None,
+        scale: torch.Tensor | None = None,
+    ) -> None:
         """The capturable step: sends the hyperparameters (and the gradients' addresses where
         they moved), then one program advances ``counters`` and writes the coefficients on the
         device, and the update kernel reads them there. Nothing the step computes passes
-        through the host, so a CUDA graph that captured it replays every later step."""
+        through the host, so a CUDA graph that captured it replays every later step.
+
+        ``found`` (0-d, on the plan's device): where nonzero the step is skipped on the device
+        (counters kept, nothing stored). ``scale`` (0-d, on the plan's device): the gradients
+        are scaled by it (GradScaler's), and the kernel unscales them as it reads them."""
         (host, event), status = prepared
         _put_scalars(host[kernels.N_SCALARS :], kernels.hyperparameters(group, kind))
         if status == SAME:
@@ -311,8 +324,10 @@ class FusedPlan:
             self.snapshot.remember_grads(host, _HEAD)
         if event is not None:
             event.record()
-        kernels.launch_advance(self.device, kind, group, counters, self.scalars, self.hyper)
-        flags = kernels.capturable_flags(kind, group)
+        kernels.launch_advance(
+            self.device, kind, group, counters, self.scalars, self.hyper, found, scale
+        )
+        flags = kernels.capturable_flags(kind, group, found is not None, scale is not None)
         kernels.launch_update(
             self.device, self.dtypes, flags, self.scalars, self.addresses, self.tables
         )

@@ -7,7 +7,8 @@ checkpoints.
 Drop-in for the ``schedulefree`` classes of the same names: same constructor arguments and
 defaults, same per-group keys (``k``, ``weight_sum``, ``lr_max``, ``scheduled_lr``,
 ``train_mode``, ...), same state keys (``z``, ``exp_avg_sq``), closures as in torch. Added:
-``fused`` and ``state_dtype`` (keyword-only), and ``eval_params()``.
+``fused``, ``state_dtype``, ``capturable`` and ``skip_nonfinite`` (keyword-only), and
+``eval_params()``.
 
 What differs on purpose: the optimizers start in train mode (at step 0, ``y = x = z``, so this
 changes no number), ``step()`` in eval mode raises RuntimeError, gradients are never written,
@@ -36,6 +37,16 @@ it), and one program of ``kernels``' advance kernel advances them and writes the
 coefficients on the device. ``state_dict()`` saves the counters as Python numbers. Under a
 capture, a group without a current plan, a group with ``capturable=False`` and ``eval()`` /
 ``train()`` raise a RuntimeError before anything is recorded.
+
+Non-finite gradients: as in the reference, an inf or NaN gradient makes ``z`` (and ``y``) NaN
+for good. ``skip_nonfinite=True`` (one setting for the whole optimizer) checks every gradient
+first and skips the whole step where one is not finite: params, ``z``, ``v`` and the counters
+stay as they were, in every group. With host counters the answer comes to the host (one sync
+per step); with ``capturable=True`` in every group it stays on the device (the advance kernel
+keeps the counters, the update kernel stores nothing). ``torch.amp.GradScaler`` works as with
+any optimizer (its ``unscale_``, one sync, ``step()`` skipped); where every group is
+capturable the optimizer takes GradScaler's scale and found-inf flag itself
+(``_step_supports_amp_scaling``) and unscales and skips on the device.
 """
 
 from __future__ import annotations
@@ -169,6 +180,7 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         fused: bool | None,
         state_dtype: torch.dtype | None,
         capturable: bool = False,
+        skip_nonfinite: bool = False,
     ):
         defaults = dict(
             hyperparameters,
@@ -181,6 +193,7 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
             fused=fused,
             state_dtype=state_dtype,
             capturable=capturable,
+            skip_nonfinite=skip_nonfinite,
         )
         self._plans: dict[int, FusedPlan] = {}  # group index -> planned fused step
         # capturable groups: group index -> (float64 counters on the device, their views)
@@ -201,6 +214,7 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
                     "capturable=True needs params in the group: its counters live on their device"
                 )
             dispatch.check_new_group(group)
+            self._skip_nonfinite()
         except Exception:
             self.param_groups.pop()
             raise
@@ -232,11 +246,25 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         for name in ("foreach", "fused"):
             check_choice(name, group[name], (None, True, False))
         check_choice("capturable", group["capturable"], (True, False))
+        check_choice("skip_nonfinite", group["skip_nonfinite"], (True, False))
         if group["capturable"] and group["fused"] is False:
             raise ValueError(
                 "capturable=True steps with the fused kernel: fused must be in (None, True), "
                 "got False"
             )
+
+    def _skip_nonfinite(self) -> bool:
+        """The groups' ``skip_nonfinite``, one value: a ValueError where they differ (a step
+        is skipped in every group or in none, or the groups' counters would part)."""
+        first = self.param_groups[0]["skip_nonfinite"]
+        for index, group in enumerate(self.param_groups):
+            if group["skip_nonfinite"] is not first:
+                raise ValueError(
+                    "skip_nonfinite is one setting for the whole optimizer (a step is skipped in "
+                    f"every group or in none): param group {index} has "
+                    f"{group['skip_nonfinite']!r}, param group 0 {first!r}"
+                )
+        return first
 
     def _check_ready(self) -> None:
         if not all(group["train_mode"] for group in self.param_groups):
@@ -270,6 +298,15 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
                 )
             steps.append(step)
         return steps
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """torch.amp.GradScaler's contract: True (every group capturable) makes GradScaler.step
+        hand its scale and found-inf flag over (``grad_scale``, ``found_inf``) and call step(),
+        which unscales the gradients as the kernel reads them (``.grad`` keeps the scaled
+        values) and skips on the device, without GradScaler's host sync; else GradScaler
+        unscales ``.grad`` in place, syncs and skips step() itself."""
+        return all(group["capturable"] for group in self.param_groups)
 
     @staticmethod
     def _capturing() -> bool:
@@ -322,13 +359,21 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
             The closure's loss, or None.
         """
         self._check_ready()
+        skip_nonfinite = self._skip_nonfinite()
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         plan = self._plan()
+        # GradScaler.step sets these for the duration of the call, where
+        # _step_supports_amp_scaling says the optimizer unscales and skips by itself.
+        found_inf = getattr(self, "found_inf", None)
+        grad_scale = getattr(self, "grad_scale", None)
+        skip = dispatch.choose_skip(plan, skip_nonfinite, found_inf, grad_scale)
+        if skip.now:
+            return loss
         self._advance()
-        self._apply(plan)
+        self._apply(plan, skip)
         return loss
 
     def advance_scalars(self) -> None:
@@ -356,6 +401,7 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         steps themselves (``sf_torch.deepspeed``): ``plan_update()``, then the counters, then
         ``apply_planned(plan)``."""
         self._check_ready()
+        self._no_skip_split("plan_update")
         return self._plan()
 
     @torch.no_grad()
@@ -364,7 +410,16 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         changed since), with the groups' counters as they are now. No checks of its own."""
         self._apply(plan)
 
+    def _no_skip_split(self, name: str) -> None:
+        if self._skip_nonfinite():
+            raise RuntimeError(
+                f"{name}() is not available with skip_nonfinite=True (a step is taken or "
+                "skipped whole, after every gradient is checked): call step(); under DeepSpeed, "
+                "its fp16 loss scaler skips overflowing steps"
+            )
+
     def _no_split_step(self, name: str) -> None:
+        self._no_skip_split(name)
         if any(group["capturable"] for group in self.param_groups):
             raise RuntimeError(
                 f"{name}() is not available with capturable=True (its counters advance on the "
@@ -379,14 +434,14 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         for group, new in zip(groups, counters):
             group.update(new)
 
-    def _apply(self, steps: list[dispatch.GroupStep]) -> None:
+    def _apply(self, steps: list[dispatch.GroupStep], skip: dispatch.Skip = dispatch.NO_SKIP):
         for index, step in enumerate(steps):
             if step.planned is None:
                 self._drop_plan(index)
             if step.impl == "planned":
                 step.planned.plan.step(step.planned.prepared, rule.scalars(step.group, self.kind))
             elif step.impl == "capturable":
-                self._capturable_step(index, step)
+                self._capturable_step(index, step, skip)
             elif step.impl is not None:
                 self._general_step(index, step)
 
@@ -398,16 +453,18 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         if dispatch.plans_after(step.impl, params, grads, zs, vs, s.has_v):
             self._plans[index] = self._new_plan(group, params, dicts, zs, vs, s.has_v)
 
-    def _capturable_step(self, index: int, step: dispatch.GroupStep) -> None:
+    def _capturable_step(self, index: int, step: dispatch.GroupStep, skip: dispatch.Skip) -> None:
         """A capturable group's step: its counters advance on the device, by the plan's
-        kernels. Without a current plan (outside any capture), the missing state is created
-        and the group planned first."""
+        kernels (or stay, where ``skip``'s flag on the device says so). Without a current plan
+        (outside any capture), the missing state is created and the group planned first."""
         group = step.group
         counters = self._device_counters(index, group)
+        found = None if skip.found is None else skip.found[counters.device]
+        scale = None if skip.scale is None else skip.scale[counters.device]
         planned = step.planned
         if planned is None:
             if not step.params:  # nothing to move: the counters still advance, as in every group
-                kernels.advance_counters(self.kind, group, counters)
+                kernels.advance_counters(self.kind, group, counters, found)
                 return
             has_v = self.kind != "sgd"
             dicts, zs, vs = self._buffers(group, step.params, step.states, has_v)
@@ -416,7 +473,7 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
             if prepared is None:  # cannot happen right after planning: it would be a bug here
                 raise AssertionError("a new capturable plan found itself stale")
             planned = dispatch.PlannedStep(plan, prepared)
-        planned.plan.step_capturable(planned.prepared, group, self.kind, counters)
+        planned.plan.step_capturable(planned.prepared, group, self.kind, counters, found, scale)
         self._plans[index] = planned.plan
 
     def _buffers(self, group, params, states, has_v: bool):
@@ -580,6 +637,17 @@ class AdamWScheduleFree(ScheduleFreeOptimizer):
             before capturing (torch's warm-up iterations); a replay uses the hyperparameters
             and gradient buffers of the captured step, as every CUDA graph does.
             ``advance_scalars()``/``apply_update()`` are not available.
+        skip_nonfinite: True: before each step every gradient is checked (torch's GradScaler
+            check, on the device), and where one holds an inf or a NaN the whole step is
+            skipped: params, z, v and counters stay as they were in every group, as if the
+            step had not been taken (False, the reference's behaviour: the NaN reaches z for
+            good). Costs one pass over the gradients on the device (their values kept), plus
+            one host sync per step unless every group is capturable (then the skip is decided
+            on the device, and a CUDA graph replays it). One value for all groups;
+            ``advance_scalars()``/``apply_update()`` are not available. fp16 with
+            ``torch.amp.GradScaler`` needs no option: GradScaler skips overflowing steps itself
+            (one host sync), or, where every group is capturable, hands its scale and flag to
+            the optimizer, which unscales as it reads the gradients and skips on the device.
     """
 
     kind = "adamw"
@@ -599,6 +667,7 @@ class AdamWScheduleFree(ScheduleFreeOptimizer):
         fused: bool | None = None,
         state_dtype: torch.dtype | None = None,
         capturable: bool = False,
+        skip_nonfinite: bool = False,
     ):
         hyperparameters = dict(
             lr=lr,
@@ -609,7 +678,9 @@ class AdamWScheduleFree(ScheduleFreeOptimizer):
             r=r,
             weight_lr_power=weight_lr_power,
         )
-        super().__init__(params, hyperparameters, foreach, fused, state_dtype, capturable)
+        super().__init__(
+            params, hyperparameters, foreach, fused, state_dtype, capturable, skip_nonfinite
+        )
 
 
 class SGDScheduleFree(ScheduleFreeOptimizer):
@@ -636,6 +707,7 @@ class SGDScheduleFree(ScheduleFreeOptimizer):
         fused: bool | None = None,
         state_dtype: torch.dtype | None = None,
         capturable: bool = False,
+        skip_nonfinite: bool = False,
     ):
         hyperparameters = dict(
             lr=lr,
@@ -645,7 +717,9 @@ class SGDScheduleFree(ScheduleFreeOptimizer):
             r=r,
             weight_lr_power=weight_lr_power,
         )
-        super().__init__(params, hyperparameters, foreach, fused, state_dtype, capturable)
+        super().__init__(
+            params, hyperparameters, foreach, fused, state_dtype, capturable, skip_nonfinite
+        )
 
 
 class RAdamScheduleFree(ScheduleFreeOptimizer):
@@ -674,6 +748,7 @@ class RAdamScheduleFree(ScheduleFreeOptimizer):
         fused: bool | None = None,
         state_dtype: torch.dtype | None = None,
         capturable: bool = False,
+        skip_nonfinite: bool = False,
     ):
         hyperparameters = dict(
             lr=lr,
@@ -684,4 +759,6 @@ class RAdamScheduleFree(ScheduleFreeOptimizer):
             weight_lr_power=weight_lr_power,
             silent_sgd_phase=silent_sgd_phase,
         )
-        super().__init__(params, hyperparameters, foreach, fused, state_dtype, capturable)
+        super().__init__(
+            params, hyperparameters, foreach, fused, state_dtype, capturable, skip_nonfinite
+        )

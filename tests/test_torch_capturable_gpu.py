@@ -224,3 +224,182 @@ def test_capture_errors():
         with torch.cuda.graph(graph):
             fresh.eval()
     assert fresh.param_groups[0]["train_mode"] is True
+
+
+# -- non-finite gradients: skip_nonfinite and GradScaler's contract, on the device ------------
+
+COUNTERS = ("k", "lr_max", "weight_sum", "scheduled_lr")
+
+
+def _with_bad(grads, at, value, where=2):
+    """``grads`` with one more step before step ``at``: its gradients with ``value`` in one
+    element of gradient ``where``."""
+    bad = [g.clone() for g in grads[at]]
+    bad[where].view(-1)[12345] = value
+    return grads[:at] + [bad] + grads[at:]
+
+
+def _state_bits(opt, params) -> dict:
+    """Params, state tensors and counters, as integer views (NaN equal to itself)."""
+
+    def ints(t):
+        return t.detach().view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()])
+
+    group = opt.param_groups[0]
+    return {
+        "params": [ints(p).clone() for p in params],
+        "state": [ints(t).clone() for p in params for t in opt.state.get(p, {}).values()],
+        "counters": [
+            torch.as_tensor(group[key], dtype=torch.float64).view(torch.int64).cpu()
+            for key in COUNTERS
+        ],
+    }
+
+
+def _same(a, b, keys=("params", "state", "counters")):
+    return all(
+        len(a[k]) == len(b[k]) and all(torch.equal(x, y) for x, y in zip(a[k], b[k])) for k in keys
+    )
+
+
+def _captured_snapshots(cls, kw, dtype, schedule, **flags):
+    """As _captured_run over the whole ``schedule``, with the state before and after every
+    step."""
+    params = _params(dtype)
+    opt = cls(params, capturable=True, **kw, **flags)
+    for p in params:
+        p.grad = torch.empty_like(p)
+    snaps = []
+
+    def load(step):
+        for p, g in zip(params, schedule[step]):
+            p.grad.copy_(g)
+
+    def take(step_fn):
+        torch.cuda.synchronize()
+        before = _state_bits(opt, params)
+        step_fn()
+        torch.cuda.synchronize()
+        snaps.append((before, _state_bits(opt, params)))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for step in range(WARMUP):
+            load(step)
+            take(opt.step)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    load(WARMUP)
+    with torch.cuda.graph(graph):
+        opt.step()
+    for step in range(WARMUP, len(schedule)):
+        load(step)
+        take(graph.replay)
+    return snaps, opt
+
+
+@pytest.mark.parametrize(
+    "kind, dtype, extra",
+    [(kind, torch.float32, {}) for kind in sorted(CLASSES)]
+    # bf16 gradients: torch 2.11 has no CUDA kernel of its check for them (the inf-norm's).
+    + [("adamw", torch.bfloat16, dict(state_dtype=torch.float32))],
+)
+def test_replayed_steps_skip_nonfinite(kind, dtype, extra):
+    # A NaN in the eager warm-up and a NaN and an inf among the replays: each such step leaves
+    # params, z, v and counters bitwise as they were, and the run ends bitwise where the run
+    # that never saw them ends; valid steps are those without the option, bitwise.
+    cls, _, kw = CLASSES[kind]
+    grads = _grads(dtype)
+    bad = _with_bad(
+        _with_bad(_with_bad(grads, 20, float("inf")), 12, float("nan")), 1, float("nan")
+    )
+    snaps, opt = _captured_snapshots(cls, kw, dtype, bad, skip_nonfinite=True, **extra)
+    good, _ = _captured_snapshots(cls, kw, dtype, grads, skip_nonfinite=True, **extra)
+    plain, _ = _captured_snapshots(cls, kw, dtype, grads, **extra)
+    for at in (1, 13, 22):  # where the bad steps landed in `bad`
+        before, after = snaps[at]
+        assert _same(before, after), at
+    assert _same(snaps[-1][1], good[-1][1])
+    assert _same(good[-1][1], plain[-1][1])
+    assert int(opt.param_groups[0]["k"]) == STEPS
+
+
+def _scaled_grads(params, grads, scale_t):
+    """The gradients of ``scale * sum <g, p>``: ``g * scale`` in the params' dtype."""
+    for p in params:
+        p.grad = None
+    loss = sum((p.float() * g.float()).sum() for p, g in zip(params, grads))
+    (loss * scale_t).backward()
+
+
+def test_grad_scaler_contract_equals_unscale_first():
+    # GradScaler hands its scale and flag to an optimizer whose groups are all capturable; the
+    # kernel unscales as it reads: bitwise what scaler.unscale_ then the step give. A scale
+    # that is no power of two, so that the rounding shows; overflowing steps skipped. (float32:
+    # GradScaler's unscale_ refuses fp16 gradients, and torch 2.11 has no CUDA kernel for bf16
+    # ones; fp16 below, bf16 under the interpreter in test_torch_nonfinite.py.)
+    cls, _, kw = CLASSES["adamw"]
+    dtype, extra = torch.float32, {}
+    grads = _with_bad(_grads(dtype)[:12], 5, float("nan"))
+    runs = []
+    for unscale_first in (False, True):
+        params = _params(dtype)
+        opt = cls(params, capturable=True, **kw, **extra)
+        assert opt._step_supports_amp_scaling
+        scaler = torch.amp.GradScaler(
+            "cuda", init_scale=1000.0, growth_factor=3.0, growth_interval=3
+        )
+        snaps = []
+        for step in grads:
+            for p in params:
+                p.grad = None
+            loss = sum((p.float() * g.float()).sum() for p, g in zip(params, step))
+            scaler.scale(loss).backward()
+            before = _state_bits(opt, params)
+            if unscale_first:
+                scaler.unscale_(opt)
+            scaler.step(opt)
+            scaler.update()
+            snaps.append((before, _state_bits(opt, params), scaler.get_scale()))
+        runs.append(snaps)
+    assert all(_same(a[1], b[1]) and a[2] == b[2] for a, b in zip(*runs))
+    assert _same(runs[0][5][0], runs[0][5][1])  # the NaN step moved nothing
+    assert int(opt.param_groups[0]["k"]) == 12
+
+
+def test_fp16_params_unscaled_on_the_device_as_torch_unscales():
+    # fp16 params (float32 state), which GradScaler's own unscale_ refuses: the contract as
+    # GradScaler.step drives it (grad_scale, found_inf on the optimizer) against torch's
+    # unscaling op then a plain step, with a scale that overflows fp16 on the first steps.
+    cls, _, kw = CLASSES["adamw"]
+    grads = _grads(torch.float16)[:10]
+    runs = []
+    for manual in (False, True):
+        params = _params(torch.float16)
+        opt = cls(params, capturable=True, state_dtype=torch.float32, **kw)
+        scale, snaps, skipped = 3.0 * 2**15, [], 0
+        for step in grads:
+            scale_t = torch.tensor(scale, device="cuda")
+            _scaled_grads(params, step, scale_t)
+            found = torch.zeros((), device="cuda")
+            inv = scale_t.double().reciprocal().float() if manual else torch.ones((), device="cuda")
+            torch._amp_foreach_non_finite_check_and_unscale_([p.grad for p in params], found, inv)
+            if manual:
+                if not found.item():
+                    opt.step()
+            else:
+                opt.grad_scale, opt.found_inf = scale_t, found
+                opt.step()
+                del opt.grad_scale, opt.found_inf
+            if found.item():
+                scale, skipped = scale / 2, skipped + 1
+            snaps.append(_state_bits(opt, params))
+        runs.append((snaps, skipped, int(opt.param_groups[0]["k"])))
+    assert runs[0][1] == runs[1][1] >= 1  # the first steps overflowed
+    assert runs[0][2] == runs[1][2] == len(grads) - runs[0][1]
+    for a, b in zip(runs[0][0], runs[1][0]):
+        # A capturable group creates its state (z = y, v = 0) on a skipped first step too.
+        assert _same(
+            a, b, ("params", "counters") if not b["state"] else ("params", "state", "counters")
+        )

@@ -255,3 +255,53 @@ def test_planned_step_on_cuda_through_in_place_grads_and_a_side_stream(monkeypat
         results.append(([p.detach().clone() for p in params], opt.eval_params()))
     assert max_rel_diff(results[0][0], results[1][0]) <= 1e-12
     assert max_rel_diff(results[0][1], results[1][1]) <= 1e-12
+
+
+@pytest.mark.parametrize(
+    "kind, dtype",
+    [(kind, torch.float32) for kind in sorted(CLASSES)] + [("adamw", torch.bfloat16)],
+)
+def test_skip_nonfinite_fused_and_foreach_on_cuda(kind, dtype):
+    # skip_nonfinite with host counters on CUDA (one sync per step): the fused step (general,
+    # then planned) and foreach. A step with a NaN, one with an inf: everything bitwise as it
+    # was; the run ends bitwise where the run without them ends, which is the run without
+    # the option.
+    cls, kw = CLASSES[kind]
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    grads = [
+        [torch.randn(s, generator=gen, device="cuda").to(dtype) for s in SHAPES] for _ in range(8)
+    ]
+    bad = [list(step) for step in grads]
+    for at, value in ((6, float("inf")), (3, float("nan")), (0, float("nan"))):
+        step = [g.clone() for g in grads[at]]
+        step[2].view(-1)[777] = value
+        bad.insert(at, step)
+
+    def run(schedule, **flags):
+        params = _params(dtype)
+        opt = cls(params, **kw, **flags)
+        snaps = []
+
+        def taken():
+            tensors = [p.detach().clone() for p in params]
+            tensors += [t.clone() for p in params for t in opt.state.get(p, {}).values()]
+            return tensors, [float(opt.param_groups[0][k]) for k in ("k", "weight_sum", "lr_max")]
+
+        for step in schedule:
+            for p, g in zip(params, step):
+                p.grad = g.clone()
+            before = taken()
+            opt.step()
+            snaps.append((before, taken()))
+        return snaps
+
+    def same(a, b):
+        return a[1] == b[1] and len(a[0]) == len(b[0]) and all(map(torch.equal, a[0], b[0]))
+
+    for flags in (dict(fused=True), dict(fused=False, foreach=True)):
+        snaps = run(bad, skip_nonfinite=True, **flags)
+        for at in (0, 4, 8):  # where the bad steps landed
+            assert same(*snaps[at]), (flags, at)
+        good = run(grads, skip_nonfinite=True, **flags)
+        assert same(snaps[-1][1], good[-1][1]), flags
+        assert same(good[-1][1], run(grads, **flags)[-1][1]), flags
