@@ -138,6 +138,22 @@ class Row:
     bandwidth: float = 0.0  # bytes / s
     copy_share: float = 0.0
     extra_mem_bytes: int | None = None
+    # JAX rows: arrays crossing the jit boundary per call (in + out) and kernels the compiled
+    # step launches (fusions, library calls, copies of its entry computation): where a jitted
+    # step spends host and device time beyond the bytes it moves.
+    arrays: int | None = None
+    kernels: int | None = None
+
+
+# HLO instructions that launch work on the device (a fusion is one kernel however many ops it
+# holds; fused computations hold no fusions, so the whole module can be counted).
+_LAUNCHING = (" fusion(", " custom-call(", " copy-start(", " all-reduce(")
+
+
+def hlo_kernels(hlo_text: str) -> int:
+    """Kernels of a compiled step: its fusions, library calls and collectives, wherever XLA
+    placed them (the entry computation, or a command buffer on the GPU)."""
+    return sum(any(op in line for op in _LAUNCHING) for line in hlo_text.splitlines())
 
 
 def _kind_of(name: str) -> str:
@@ -220,6 +236,8 @@ JAX_ROW_NAMES = [
     "sf_optax adamw packed fori",
     "sf_optax sgd packed fori",
     "optax sgd fori",
+    "optax adamw jit",
+    "optax sgd momentum jit",
     "optax.contrib adamw jit",
     "sf_optax eval_params jit",
     "sf_optax switch jit",
@@ -334,6 +352,11 @@ def jax_optimizer(name: str, ps: ParamSet):
         # Plain SGD without momentum (reads y, g; writes y): the least any optimizer does per
         # leaf, the yardstick for what JAX costs per array inside a loop.
         return optax.sgd(LR_SGD)
+    if name == "optax adamw jit":
+        # The optimizer users compare with: two state buffers per leaf, as Schedule-Free AdamW.
+        return optax.adamw(LR_ADAMW, weight_decay=WEIGHT_DECAY)
+    if name == "optax sgd momentum jit":
+        return optax.sgd(LR_SGD, momentum=0.9)
     if name == "optax.contrib adamw jit":
         return optax.contrib.schedule_free_adamw(
             LR_ADAMW, weight_decay=WEIGHT_DECAY, state_dtype=state_dtype
@@ -419,7 +442,7 @@ def run_jax(
             path = os.path.join(hlo_dir, f"{ps.name} {name}.hlo.txt".replace(" ", "_"))
             with open(path, "w") as f:
                 f.write(compiled.as_text())
-        return timed(
+        result = timed(
             name,
             _kind_of(name),
             step,
@@ -429,6 +452,10 @@ def run_jax(
             calls=FORI_STEPS if fori else 1,
             compiled=compiled,
         )
+        # params, state and grads in; params and state out
+        result.arrays = len(jax.tree.leaves(args)) + len(jax.tree.leaves(args[:2]))
+        result.kernels = None if fori else hlo_kernels(compiled.as_text())
+        return result
 
     def row(name):
         if name == "jax copy":
@@ -491,13 +518,17 @@ def format_table(result: dict) -> str:
         f"{result['param_dtype']} params, {result['state_dtype']} state, device={device} "
         f"({result['device_name']}), copy reference={_fmt_bw(result['copy_bandwidth'], device)}",
         f"{'row':<28} {'median ms':>10} {'MB/step':>10} {'bandwidth':>13} {'% copy':>7} "
-        f"{'extra MB':>9}",
+        f"{'extra MB':>9} {'arrays':>7} {'kernels':>7}",
     ]
     for r in result["rows"]:
         extra = format_mb(r["extra_mem_bytes"])
+        arrays, kernels = (
+            "" if r.get(key) is None else str(r[key]) for key in ("arrays", "kernels")
+        )
         lines.append(
             f"{r['name']:<28} {r['median_s'] * 1e3:>10.3f} {r['bytes'] / 1e6:>10.1f} "
-            f"{_fmt_bw(r['bandwidth'], device):>13} {100 * r['copy_share']:>6.1f}% {extra:>9}"
+            f"{_fmt_bw(r['bandwidth'], device):>13} {100 * r['copy_share']:>6.1f}% {extra:>9} "
+            f"{arrays:>7} {kernels:>7}"
         )
     lines += skipped_lines(result["skipped"], 28)
     return "\n".join(lines)
