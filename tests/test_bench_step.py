@@ -43,6 +43,8 @@ def test_every_row_present_with_positive_finite_times(result):
         "sf_optax adamw packed fori",
         "sf_optax sgd packed fori",
         "optax sgd fori",
+        "optax adamw jit",
+        "optax sgd momentum jit",
         "optax.contrib adamw jit",
         "sf_optax eval_params jit",
         "sf_optax switch jit",
