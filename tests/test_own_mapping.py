@@ -1,0 +1,383 @@
+"""parity.own.mapping: torch <-> Flax parameter mapping inferred from names and structure.
+
+Oracles the mapping did not produce: transformers' own PyTorch <-> Flax weight conversion for
+RoBERTa (tied decoder), ELECTRA and ViT (a conv patch embedding), and for hand-written pairs the
+forward pass of the other framework (float64, within 1e-12).
+"""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+jax = pytest.importorskip("jax")
+nnx = pytest.importorskip("flax.nnx")
+linen = pytest.importorskip("flax.linen")
+
+import jax.numpy as jnp  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+
+from parity.own import mapping as pm  # noqa: E402
+
+torch.set_num_threads(1)
+
+TOKENS, IMAGE, CHANNELS = 11, 5, 3
+
+
+# -- hand-written pairs -------------------------------------------------------------------------
+
+
+class TorchNet(nn.Module):
+    """Conv2d + BatchNorm2d on NHWC images, an Embedding, two Linears, a LayerNorm, a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(TOKENS, 6)
+        self.conv = nn.Conv2d(CHANNELS, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.blocks = nn.ModuleList([nn.Linear(4 * IMAGE * IMAGE + 6, 16), nn.Linear(16, 12)])
+        self.norm = nn.LayerNorm(12)
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, images, tokens):
+        x = F.silu(self.bn(self.conv(images.permute(0, 3, 1, 2))))
+        x = x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)
+        h = torch.cat([x, self.embed(tokens)], -1)
+        for block in self.blocks:
+            h = torch.tanh(block(h))
+        return self.head(self.norm(h))
+
+
+class NnxNet(nnx.Module):
+    """The nnx twin; its Linear list is called ``layers`` where torch says ``blocks``."""
+
+    def __init__(self, rngs, head=True):
+        kw = dict(dtype=jnp.float64, param_dtype=jnp.float64, rngs=rngs)
+        self.embed = nnx.Embed(TOKENS, 6, **kw)
+        self.conv = nnx.Conv(CHANNELS, 4, (3, 3), padding="SAME", **kw)
+        self.bn = nnx.BatchNorm(4, use_running_average=True, epsilon=1e-5, **kw)
+        self.bn.mean = nnx.BatchStat(jnp.zeros(4, jnp.float64))  # flax keeps them in float32
+        self.bn.var = nnx.BatchStat(jnp.ones(4, jnp.float64))
+        self.layers = nnx.List(
+            [nnx.Linear(4 * IMAGE * IMAGE + 6, 16, **kw), nnx.Linear(16, 12, **kw)]
+        )
+        self.norm = nnx.LayerNorm(12, epsilon=1e-5, **kw)
+        if head:
+            self.head = nnx.Linear(12, 5, **kw)
+
+    def __call__(self, images, tokens):
+        x = jax.nn.silu(self.bn(self.conv(images)))
+        h = jnp.concatenate([x.reshape(x.shape[0], -1), self.embed(tokens)], -1)
+        for layer in self.layers:
+            h = jnp.tanh(layer(h))
+        return self.head(self.norm(h))
+
+
+class LinenNet(linen.Module):
+    """The linen twin: auto-named layers (Conv_0, BatchNorm_0, Dense_0 ...) and a list-like
+    ``blocks_0``/``blocks_1``."""
+
+    @linen.compact
+    def __call__(self, images, tokens):
+        kw = dict(dtype=jnp.float64, param_dtype=jnp.float64)
+        x = linen.Conv(4, (3, 3), padding="SAME", **kw)(images)
+        x = jax.nn.silu(linen.BatchNorm(use_running_average=True, epsilon=1e-5, **kw)(x))
+        e = linen.Embed(TOKENS, 6, **kw)(tokens)
+        h = jnp.concatenate([x.reshape(x.shape[0], -1), e], -1)
+        h = jnp.tanh(linen.Dense(16, name="blocks_0", **kw)(h))
+        h = jnp.tanh(linen.Dense(12, name="blocks_1", **kw)(h))
+        return linen.Dense(5, **kw)(linen.LayerNorm(epsilon=1e-5, **kw)(h))
+
+
+def _torch_net(seed=0):
+    torch.manual_seed(seed)
+    model = TorchNet().double().eval()
+    with torch.no_grad():  # non-trivial norm parameters and running statistics
+        for name, t in model.state_dict().items():
+            if t.is_floating_point() and ("bn" in name or "norm" in name):
+                t.copy_(torch.rand_like(t) + 0.5)
+    return model
+
+
+def _inputs(seed=1):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(3, IMAGE, IMAGE, CHANNELS)), rng.integers(0, TOKENS, size=3)
+
+
+def _torch_forward(model, images, tokens):
+    with torch.no_grad():
+        return model(torch.from_numpy(images), torch.from_numpy(tokens)).numpy()
+
+
+def _assert_round_trips(m, t_arrays, f_arrays):
+    back = m.to_torch(m.to_flax(t_arrays))
+    assert set(back) == set(t_arrays)
+    for name, array in back.items():
+        assert array.dtype == t_arrays[name].dtype
+        assert np.array_equal(array, t_arrays[name]), name
+    again = m.to_flax(m.to_torch(f_arrays))
+    assert set(again) == set(f_arrays)
+    for path, array in again.items():
+        assert np.array_equal(array, f_arrays[path]), path
+
+
+@pytest.mark.usefixtures("x64")
+def test_nnx_twin_by_names_and_structure():
+    tm = _torch_net()
+    model = NnxNet(nnx.Rngs(0))
+    m = pm.infer(tm, model)
+    by_name = {e.torch_name: e for e in m.entries}
+    assert by_name["blocks.0.weight"].flax_path == ("params", "layers", "0", "kernel")
+    assert by_name["blocks.0.weight"].layout == "linear"
+    assert by_name["conv.weight"].layout == "conv"
+    assert by_name["embed.weight"].flax_path == ("params", "embed", "embedding")
+    assert by_name["norm.weight"].flax_path == ("params", "norm", "scale")
+    assert by_name["bn.running_var"].flax_path == ("batch_stats", "bn", "var")
+    assert by_name["bn.running_mean"].kind == "buffer"
+    assert "bn.num_batches_tracked" not in by_name
+    assert [e.torch_name for e in m.entries] == list(pm.torch_arrays(tm))
+    assert ("blocks.1", ("layers", "1")) in m.module_pairs()
+    assert len(m.describe().splitlines()) == len(m.entries) + 2
+
+    images, tokens = _inputs()
+    pm.load_flax(m, model, pm.torch_arrays(tm))
+    out = np.asarray(model(jnp.asarray(images), jnp.asarray(tokens)))
+    np.testing.assert_allclose(out, _torch_forward(tm, images, tokens), rtol=0, atol=1e-12)
+
+    # the other way: fresh Flax values into the torch model, torch's forward as the oracle
+    other = NnxNet(nnx.Rngs(7))
+    stats = {
+        p: np.random.default_rng(3).uniform(0.5, 1.5, a.shape)
+        for p, a in pm.flax_arrays(other).items()
+        if p[0] == "batch_stats"
+    }
+    pm.load_flax(m, other, m.to_torch(pm.flax_arrays(other) | stats))
+    pm.load_torch(m, tm, pm.flax_arrays(other))
+    out = np.asarray(other(jnp.asarray(images), jnp.asarray(tokens)))
+    np.testing.assert_allclose(out, _torch_forward(tm, images, tokens), rtol=0, atol=1e-12)
+    _assert_round_trips(m, pm.torch_arrays(tm), pm.flax_arrays(other))
+
+
+@pytest.mark.usefixtures("x64")
+def test_linen_twin_auto_names():
+    tm = _torch_net(seed=2)
+    images, tokens = _inputs()
+    net = LinenNet()
+    variables = net.init(jax.random.key(0), jnp.asarray(images), jnp.asarray(tokens))
+    variables = jax.tree.map(lambda a: a.astype(jnp.float64), variables)  # float32 statistics
+    m = pm.infer(tm, net, variables)
+    by_name = {e.torch_name: e for e in m.entries}
+    assert by_name["head.weight"].flax_path == ("params", "Dense_0", "kernel")
+    assert by_name["blocks.1.bias"].flax_path == ("params", "blocks_1", "bias")
+    assert by_name["conv.weight"].flax_path == ("params", "Conv_0", "kernel")
+    assert by_name["bn.running_mean"].flax_path == ("batch_stats", "BatchNorm_0", "mean")
+
+    new = pm.load_flax(m, net, pm.torch_arrays(tm), variables)
+    assert jax.tree.structure(new) == jax.tree.structure(variables)
+    assert all(a.dtype == b.dtype for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(variables)))
+    out = np.asarray(net.apply(new, jnp.asarray(images), jnp.asarray(tokens)))
+    np.testing.assert_allclose(out, _torch_forward(tm, images, tokens), rtol=0, atol=1e-12)
+
+    pm.load_torch(m, tm, pm.flax_arrays(net, variables))
+    out = np.asarray(net.apply(variables, jnp.asarray(images), jnp.asarray(tokens)))
+    np.testing.assert_allclose(out, _torch_forward(tm, images, tokens), rtol=0, atol=1e-12)
+    _assert_round_trips(m, pm.torch_arrays(tm), pm.flax_arrays(net, new))
+
+
+# -- errors and overrides -----------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("x64")
+def test_missing_layer_is_listed():
+    with pytest.raises(ValueError) as err:
+        pm.infer(_torch_net(), NnxNet(nnx.Rngs(0), head=False))
+    msg = str(err.value)
+    assert "head.weight (5, 12)" in msg and "head.bias (5,)" in msg
+    assert "overrides" in msg
+    assert "blocks.0" not in msg  # the rest is mapped
+
+
+class TorchTwo(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.zeros(3))
+        self.beta = nn.Parameter(torch.ones(3))
+        self.register_buffer("table", torch.arange(4.0))  # torch-only constant
+
+
+class NnxTwo(nnx.Module):
+    def __init__(self):
+        self.a = nnx.Param(jnp.full(3, 2.0))
+        self.b = nnx.Param(jnp.full(3, 3.0))
+
+
+def test_ambiguity_names_candidates_and_overrides_resolve_it():
+    with pytest.raises(ValueError) as err:
+        pm.infer(TorchTwo(), NnxTwo())
+    msg = str(err.value)
+    assert "alpha (3,): candidates params/a (3,), params/b (3,)" in msg
+    assert "beta (3,): candidates params/a (3,), params/b (3,)" in msg
+    assert "table (4,)" in msg and "overrides" in msg
+
+    m = pm.infer(TorchTwo(), NnxTwo(), overrides={"alpha": "params/b", "table": None})
+    assert {e.torch_name: e.flax_path for e in m.entries} == {
+        "alpha": ("params", "b"),
+        "beta": ("params", "a"),
+    }
+    assert m.unmapped == ("table",)
+    m2 = pm.infer(TorchTwo(), NnxTwo(), overrides={"alpha": ("b",), "table": None})
+    assert m2.entries == m.entries  # the collection may be left out
+    tm = TorchTwo()
+    pm.load_torch(m, tm, pm.flax_arrays(NnxTwo()))
+    assert tm.alpha.tolist() == [3.0] * 3 and tm.beta.tolist() == [2.0] * 3
+
+
+def test_override_errors():
+    with pytest.raises(ValueError, match=r"overrides\['alpha'\].*no leaf 'params/c'"):
+        pm.infer(TorchTwo(), NnxTwo(), overrides={"alpha": "params/c"})
+    with pytest.raises(ValueError, match=r"overrides\['gamma'\].*no parameter"):
+        pm.infer(TorchTwo(), NnxTwo(), overrides={"gamma": "params/a"})
+    with pytest.raises(ValueError, match=r"overrides\['table'\].*does not fit"):
+        pm.infer(TorchTwo(), NnxTwo(), overrides={"table": "params/a"})
+    with pytest.raises(ValueError, match="variables must be None"):
+        pm.infer(TorchTwo(), NnxTwo(), {"params": {}})
+    with pytest.raises(ValueError, match="variables must be the linen"):
+        pm.infer(TorchTwo(), LinenNet())
+
+
+class TorchProj(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 6)
+
+
+class NnxProj(nnx.Module):
+    """A DenseGeneral-style kernel (in, heads, head_dim) with a flat bias."""
+
+    def __init__(self):
+        self.proj = nnx.Dict(
+            kernel=nnx.Param(jnp.arange(48.0).reshape(8, 2, 3)), bias=nnx.Param(jnp.zeros(6))
+        )
+
+
+def test_reshaped_kernel_needs_a_custom_override():
+    with pytest.raises(ValueError, match="reshaped"):
+        pm.infer(TorchProj(), NnxProj())
+    m = pm.infer(
+        TorchProj(),
+        NnxProj(),
+        overrides={
+            "proj.weight": (
+                "params/proj/kernel",
+                lambda w: w.T.reshape(8, 2, 3),
+                lambda k: k.reshape(8, 6).T,
+            )
+        },
+    )
+    assert m.entry("proj.weight").layout == "custom"
+    _assert_round_trips(m, pm.torch_arrays(TorchProj()), pm.flax_arrays(NnxProj()))
+    with pytest.raises(ValueError, match="invert each other"):
+        pm.infer(
+            TorchProj(),
+            NnxProj(),
+            overrides={
+                "proj.weight": (
+                    "params/proj/kernel",
+                    lambda w: w.T.reshape(8, 2, 3),
+                    lambda k: 2 * k.reshape(8, 6).T,
+                )
+            },
+        )
+
+
+# -- transformers' own conversion as the oracle -------------------------------------------------
+
+
+def _hf(arch):
+    transformers = pytest.importorskip("transformers")
+    common = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    if arch == "vit":
+        config = transformers.ViTConfig(image_size=8, patch_size=4, num_labels=5, **common)
+        pair = transformers.ViTForImageClassification, transformers.FlaxViTForImageClassification
+    elif arch == "roberta":
+        config = transformers.RobertaConfig(vocab_size=64, max_position_embeddings=20, **common)
+        pair = transformers.RobertaForMaskedLM, transformers.FlaxRobertaForMaskedLM
+    else:
+        config = transformers.ElectraConfig(
+            vocab_size=64, embedding_size=16, max_position_embeddings=20, **common
+        )
+        pair = transformers.ElectraForMaskedLM, transformers.FlaxElectraForMaskedLM
+    torch.manual_seed(0)
+    return pair[0](config).eval(), pair[1](config, seed=1)
+
+
+@pytest.fixture(scope="module", params=["roberta", "vit", "electra"])
+def hf_pair(request):
+    return request.param, *_hf(request.param)
+
+
+def test_hf_torch_to_flax_matches_transformers(hf_pair):
+    from flax.traverse_util import flatten_dict
+    from transformers.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax
+
+    arch, tm, fm = hf_pair
+    variables = {"params": fm.params}
+    m = pm.infer(tm, fm.module, variables)
+    assert {e.flax_path for e in m.entries} == set(pm.flax_arrays(fm.module, variables))
+    ours = pm.flax_arrays(None, pm.load_flax(m, fm.module, pm.torch_arrays(tm), variables))
+    oracle = flatten_dict(convert_pytorch_state_dict_to_flax(dict(tm.state_dict()), fm))
+    for path, array in ours.items():
+        expected = np.asarray(oracle[path[1:]])
+        assert array.dtype == expected.dtype and np.array_equal(array, expected), path
+    if arch == "vit":
+        assert m.entry("vit.embeddings.patch_embeddings.projection.weight").layout == "conv"
+
+
+def test_hf_flax_to_torch_matches_transformers(hf_pair):
+    from transformers.modeling_flax_pytorch_utils import load_flax_weights_in_pytorch_model
+
+    arch, tm, fm = hf_pair
+    variables = {"params": fm.params}
+    m = pm.infer(tm, fm.module, variables)
+    expected = pm.torch_arrays(load_flax_weights_in_pytorch_model(_hf(arch)[0], fm.params))
+    mine = _hf(arch)[0]
+    pm.load_torch(m, mine, pm.flax_arrays(fm.module, variables))
+    got = pm.torch_arrays(mine)
+    assert set(got) == set(expected)
+    for name in got:
+        assert np.array_equal(got[name], expected[name]), name
+    _assert_round_trips(m, pm.torch_arrays(tm), pm.flax_arrays(fm.module, variables))
+
+
+TIED = {
+    "roberta": {
+        "roberta.embeddings.word_embeddings.weight": ("lm_head.decoder.weight",),
+        "lm_head.bias": ("lm_head.decoder.bias",),
+    },
+    "electra": {"electra.embeddings.word_embeddings.weight": ("generator_lm_head.weight",)},
+    "vit": {},
+}
+
+
+def test_hf_tied_weights_are_aliases(hf_pair):
+    arch, tm, fm = hf_pair
+    variables = {"params": fm.params}
+    m = pm.infer(tm, fm.module, variables)
+    assert {e.torch_name: e.aliases for e in m.entries if e.aliases} == TIED[arch]
+    flax = {p: a + 1.0 for p, a in pm.flax_arrays(fm.module, variables).items()}  # new values
+    back = m.to_torch(flax)
+    for name, aliases in TIED[arch].items():
+        assert m.entry(aliases[0]).torch_name == name
+        assert all(np.array_equal(back[a], back[name]) for a in aliases)
+    pm.load_torch(m, tm, flax)
+    arrays = pm.torch_arrays(tm)
+    assert set(arrays) == set(back)
+    for name, array in back.items():
+        assert np.array_equal(arrays[name], array), name
