@@ -1,1 +1,1 @@
-"""Parity for the user's own models: a torch model and its Flax twin, mapped, checked and compared."""
+"""Parity for the user's own models: a torch model and its Flax twin, mapped and compared."""
