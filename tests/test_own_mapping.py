@@ -13,6 +13,7 @@ jax = pytest.importorskip("jax")
 nnx = pytest.importorskip("flax.nnx")
 linen = pytest.importorskip("flax.linen")
 
+import flax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
@@ -178,10 +179,35 @@ def test_linen_twin_auto_names():
     out = np.asarray(net.apply(new, jnp.asarray(images), jnp.asarray(tokens)))
     np.testing.assert_allclose(out, _torch_forward(tm, images, tokens), rtol=0, atol=1e-12)
 
+    frozen = pm.load_flax(m, net, pm.torch_arrays(tm), flax.core.freeze(variables))
+    assert isinstance(frozen, flax.core.FrozenDict)
+    assert jax.tree.structure(frozen) == jax.tree.structure(flax.core.freeze(new))
+
     pm.load_torch(m, tm, pm.flax_arrays(net, variables))
     out = np.asarray(net.apply(variables, jnp.asarray(images), jnp.asarray(tokens)))
     np.testing.assert_allclose(out, _torch_forward(tm, images, tokens), rtol=0, atol=1e-12)
     _assert_round_trips(m, pm.torch_arrays(tm), pm.flax_arrays(net, new))
+
+
+class Wrapped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = _torch_net(seed=4)
+
+    def forward(self, images, tokens):
+        return self.net(images, tokens)
+
+
+@pytest.mark.usefixtures("x64")
+def test_wrapper_module_on_one_side():
+    tm, model = Wrapped().double().eval(), NnxNet(nnx.Rngs(0))
+    m = pm.infer(tm, model)
+    assert m.entry("net.blocks.1.weight").flax_path == ("params", "layers", "1", "kernel")
+    assert m.entry("net.bn.running_var").flax_path == ("batch_stats", "bn", "var")
+    images, tokens = _inputs()
+    pm.load_flax(m, model, pm.torch_arrays(tm))
+    out = np.asarray(model(jnp.asarray(images), jnp.asarray(tokens)))
+    np.testing.assert_allclose(out, _torch_forward(tm, images, tokens), rtol=0, atol=1e-12)
 
 
 # -- errors and overrides -----------------------------------------------------------------------
@@ -243,6 +269,33 @@ def test_override_errors():
         pm.infer(TorchTwo(), NnxTwo(), {"params": {}})
     with pytest.raises(ValueError, match="variables must be the linen"):
         pm.infer(TorchTwo(), LinenNet())
+
+
+class TorchRaw(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.arange(16.0).reshape(4, 4))
+
+
+class NnxRaw(nnx.Module):
+    def __init__(self):
+        self.kernel = nnx.Param(jnp.zeros((4, 4)))
+        self.extra = nnx.Param(jnp.zeros(2))
+
+
+def test_raw_parameter_against_a_kernel_needs_its_layout():
+    with pytest.raises(ValueError) as err:
+        pm.infer(TorchRaw(), NnxRaw())
+    msg = str(err.value)
+    assert "w (4, 4)" in msg and "not a torch Linear or Conv" in msg and "params/extra (2,)" in msg
+    m = pm.infer(
+        TorchRaw(), NnxRaw(), overrides={"w": ("kernel", "linear")}, ignore=["params/extra"]
+    )
+    assert m.entry("w").layout == "linear" and m.ignored == (("params", "extra"),)
+    assert np.array_equal(
+        m.to_flax(pm.torch_arrays(TorchRaw()))[("params", "kernel")],
+        np.arange(16.0).reshape(4, 4).T,
+    )
 
 
 class TorchProj(nn.Module):

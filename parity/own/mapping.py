@@ -457,6 +457,18 @@ def _flax_kind(flax_model, variables) -> str:
     return "linen"
 
 
+def _get(var):
+    """An nnx Variable's value (``get_value`` where flax has it, ``.value`` before)."""
+    return var.get_value() if hasattr(var, "get_value") else var.value
+
+
+def _set(var, value) -> None:
+    if hasattr(var, "set_value"):
+        var.set_value(value)
+    else:
+        var.value = value
+
+
 def _nnx_leaves(model) -> list[tuple[Path, Any, Any]]:
     """(Path, state path, Variable) of every nnx.Param / nnx.BatchStat of the model."""
     from flax import nnx
@@ -493,7 +505,7 @@ def _linen_leaves(variables) -> list[tuple[Path, Any]]:
 def _flax_shapes(flax_model, variables) -> dict[Path, tuple[int, ...]]:
     kind = _flax_kind(flax_model, variables)
     if kind == "nnx":
-        return {p: tuple(np.shape(v.get_value())) for p, _, v in _nnx_leaves(flax_model)}
+        return {p: tuple(np.shape(_get(v))) for p, _, v in _nnx_leaves(flax_model)}
     return {p: tuple(np.shape(v)) for p, v in _linen_leaves(variables)}
 
 
@@ -505,7 +517,7 @@ def flax_arrays(flax_model, variables=None) -> dict[Path, np.ndarray]:
     """
     kind = _flax_kind(flax_model, variables)
     if kind == "nnx":
-        return {p: np.array(v.get_value()) for p, _, v in _nnx_leaves(flax_model)}
+        return {p: np.array(_get(v)) for p, _, v in _nnx_leaves(flax_model)}
     return {p: np.array(v) for p, v in _linen_leaves(variables)}
 
 
@@ -541,7 +553,7 @@ def load_flax(
         if missing:
             raise ValueError(f"flax_model has no leaves {missing} (a different model?)")
         for path, array in values.items():
-            leaves[path].set_value(_cast_like(array, leaves[path].get_value()))
+            _set(leaves[path], _cast_like(array, _get(leaves[path])))
         nnx.update(flax_model, state)
         return flax_model
 
@@ -778,19 +790,50 @@ class _Matcher:
                             and _compatible(t, f)
                             and f.path not in self.claimed
                         ]
+        self._wrapper(t_prefix, f_prefix)
+
+    def _wrapper(self, t_prefix: tuple[str, ...], f_prefix: tuple[str, ...]) -> None:
+        """A module that only wraps another on one side (torch ``model.net.*`` against Flax
+        ``*``): when everything left on one side sits in a single child and what is left has
+        the same shapes on both sides, that child is paired with the other side's module."""
+        tensors, leaves = self._subtree(t_prefix, f_prefix)
+        if not tensors or not leaves:
+            return
+        t_sig = sorted(
+            (self.tensors[i].kind == "param", self.tensors[i].flax_shape or ()) for i in tensors
+        )
+        f_sig = sorted((f.collection == "params", f.shape) for f in leaves)
+        if t_sig != f_sig:
+            return
+        n_t, n_f = len(t_prefix), len(f_prefix)
+        t_heads = {self.tensors[i].module[n_t : n_t + 1] for i in tensors}
+        f_heads = {f.module[n_f : n_f + 1] for f in leaves}
+        if len(t_heads) == 1 and () not in t_heads and len(f_heads) > 1:
+            self._walk(t_prefix + t_heads.pop(), f_prefix)
+        elif len(f_heads) == 1 and () not in f_heads and len(t_heads) > 1:
+            self._walk(t_prefix, f_prefix + f_heads.pop())
+
+    def _fits(self, i: int, f: _FlaxLeaf) -> bool:
+        """Shape (after the layout rule) and collection agree. A Flax ``kernel`` whose torch
+        tensor is not a Linear or Conv weight (a raw parameter of the user's module) has an
+        unknown layout: not a candidate unless the names agree; a note says so."""
+        t = self.tensors[i]
+        if f.shape != t.flax_shape or not _compatible(t, f):
+            return False
+        if f.leaf == "kernel" and t.layout == "same" and t.leaf != "kernel" and len(t.shape) > 1:
+            self.notes.setdefault(i, []).append(
+                f"{_path_str(f.path)} {_shape_s(f.shape)} has this shape, but a Flax kernel "
+                f"is (in, out) and {t.name} belongs to a {t.module_type}, not a torch Linear or "
+                "Conv: give its layout in overrides (flax_path, 'same' or 'linear')"
+            )
+            return False
+        return True
 
     def _direct(self, tensors: list[int], leaves: list[_FlaxLeaf]) -> None:
         """Leaves of two paired modules: by leaf name and shape, then by shape one-to-one."""
         leaves = [f for f in leaves if f.path not in self.claimed]
         tensors = [i for i in tensors if i not in self.pairs]
-        cands = {
-            i: [
-                f
-                for f in leaves
-                if f.shape == self.tensors[i].flax_shape and _compatible(self.tensors[i], f)
-            ]
-            for i in tensors
-        }
+        cands = {i: [f for f in leaves if self._fits(i, f)] for i in tensors}
         # leaf name agrees
         for i in tensors:
             named = [f for f in cands[i] if f.leaf.lower() == self.tensors[i].leaf.lower()]
@@ -1019,6 +1062,11 @@ def _error(m: _Matcher, open_t: list[int], open_f: list[_FlaxLeaf]) -> str:
         lines.append("Flax leaves without a torch counterpart:")
         for f in sorted(open_f, key=lambda f: _natural(f.path)):
             lines.append(f"  {_path_str(f.path)} {_shape_s(f.shape)}")
+    example = next(
+        (f"{{{m.tensors[i].name!r}: {_path_str(m.ambiguous[i][0].path)!r}}}" for i in amb), None
+    )
+    if example:
+        lines.append(f"For example overrides={example} says which leaf a tensor is.")
     lines.append(
         "Pass overrides={torch_name: flax_path} to infer() (flax_path a tuple or 'params/a/b'; "
         "or (flax_path, layout) with layout 'same'/'linear'/'conv'; or (flax_path, to_flax_fn, "
