@@ -298,6 +298,23 @@ def test_raw_parameter_against_a_kernel_needs_its_layout():
     )
 
 
+@pytest.mark.usefixtures("x64")
+def test_bfloat16_round_trip_and_int_path_elements():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    tm = _torch_net().to(torch.bfloat16)
+    model = NnxNet(nnx.Rngs(0))
+    m = pm.infer(tm, model, overrides={"blocks.0.weight": ("layers", 0, "kernel")})
+    arrays = pm.torch_arrays(tm)
+    assert arrays["conv.weight"].dtype == ml_dtypes.bfloat16
+    _assert_round_trips(m, arrays, m.to_flax(arrays))
+    expected = {k: v.float() for k, v in tm.state_dict().items()}
+    target = _torch_net(seed=9).to(torch.bfloat16)
+    pm.load_torch(m, target, m.to_flax(arrays))
+    for name, tensor in target.state_dict().items():
+        if tensor.is_floating_point():
+            assert torch.equal(tensor.float(), expected[name]), name
+
+
 class TorchProj(nn.Module):
     def __init__(self):
         super().__init__()

@@ -38,7 +38,12 @@ Matching, in this order:
 3. structure: walking both trees from the root, children whose names agree are entered
    together; the remaining children are paired when the shapes of what is left unmatched in
    them (after the layout rules) agree one-to-one, and the leaves of two paired modules are
-   paired by leaf name and shape, or by shape alone when that is one-to-one.
+   paired by leaf name and shape, or by shape alone when that is one-to-one (never a Flax
+   ``kernel`` by shape alone with a raw torch parameter: its layout is unknown). A module
+   that only wraps the model on one side (torch ``model.net.*`` against Flax ``*``) is seen
+   through when the shapes left on both sides agree. Ties are never broken by definition
+   order: two children or leaves of the same shapes with no telling names are an error that
+   names the candidates.
 
 Anything left over, or with several candidates, is a ``ValueError`` that lists every unmapped
 torch tensor and Flax leaf with its shape (and the candidates) and says how to pass
