@@ -6,9 +6,9 @@ for the ``schedulefree`` classes of the same names (plus ``fused``, ``state_dtyp
 Schedule-Free. The update rule is stated and implemented in ``sf_torch.rule``;
 ``recompute_batchnorm_stats`` gives BatchNorm statistics at x.
 
-``sf_torch.schedules`` (the adapter of ``sf_schedules`` schedules) and ``sf_torch.deepspeed``
-(DeepSpeed ZeRO) are imported on first attribute access, so that ``import sf_torch`` does not
-import DeepSpeed.
+``sf_torch.schedules`` (the adapter of ``sf_schedules`` schedules), ``sf_torch.deepspeed``
+(DeepSpeed ZeRO) and ``sf_torch.local`` (local steps: ``LocalSteps``) are imported on first
+attribute access, so that ``import sf_torch`` does not import DeepSpeed.
 """
 
 import importlib
@@ -23,7 +23,7 @@ from .optimizers import (
 from .wrapper import ScheduleFreeWrapper
 
 # Submodules imported on first attribute access (sf_optax does the same for its own).
-_LAZY_SUBMODULES = ("deepspeed", "schedules")
+_LAZY_SUBMODULES = ("deepspeed", "local", "schedules")
 
 __all__ = [
     "AdamWScheduleFree",
