@@ -11,10 +11,12 @@ The update rule is in :mod:`sf_optax.transform`; the aliases in :mod:`sf_optax.a
 helpers (``at_x``, ``eval_model``, ``recompute_batchnorm_stats``, ``ScheduleFreeTrainState``,
 ``train_state_shardings``) in :mod:`sf_optax.flax`; the Orbax checkpoints
 (``save_checkpoint``/``restore_checkpoint``) in :mod:`sf_optax.checkpoint`; the adapter of
-``sf_schedules`` schedules in :mod:`sf_optax.schedules`.
+``sf_schedules`` schedules in :mod:`sf_optax.schedules`; local steps on a device mesh (workers
+averaging every few steps) in :mod:`sf_optax.local`.
 
-``sf_optax.flax``, ``sf_optax.checkpoint`` and ``sf_optax.schedules`` (and the names they
-export here) are imported on first use, so that ``import sf_optax`` needs neither flax nor orbax.
+``sf_optax.flax``, ``sf_optax.checkpoint``, ``sf_optax.local`` and ``sf_optax.schedules`` (and
+the names they export here) are imported on first use, so that ``import sf_optax`` needs neither
+flax nor orbax.
 """
 
 import importlib
@@ -33,7 +35,7 @@ from sf_optax.transform import ScheduleFreeState, schedule_free
 from sf_optax.views import eval_params, find_state, train_params
 
 # Submodules imported on first attribute access (sf_torch does the same for its own).
-_LAZY_SUBMODULES = ("checkpoint", "flax", "schedules")
+_LAZY_SUBMODULES = ("checkpoint", "flax", "local", "schedules")
 # Names exported here from those submodules: name -> submodule.
 _LAZY_EXPORTS = {
     "ScheduleFreeTrainState": "flax",

@@ -1,0 +1,530 @@
+"""Local steps: workers along a mesh axis step on their own data and average every few steps.
+
+Each worker holds its own params and optimizer state; the step runs all of them at once under
+``jax.shard_map`` over one mesh axis (default ``"workers"``), one worker per device along it.
+After a step the workers average (a ``pmean`` over the axis) when that step's ``sync`` flag is
+set. The flags come from one host-side list for the whole run, ``sf_schedules.sync.sync_mask``
+(the same list sf_torch's local steps use), and are handed to the step as an array argument, so
+that one compiled step serves every period.
+
+What a sync averages (:func:`average`): the params and, inside every sf_optax state in any
+nesting, ``z`` (and the stored ``x`` with ``exact_x``). ``x = (y - (1 - b1) z) / b1`` is then
+averaged exactly, being the same linear map of ``y`` and ``z`` on every worker. The second moment
+``v`` (and, for other optax transformations, every buffer shaped like the params: ``mu``,
+``nu``, a trace) stays per worker unless ``moments=True``. The counters (``k``, ``weight_sum``,
+``lr_max``) are identical on every worker and never communicated.
+
+    mask = sf_schedules.sync.sync_mask(QSR(h_base=4, alpha=0.01), lrs)     # host, float64
+    mesh = jax.make_mesh((n_workers,), ("workers",))
+    step = sf_optax.local.make_local_train_step(loss_fn, tx, mesh)
+    params, opt_state = sf_optax.local.local_init(tx, params, mesh)          # leading axis: workers
+    for t, batch in enumerate(batches):                                     # batch: (workers, ...)
+        params, opt_state, losses = step(params, opt_state, batch, mask[t])
+    x = sf_optax.local.local_eval_params(params, opt_state)                 # evaluate here
+
+On GPUs: the mesh axis runs over the devices, ``jax.make_mesh((jax.device_count(),),
+("workers",))``, one worker per GPU. On several hosts, call ``jax.distributed.initialize()`` on
+each process first (before any other JAX call); ``jax.devices()`` then lists every host's GPUs,
+the same mesh spans them, and each process feeds the batches of its own devices' workers (e.g.
+``jax.make_array_from_process_local_data`` with ``NamedSharding(mesh, P("workers"))``). Only
+the syncs cross the network.
+
+BatchNorm at the averaged ``x``: :func:`make_local_batch_stats` has every worker re-estimate the
+statistics at ``x`` from a few of its own batches (the mean over batches) and averages them over
+the workers; :func:`nnx_batchnorm_stats_fn` and :func:`set_nnx_batchnorm_stats` connect it to
+``flax.nnx.BatchNorm`` layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from sf_optax._dtypes import compute_dtype
+from sf_optax.packing import PackedState
+from sf_optax.transform import ScheduleFreeState
+from sf_optax.views import eval_params
+
+__all__ = [
+    "LocalStep",
+    "average",
+    "check_sync_mask",
+    "local_eval_params",
+    "local_init",
+    "make_local_batch_stats",
+    "make_local_train_step",
+    "nnx_batchnorm_stats_fn",
+    "run_local",
+    "set_nnx_batchnorm_stats",
+    "stack",
+    "worker",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# The average
+
+
+def _check_axis_bound(axis_name: Any, where: str) -> None:
+    try:
+        jax.lax.axis_size(axis_name)
+    except NameError:
+        raise ValueError(
+            f"{where} must run inside jax.shard_map (or pmap) with the mesh axis "
+            f"axis_name={axis_name!r} bound: it averages over that axis; outside, use "
+            "make_local_train_step, which runs it there"
+        ) from None
+
+
+def _pmean(tree: Any, axis_name: Any) -> Any:
+    """The mean over the axis of every floating leaf, in float32 or wider; dtypes kept."""
+
+    def mean(a):
+        a = jnp.asarray(a)
+        if not jnp.issubdtype(a.dtype, jnp.floating):
+            return a
+        return jax.lax.pmean(a.astype(compute_dtype(a.dtype)), axis_name).astype(a.dtype)
+
+    return jax.tree.map(mean, tree)
+
+
+def _average_state(node, param_def, shapes, reduce, moments: bool):
+    """``node`` with the schedule-free ``z``/``x`` reduced, and (``moments``) every other
+    buffer shaped like the params (or, inside a packed state, like its slots)."""
+
+    def params_shaped(n) -> bool:
+        leaves, treedef = jax.tree.flatten(n)
+        return (
+            bool(leaves)
+            and treedef == param_def
+            and [tuple(jnp.shape(a)) for a in leaves] == shapes
+        )
+
+    def special(n) -> bool:
+        return isinstance(n, (PackedState, ScheduleFreeState)) or params_shaped(n)
+
+    def visit(n):
+        if isinstance(n, PackedState):
+            layout = n.layout
+            slots = tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in layout.slot_shapes)
+            inner = _average_state(
+                n.inner, jax.tree.structure(slots), list(layout.slot_shapes), reduce, moments
+            )
+            return PackedState(inner, layout)
+        if isinstance(n, ScheduleFreeState):
+            base = n.base_state
+            if moments:
+                base = _average_state(base, param_def, shapes, reduce, moments)
+            x = None if n.x is None else reduce(n.x)
+            return n._replace(z=reduce(n.z), x=x, base_state=base)
+        if moments and params_shaped(n):
+            return reduce(n)
+        return n
+
+    return jax.tree.map(visit, node, is_leaf=special)
+
+
+def average(
+    params: optax.Params,
+    opt_state: optax.OptState,
+    axis_name: Any = "workers",
+    *,
+    moments: bool = False,
+) -> tuple[optax.Params, optax.OptState]:
+    """The workers' average: ``pmean`` over ``axis_name`` of what a sync averages.
+
+    Runs inside ``jax.shard_map`` (or ``pmap``) with ``axis_name`` bound, on one worker's
+    (unstacked) params and state. Averaged: the params (``y`` for sf_optax) and, in every
+    sf_optax state in any nesting (``optax.chain``, ``inject_hyperparams``, ``MultiSteps``,
+    packed states), ``z`` and the stored ``x``. With ``moments=True`` also every other buffer
+    shaped like the params: sf_optax's ``v``, optax.adamw's ``mu`` and ``nu``, a trace. Never
+    averaged: integer leaves and scalars (``k``, ``weight_sum``, ``lr_max``, ``b1``, schedule
+    counters), identical on every worker. Means are taken in float32 or wider, each leaf keeps
+    its dtype.
+
+    Returns:
+      ``(params, opt_state)`` averaged.
+    """
+    if not isinstance(moments, bool):
+        raise TypeError(f"moments must be a Python bool, got {moments!r}")
+    _check_axis_bound(axis_name, "average")
+    param_leaves, param_def = jax.tree.flatten(params)
+    shapes = [tuple(jnp.shape(a)) for a in param_leaves]
+
+    def reduce(tree):
+        return _pmean(tree, axis_name)
+
+    new_state = _average_state(opt_state, param_def, shapes, reduce, moments)
+    return reduce(params), new_state
+
+
+# ---------------------------------------------------------------------------------------------
+# Stacked per-worker trees
+
+
+def _n_workers(mesh: Any, axis_name: Any) -> int:
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+    if axis_name not in mesh.axis_names:
+        raise ValueError(
+            f"axis_name {axis_name!r} is not an axis of the mesh, whose axes are "
+            f"{tuple(mesh.axis_names)}: make the mesh with a workers axis, e.g. "
+            f"jax.make_mesh((n_workers,), ({axis_name!r},))"
+        )
+    return int(mesh.shape[axis_name])
+
+
+def stack(tree: Any, mesh: Mesh, axis_name: Any = "workers") -> Any:
+    """One copy of ``tree`` per worker: every leaf gets a leading axis of length the number of
+    workers (``mesh.shape[axis_name]``), sharded over ``axis_name``."""
+    n = _n_workers(mesh, axis_name)
+    sharding = NamedSharding(mesh, PartitionSpec(axis_name))
+
+    def copies(a):
+        a = jnp.asarray(a)
+        return jax.device_put(jnp.broadcast_to(a[None], (n, *a.shape)), sharding)
+
+    return jax.tree.map(copies, tree)
+
+
+def local_init(
+    tx: optax.GradientTransformation,
+    params: optax.Params,
+    mesh: Mesh,
+    axis_name: Any = "workers",
+) -> tuple[optax.Params, optax.OptState]:
+    """Every worker's params and ``tx.init(params)``, stacked (:func:`stack`): the workers start
+    from the same point."""
+    return stack(params, mesh, axis_name), stack(tx.init(params), mesh, axis_name)
+
+
+def worker(tree: Any, index: int) -> Any:
+    """Worker ``index``'s slice of a stacked tree (its params, state or batch)."""
+    leaves = jax.tree.leaves(tree)
+    n = jnp.shape(leaves[0])[0] if leaves and jnp.ndim(leaves[0]) else 0
+    if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < n:
+        raise ValueError(f"index must be an int in [0, {n}) (the workers), got {index!r}")
+    return jax.tree.map(lambda a: a[index], tree)
+
+
+def local_eval_params(
+    params: optax.Params, opt_state: optax.OptState, index: int | None = None
+) -> optax.Params:
+    """The evaluation point ``x`` (:func:`sf_optax.eval_params`) from stacked per-worker trees.
+
+    ``index=None``: ``x`` of the workers' average (the params and ``z``/``x`` averaged over the
+    workers, as a sync does, then viewed at ``x``), what every worker holds right after a sync;
+    ``index=i``: worker ``i``'s own ``x``.
+    """
+    if index is not None:
+        return eval_params(worker(opt_state, index), worker(params, index))
+
+    def mean(tree):
+        # The mean over the workers, kept stacked (every slice the mean) so that worker 0's
+        # slice below is the averaged tree.
+        def m(a):
+            avg = jnp.mean(a.astype(compute_dtype(a.dtype)), axis=0, keepdims=True)
+            return jnp.broadcast_to(avg.astype(a.dtype), a.shape)
+
+        return jax.tree.map(m, tree)
+
+    param_def = jax.tree.structure(params)
+    shapes = [tuple(jnp.shape(a)) for a in jax.tree.leaves(params)]
+    averaged = _average_state(opt_state, param_def, shapes, mean, moments=False)
+    return eval_params(worker(averaged, 0), worker(mean(params), 0))
+
+
+# ---------------------------------------------------------------------------------------------
+# The step
+
+
+def _as_varying(new: Any, old: Any, axis_name: Any) -> Any:
+    """``new`` typed as varying over the axis where ``old`` is (after a pmean, which makes a
+    value invariant), so that both branches of the sync's ``lax.cond`` have one type."""
+
+    def fix(n, o):
+        new_type = getattr(jax.typeof(n), "manual_axis_type", None)
+        old_type = getattr(jax.typeof(o), "manual_axis_type", None)
+        if new_type is None or old_type is None:
+            return n
+        if axis_name in old_type.varying and axis_name not in new_type.varying:
+            return jax.lax.pcast(n, (axis_name,), to="varying")
+        return n
+
+    return jax.tree.map(fix, new, old)
+
+
+def _check_sync(sync: Any) -> jax.Array:
+    if isinstance(sync, (bool, np.bool_)):
+        return jnp.asarray(bool(sync))
+    dtype = getattr(sync, "dtype", None)
+    if dtype is None or dtype != np.bool_:
+        raise TypeError(
+            "sync must be a bool (a Python bool or a bool array of shape ()), the entry of "
+            f"sf_schedules.sync.sync_mask for this step; got {type(sync).__name__}"
+            + ("" if dtype is None else f" of dtype {dtype}")
+        )
+    if jnp.shape(sync) != ():
+        raise ValueError(f"sync must be a scalar (shape ()), got shape {jnp.shape(sync)}")
+    return sync
+
+
+class LocalStep:
+    """One local step of every worker, with the sync when asked: the callable made by
+    :func:`make_local_train_step`.
+
+    ``step(params, opt_state, batch, sync) -> (params, opt_state, losses)`` (and ``aux`` last
+    with ``has_aux``): ``params``, ``opt_state`` and every leaf of ``batch`` carry a leading
+    axis of length :attr:`n_workers` (worker ``i``'s slice is its own); ``sync`` is a bool
+    scalar (a Python bool or a bool array), True to average after this step. ``losses`` has
+    shape ``(n_workers,)``: each worker's loss at its params before the step.
+    """
+
+    def __init__(self, jitted, n_workers: int, axis_name: Any):
+        self.jitted = jitted
+        self.n_workers = n_workers
+        self.axis_name = axis_name
+
+    def _check_stacked(self, name: str, tree: Any) -> None:
+        for leaf in jax.tree.leaves(tree):
+            shape = jnp.shape(leaf)
+            if not shape or shape[0] != self.n_workers:
+                raise ValueError(
+                    f"{name}: every leaf needs a leading axis of length {self.n_workers} (one "
+                    f"slice per worker along mesh axis {self.axis_name!r}), got a leaf of shape "
+                    f"{shape}; stack a single copy with sf_optax.local.stack or local_init"
+                )
+
+    def __call__(self, params, opt_state, batch, sync):
+        sync = _check_sync(sync)
+        self._check_stacked("params", params)
+        self._check_stacked("opt_state", opt_state)
+        self._check_stacked("batch", batch)
+        return self.jitted(params, opt_state, batch, sync)
+
+    def compilations(self) -> int:
+        """How many programs the step has compiled (1 for a run whose shapes stay fixed)."""
+        return self.jitted._cache_size()
+
+
+def make_local_train_step(
+    loss_fn: Callable[..., Any],
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    axis_name: Any = "workers",
+    *,
+    moments: bool = False,
+    has_aux: bool = False,
+    donate: bool = False,
+) -> LocalStep:
+    """Builds the jitted step of ``mesh.shape[axis_name]`` workers taking local steps.
+
+    Each worker computes ``loss_fn(params, batch)`` and its gradient at its own params (``y``
+    for sf_optax) on its own batch, steps with ``tx`` (any optax transformation: sf_optax's
+    ``adamw``/``sgd``/``radam``/``schedule_free(base)``, alone or inside ``optax.chain``, or
+    plain optax), and, when ``sync`` is true, the workers average (:func:`average`) under a
+    ``lax.cond``: no communication on the other steps, and one compiled program whatever the
+    periods.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> loss`` (a scalar), or ``(loss, aux)`` with
+        ``has_aux``; ``params`` and ``batch`` are one worker's, without the worker axis.
+      tx: the optimizer, each worker's copy stepped on its own.
+      mesh: a mesh with the axis ``axis_name``; one worker per device along it.
+      axis_name: the workers' mesh axis.
+      moments: also average the moment buffers at a sync (sf_optax's ``v``; optax's
+        ``mu``/``nu``); default False: they stay per worker.
+      has_aux: ``loss_fn`` returns ``(loss, aux)``; the step then returns the stacked ``aux``.
+      donate: donate the params and state buffers to the step (they are invalid afterwards).
+
+    Returns:
+      A :class:`LocalStep`.
+    """
+    n = _n_workers(mesh, axis_name)
+    for name, value in (("moments", moments), ("has_aux", has_aux), ("donate", donate)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a Python bool, got {value!r}")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    spec = PartitionSpec(axis_name)
+
+    def one_worker(params, opt_state, batch, sync):
+        params, opt_state, batch = jax.tree.map(lambda a: a[0], (params, opt_state, batch))
+        out, grads = jax.value_and_grad(loss_fn, has_aux=has_aux)(params, batch)
+        loss, aux = out if has_aux else (out, None)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+
+        def synced(p, s):
+            new = average(p, s, axis_name, moments=moments)
+            return _as_varying(new, (p, s), axis_name)
+
+        params, opt_state = jax.lax.cond(sync, synced, lambda p, s: (p, s), params, opt_state)
+        outs = (params, opt_state, loss) + ((aux,) if has_aux else ())
+        return jax.tree.map(lambda a: jnp.asarray(a)[None], outs)
+
+    n_out = 4 if has_aux else 3
+    sharded = jax.shard_map(
+        one_worker,
+        mesh=mesh,
+        in_specs=(spec, spec, spec, PartitionSpec()),
+        out_specs=(spec,) * n_out,
+    )
+    jitted = jax.jit(sharded, donate_argnums=(0, 1) if donate else ())
+    return LocalStep(jitted, n, axis_name)
+
+
+def check_sync_mask(mask: Any, total_steps: int | None = None) -> np.ndarray:
+    """``mask`` as a 1-d numpy bool array (``sf_schedules.sync.sync_mask``'s result), checked:
+    bool dtype, non-empty, and ``total_steps`` entries when given."""
+    arr = np.asarray(mask)
+    if arr.dtype != np.bool_:
+        raise TypeError(
+            "sync mask must hold bools (one per step, True: average after that step), e.g. "
+            f"sf_schedules.sync.sync_mask(rule, lrs); got dtype {arr.dtype}"
+        )
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError(f"sync mask must be a non-empty 1-d array, got shape {arr.shape}")
+    if total_steps is not None and len(arr) != total_steps:
+        raise ValueError(
+            f"sync mask has {len(arr)} entries but the run has {total_steps} steps: compute it "
+            "for the run's learning rates (one per step)"
+        )
+    return arr
+
+
+def run_local(
+    step: LocalStep,
+    params: optax.Params,
+    opt_state: optax.OptState,
+    batches: Iterable[Any],
+    mask: Any,
+) -> tuple[optax.Params, optax.OptState, np.ndarray]:
+    """Runs ``step`` over ``batches`` (one stacked batch per step), syncing where ``mask`` says.
+
+    Returns the final stacked params and state and the losses, shape ``(steps, n_workers)``.
+    The number of batches must equal ``len(mask)``.
+    """
+    flags = check_sync_mask(mask)
+    if hasattr(batches, "__len__") and len(batches) != len(flags):
+        raise ValueError(f"sync mask has {len(flags)} steps but {len(batches)} batches came")
+    losses = []
+    for t, batch in enumerate(batches):
+        if t >= len(flags):
+            raise ValueError(f"sync mask has {len(flags)} steps but more batches came")
+        params, opt_state, loss, *_ = step(params, opt_state, batch, flags[t])
+        losses.append(loss)
+    if len(losses) != len(flags):
+        raise ValueError(f"sync mask has {len(flags)} steps but {len(losses)} batches came")
+    return params, opt_state, np.asarray(jnp.stack(losses))
+
+
+# ---------------------------------------------------------------------------------------------
+# BatchNorm statistics at x
+
+
+def make_local_batch_stats(
+    stats_fn: Callable[[Any, Any], Any], mesh: Mesh, axis_name: Any = "workers"
+) -> Callable[[Any, Any], Any]:
+    """Builds ``f(params, batches) -> stats``: every worker's statistics at ``params`` averaged
+    over its batches, then over the workers.
+
+    Args:
+      stats_fn: ``stats_fn(params, batch) -> tree``: one batch's statistics at one worker's
+        params (e.g. each BatchNorm's batch mean and biased variance; see
+        :func:`nnx_batchnorm_stats_fn`).
+      mesh, axis_name: the workers' mesh axis.
+
+    ``f``'s ``params`` are stacked per worker (the ``x`` of :func:`local_eval_params` after a
+    sync, :func:`stack`-ed); every leaf of ``batches`` has shape ``(n_workers, n_batches,
+    ...)``. ``stats`` is the tree ``stats_fn`` returns, unstacked: the mean over workers of each
+    worker's mean over its batches (every batch weighs the same), computed in float32 or wider
+    and cast back.
+    """
+    n = _n_workers(mesh, axis_name)
+    spec = PartitionSpec(axis_name)
+
+    def one_worker(params, batches):
+        params, batches = jax.tree.map(lambda a: a[0], (params, batches))
+        count = jax.tree.leaves(batches)[0].shape[0]
+
+        def widen(tree):
+            return jax.tree.map(lambda a: a.astype(compute_dtype(a.dtype)), tree)
+
+        first = stats_fn(params, jax.tree.map(lambda a: a[0], batches))
+
+        def body(total, batch):
+            return jax.tree.map(jnp.add, total, widen(stats_fn(params, batch))), None
+
+        rest = jax.tree.map(lambda a: a[1:], batches)
+        total, _ = jax.lax.scan(body, widen(first), rest)
+        local = jax.tree.map(lambda a: a / count, total)
+        mean = jax.lax.pmean(local, axis_name)
+        return jax.tree.map(lambda m, f: m.astype(f.dtype), mean, first)
+
+    sharded = jax.jit(
+        jax.shard_map(one_worker, mesh=mesh, in_specs=(spec, spec), out_specs=PartitionSpec())
+    )
+
+    def batch_stats(params, batches):
+        for name, tree in (("params", params), ("batches", batches)):
+            for leaf in jax.tree.leaves(tree):
+                if not jnp.ndim(leaf) or jnp.shape(leaf)[0] != n:
+                    raise ValueError(
+                        f"{name}: every leaf needs a leading axis of length {n} (the workers), "
+                        f"got shape {jnp.shape(leaf)}"
+                    )
+        for leaf in jax.tree.leaves(batches):
+            if jnp.ndim(leaf) < 2 or jnp.shape(leaf)[1] < 1:
+                raise ValueError(
+                    "batches: every leaf needs shape (n_workers, n_batches >= 1, ...), got "
+                    f"{jnp.shape(leaf)}"
+                )
+        return sharded(params, batches)
+
+    return batch_stats
+
+
+def nnx_batchnorm_stats_fn(model: Any, forward: Callable | None = None) -> Callable:
+    """``stats_fn(params, batch)`` for :func:`make_local_batch_stats` from a ``flax.nnx`` model:
+    runs ``forward(model, batch)`` (default ``model(batch)``) at ``params`` (the model's
+    ``nnx.Param`` state, e.g. ``x``) with every ``nnx.BatchNorm`` on batch statistics, and
+    returns ``[(mean, var), ...]`` per BatchNorm in module order (the biased variance, as nnx
+    computes it). The model itself is not changed. Write the result into a model with
+    :func:`set_nnx_batchnorm_stats`."""
+    from flax import nnx
+
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+    forward = (lambda m, b: m(b)) if forward is None else forward
+
+    def stats_fn(params, batch):
+        # Fresh variables made in this trace (the captured ones belong to the caller's).
+        copy = nnx.merge(graphdef, params, jax.tree.map(lambda a: a, rest))
+        layers = [m for _, m in nnx.iter_modules(copy) if isinstance(m, nnx.BatchNorm)]
+        for m in layers:
+            # Momentum 0: after the pass the running statistics are this batch's statistics.
+            m.momentum = 0.0
+            m.use_running_average = False
+        forward(copy, batch)
+        return [(m.mean[...], m.var[...]) for m in layers]
+
+    return stats_fn
+
+
+def set_nnx_batchnorm_stats(model: Any, stats: list) -> None:
+    """Writes ``[(mean, var), ...]`` (from :func:`make_local_batch_stats` with
+    :func:`nnx_batchnorm_stats_fn`) into the model's ``nnx.BatchNorm`` layers, in module order."""
+    from flax import nnx
+
+    layers = [m for _, m in nnx.iter_modules(model) if isinstance(m, nnx.BatchNorm)]
+    if len(stats) != len(layers):
+        raise ValueError(f"stats has {len(stats)} entries for the model's {len(layers)} BatchNorms")
+    for m, (mean, var) in zip(layers, stats):
+        m.mean[...] = jnp.asarray(mean, m.mean[...].dtype)
+        m.var[...] = jnp.asarray(var, m.var[...].dtype)
