@@ -10,9 +10,10 @@ that one compiled step serves every period.
 What a sync averages (:func:`average`): the params and, inside every sf_optax state in any
 nesting, ``z`` (and the stored ``x`` with ``exact_x``). ``x = (y - (1 - b1) z) / b1`` is then
 averaged exactly, being the same linear map of ``y`` and ``z`` on every worker. The second moment
-``v`` (and, for other optax transformations, every buffer shaped like the params: ``mu``,
-``nu``, a trace) stays per worker unless ``moments=True``. The counters (``k``, ``weight_sum``,
-``lr_max``) are identical on every worker and never communicated.
+``v`` (and other optax transformations' buffers: optax.adamw's ``mu`` and ``nu``) stays per
+worker unless asked for (``average_second_moment=True``, ``average=("mu", "nu")``), as in
+sf_torch.local. The counters (``k``, ``weight_sum``, ``lr_max``) are identical on every worker
+and never communicated.
 
     mask = sf_schedules.sync.sync_mask(QSR(h_base=4, alpha=0.01), lrs)     # host, float64
     mesh = jax.make_mesh((n_workers,), ("workers",))
@@ -37,7 +38,7 @@ the workers; :func:`nnx_batchnorm_stats_fn` and :func:`set_nnx_batchnorm_stats` 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -50,16 +51,17 @@ from sf_optax._dtypes import compute_dtype
 from sf_optax.packing import PackedState
 from sf_optax.transform import ScheduleFreeState
 from sf_optax.views import eval_params
+from sf_schedules import sync as sync_rules
 
 __all__ = [
     "LocalStep",
     "average",
-    "check_sync_mask",
     "local_eval_params",
     "local_init",
     "make_local_batch_stats",
     "make_local_train_step",
     "nnx_batchnorm_stats_fn",
+    "resolve_sync_mask",
     "run_local",
     "set_nnx_batchnorm_stats",
     "stack",
@@ -94,9 +96,10 @@ def _pmean(tree: Any, axis_name: Any) -> Any:
     return jax.tree.map(mean, tree)
 
 
-def _average_state(node, param_def, shapes, reduce, moments: bool):
-    """``node`` with the schedule-free ``z``/``x`` reduced, and (``moments``) every other
-    buffer shaped like the params (or, inside a packed state, like its slots)."""
+def _average_state(node, param_def, shapes, reduce, names: frozenset, found: set):
+    """``node`` with the schedule-free ``z``/``x`` reduced, and the fields called one of
+    ``names`` of every state ``NamedTuple`` when they hold a buffer shaped like the params (or,
+    inside a packed state, like its slots); the names met are added to ``found``."""
 
     def params_shaped(n) -> bool:
         leaves, treedef = jax.tree.flatten(n)
@@ -106,28 +109,49 @@ def _average_state(node, param_def, shapes, reduce, moments: bool):
             and [tuple(jnp.shape(a)) for a in leaves] == shapes
         )
 
+    def named(n) -> bool:
+        fields = getattr(type(n), "_fields", None)
+        return isinstance(n, tuple) and isinstance(fields, tuple) and bool(names & set(fields))
+
     def special(n) -> bool:
-        return isinstance(n, (PackedState, ScheduleFreeState)) or params_shaped(n)
+        return isinstance(n, (PackedState, ScheduleFreeState)) or named(n)
+
+    def recurse(n):
+        return _average_state(n, param_def, shapes, reduce, names, found)
 
     def visit(n):
         if isinstance(n, PackedState):
             layout = n.layout
             slots = tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in layout.slot_shapes)
-            inner = _average_state(
-                n.inner, jax.tree.structure(slots), list(layout.slot_shapes), reduce, moments
-            )
+            slot_def, slot_shapes = jax.tree.structure(slots), list(layout.slot_shapes)
+            inner = _average_state(n.inner, slot_def, slot_shapes, reduce, names, found)
             return PackedState(inner, layout)
         if isinstance(n, ScheduleFreeState):
-            base = n.base_state
-            if moments:
-                base = _average_state(base, param_def, shapes, reduce, moments)
             x = None if n.x is None else reduce(n.x)
-            return n._replace(z=reduce(n.z), x=x, base_state=base)
-        if moments and params_shaped(n):
-            return reduce(n)
+            return n._replace(z=reduce(n.z), x=x, base_state=recurse(n.base_state))
+        if named(n):
+            fields = {}
+            for field in n._fields:
+                value = getattr(n, field)
+                if field in names and params_shaped(value):
+                    found.add(field)
+                    fields[field] = reduce(value)
+                else:
+                    fields[field] = recurse(value)
+            return n._replace(**fields)
         return n
 
     return jax.tree.map(visit, node, is_leaf=special)
+
+
+def _average_names(average: Any, average_second_moment: Any) -> frozenset:
+    if isinstance(average, str) or not all(isinstance(n, str) for n in average):
+        raise TypeError(f"average must be a sequence of state field names (str), got {average!r}")
+    if not isinstance(average_second_moment, bool):
+        raise TypeError(
+            f"average_second_moment must be a Python bool, got {average_second_moment!r}"
+        )
+    return frozenset([*average, *(["nu"] if average_second_moment else [])])
 
 
 def average(
@@ -135,24 +159,31 @@ def average(
     opt_state: optax.OptState,
     axis_name: Any = "workers",
     *,
-    moments: bool = False,
+    average: Sequence[str] = (),
+    average_second_moment: bool = False,
 ) -> tuple[optax.Params, optax.OptState]:
     """The workers' average: ``pmean`` over ``axis_name`` of what a sync averages.
 
     Runs inside ``jax.shard_map`` (or ``pmap``) with ``axis_name`` bound, on one worker's
     (unstacked) params and state. Averaged: the params (``y`` for sf_optax) and, in every
     sf_optax state in any nesting (``optax.chain``, ``inject_hyperparams``, ``MultiSteps``,
-    packed states), ``z`` and the stored ``x``. With ``moments=True`` also every other buffer
-    shaped like the params: sf_optax's ``v``, optax.adamw's ``mu`` and ``nu``, a trace. Never
-    averaged: integer leaves and scalars (``k``, ``weight_sum``, ``lr_max``, ``b1``, schedule
-    counters), identical on every worker. Means are taken in float32 or wider, each leaf keeps
-    its dtype.
+    packed states), ``z`` and the stored ``x``. Never averaged: integer leaves and the
+    scalars (``k``, ``weight_sum``, ``lr_max``, ``b1``, schedule counts), identical on every
+    worker. Means are taken in float32 or wider, each leaf keeps its dtype.
+
+    Args:
+      params, opt_state: one worker's.
+      axis_name: the workers' mesh axis.
+      average: names of further state fields to average, in any optax state ``NamedTuple``
+        where the field holds a buffer shaped like the params: e.g. ``("mu", "nu")`` for
+        ``optax.adamw``'s moments. Each name must be found somewhere (ValueError otherwise).
+      average_second_moment: adds ``"nu"``: sf_optax's second moment ``v`` (AdamW, RAdam),
+        optax.adam's ``nu``; by default ``v`` stays per worker.
 
     Returns:
       ``(params, opt_state)`` averaged.
     """
-    if not isinstance(moments, bool):
-        raise TypeError(f"moments must be a Python bool, got {moments!r}")
+    names = _average_names(average, average_second_moment)
     _check_axis_bound(axis_name, "average")
     param_leaves, param_def = jax.tree.flatten(params)
     shapes = [tuple(jnp.shape(a)) for a in param_leaves]
@@ -160,8 +191,19 @@ def average(
     def reduce(tree):
         return _pmean(tree, axis_name)
 
-    new_state = _average_state(opt_state, param_def, shapes, reduce, moments)
+    found: set = set()
+    new_state = _average_state(opt_state, param_def, shapes, reduce, names, found)
+    missing = sorted(names - found)
+    if missing:
+        raise ValueError(
+            f"average names {missing}: no state in opt_state has such a field holding a buffer "
+            "shaped like the params (sf_optax's v is 'nu' in ScaleBySecondMomentState; "
+            "optax.adam's moments are 'mu' and 'nu'; sf_optax.sgd has no second moment)"
+        )
     return reduce(params), new_state
+
+
+_average = average  # for the functions below whose ``average`` argument hides it
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,7 +278,7 @@ def local_eval_params(
 
     param_def = jax.tree.structure(params)
     shapes = [tuple(jnp.shape(a)) for a in jax.tree.leaves(params)]
-    averaged = _average_state(opt_state, param_def, shapes, mean, moments=False)
+    averaged = _average_state(opt_state, param_def, shapes, mean, frozenset(), set())
     return eval_params(worker(averaged, 0), worker(mean(params), 0))
 
 
@@ -319,7 +361,8 @@ def make_local_train_step(
     mesh: Mesh,
     axis_name: Any = "workers",
     *,
-    moments: bool = False,
+    average: Sequence[str] = (),
+    average_second_moment: bool = False,
     has_aux: bool = False,
     donate: bool = False,
 ) -> LocalStep:
@@ -338,8 +381,9 @@ def make_local_train_step(
       tx: the optimizer, each worker's copy stepped on its own.
       mesh: a mesh with the axis ``axis_name``; one worker per device along it.
       axis_name: the workers' mesh axis.
-      moments: also average the moment buffers at a sync (sf_optax's ``v``; optax's
-        ``mu``/``nu``); default False: they stay per worker.
+      average, average_second_moment: further state fields averaged at a sync (see
+        :func:`average`): ``average_second_moment=True`` for sf_optax's ``v``,
+        ``average=("mu", "nu")`` for optax.adamw's moments; by default they stay per worker.
       has_aux: ``loss_fn`` returns ``(loss, aux)``; the step then returns the stacked ``aux``.
       donate: donate the params and state buffers to the step (they are invalid afterwards).
 
@@ -347,7 +391,8 @@ def make_local_train_step(
       A :class:`LocalStep`.
     """
     n = _n_workers(mesh, axis_name)
-    for name, value in (("moments", moments), ("has_aux", has_aux), ("donate", donate)):
+    _average_names(average, average_second_moment)
+    for name, value in (("has_aux", has_aux), ("donate", donate)):
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be a Python bool, got {value!r}")
     if not callable(loss_fn):
@@ -362,7 +407,9 @@ def make_local_train_step(
         params = optax.apply_updates(params, updates)
 
         def synced(p, s):
-            new = average(p, s, axis_name, moments=moments)
+            new = _average(
+                p, s, axis_name, average=average, average_second_moment=average_second_moment
+            )
             return _as_varying(new, (p, s), axis_name)
 
         params, opt_state = jax.lax.cond(sync, synced, lambda p, s: (p, s), params, opt_state)
@@ -380,23 +427,60 @@ def make_local_train_step(
     return LocalStep(jitted, n, axis_name)
 
 
-def check_sync_mask(mask: Any, total_steps: int | None = None) -> np.ndarray:
-    """``mask`` as a 1-d numpy bool array (``sf_schedules.sync.sync_mask``'s result), checked:
-    bool dtype, non-empty, and ``total_steps`` entries when given."""
-    arr = np.asarray(mask)
-    if arr.dtype != np.bool_:
+def resolve_sync_mask(sync: Any, total_steps: int | None = None) -> np.ndarray:
+    """The sync flags of a run, one per step (True: average after that step), as a numpy bool
+    array, from any of the forms sf_torch.local's ``sync`` takes, or the flags themselves:
+
+    - a bool array or sequence (``sf_schedules.sync.sync_mask(rule, lrs)``), one per step;
+    - the sync steps: 1-based step counts, strictly increasing, the last the run's length
+      (``sf_schedules.sync.sync_steps(rule, lrs)``);
+    - ``(rule, lrs)`` or ``(rule, schedule, total_steps)``, handed to ``sync_mask``.
+
+    ``total_steps``, when given, must be the number of flags.
+    """
+    if (
+        isinstance(sync, (tuple, list))
+        and 2 <= len(sync) <= 3
+        and isinstance(sync[0], sync_rules.RULES)
+    ):
+        flags = sync_rules.sync_mask(*sync)
+    elif isinstance(sync, sync_rules.RULES):
         raise TypeError(
-            "sync mask must hold bools (one per step, True: average after that step), e.g. "
-            f"sf_schedules.sync.sync_mask(rule, lrs); got dtype {arr.dtype}"
+            "sync: a rule needs the run's learning rates: pass (rule, lrs) or "
+            "(rule, schedule, total_steps), or sf_schedules.sync.sync_mask(rule, lrs)"
         )
-    if arr.ndim != 1 or arr.size == 0:
-        raise ValueError(f"sync mask must be a non-empty 1-d array, got shape {arr.shape}")
-    if total_steps is not None and len(arr) != total_steps:
+    else:
+        arr = np.asarray(sync)
+        if arr.ndim != 1 or arr.size == 0:
+            raise ValueError(
+                "sync must be a non-empty 1-d sequence (bool flags per step, or 1-based sync "
+                f"steps), got shape {arr.shape}"
+            )
+        if arr.dtype == np.bool_:
+            flags = arr
+        elif np.issubdtype(arr.dtype, np.integer):
+            low = np.r_[1, arr[:-1] + 1]
+            bad = np.flatnonzero(arr < low)
+            if bad.size:
+                i = int(bad[0])
+                raise ValueError(
+                    f"sync[{i}] must be in [{int(low[i])}, inf) (1-based step counts, strictly "
+                    f"increasing), got {int(arr[i])}"
+                )
+            flags = np.zeros(int(arr[-1]), dtype=bool)
+            flags[arr - 1] = True
+        else:
+            raise TypeError(
+                "sync must hold bools (one flag per step, True: average after that step) or "
+                f"ints (1-based sync steps), got dtype {arr.dtype}; e.g. "
+                "sf_schedules.sync.sync_mask(rule, lrs)"
+            )
+    if total_steps is not None and len(flags) != total_steps:
         raise ValueError(
-            f"sync mask has {len(arr)} entries but the run has {total_steps} steps: compute it "
-            "for the run's learning rates (one per step)"
+            f"sync has {len(flags)} steps but the run has {total_steps}: compute it for the "
+            "run's learning rates (one per step)"
         )
-    return arr
+    return np.asarray(flags, dtype=bool)
 
 
 def run_local(
@@ -404,24 +488,25 @@ def run_local(
     params: optax.Params,
     opt_state: optax.OptState,
     batches: Iterable[Any],
-    mask: Any,
+    sync: Any,
 ) -> tuple[optax.Params, optax.OptState, np.ndarray]:
-    """Runs ``step`` over ``batches`` (one stacked batch per step), syncing where ``mask`` says.
+    """Runs ``step`` over ``batches`` (one stacked batch per step), syncing where ``sync`` says
+    (any form of :func:`resolve_sync_mask`: flags, sync steps, or ``(rule, lrs)``).
 
     Returns the final stacked params and state and the losses, shape ``(steps, n_workers)``.
-    The number of batches must equal ``len(mask)``.
+    There must be one batch per step of ``sync``.
     """
-    flags = check_sync_mask(mask)
+    flags = resolve_sync_mask(sync)
     if hasattr(batches, "__len__") and len(batches) != len(flags):
-        raise ValueError(f"sync mask has {len(flags)} steps but {len(batches)} batches came")
+        raise ValueError(f"sync has {len(flags)} steps but {len(batches)} batches came")
     losses = []
     for t, batch in enumerate(batches):
         if t >= len(flags):
-            raise ValueError(f"sync mask has {len(flags)} steps but more batches came")
+            raise ValueError(f"sync has {len(flags)} steps but more batches came")
         params, opt_state, loss, *_ = step(params, opt_state, batch, flags[t])
         losses.append(loss)
     if len(losses) != len(flags):
-        raise ValueError(f"sync mask has {len(flags)} steps but {len(losses)} batches came")
+        raise ValueError(f"sync has {len(flags)} steps but {len(losses)} batches came")
     return params, opt_state, np.asarray(jnp.stack(losses))
 
 

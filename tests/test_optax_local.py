@@ -152,6 +152,8 @@ def numpy_sf_adamw_workers(mask, moments):
 
 @pytest.mark.parametrize("moments", [False, True])
 def test_schedule_free_adamw_matches_numpy_workers(mesh, x64, moments):
+    """(b) y and z (and v with average_second_moment) equal across workers at every sync and
+    equal to K numpy workers; (c) one trace for the whole run."""
     mask = sf_mask()
     periods = np.diff(np.r_[0, np.flatnonzero(mask) + 1])
     assert len(set(periods.tolist())) >= 5  # (c) many different periods in one run
@@ -162,7 +164,7 @@ def test_schedule_free_adamw_matches_numpy_workers(mesh, x64, moments):
         return mlp_loss(p, batch)
 
     tx = sf_optax.adamw(LR, b1=B1, b2=B2, eps=EPS, weight_decay=WD, warmup_steps=WARMUP)
-    step = local.make_local_train_step(loss_fn, tx, mesh, moments=moments)
+    step = local.make_local_train_step(loss_fn, tx, mesh, average_second_moment=moments)
     params, state = local.local_init(tx, init_params(), mesh)
     expected = numpy_sf_adamw_workers(mask, moments)
     v_spread = []
@@ -251,6 +253,18 @@ def average_z_x(states):
     return mean_field(states, lambda s: sf_of(s).x, lambda s, x: with_sf(s, sf_of(s)._replace(x=x)))
 
 
+def average_z_v(states):
+    states = average_z(states)
+    get = lambda s: sf_of(s).base_state[0].nu  # noqa: E731
+
+    def put(s, nu):
+        sf = sf_of(s)
+        base = (sf.base_state[0]._replace(nu=nu), *sf.base_state[1:])
+        return with_sf(s, sf._replace(base_state=base))
+
+    return mean_field(states, get, put)
+
+
 def average_adam_moments(states):
     get = lambda s: (s[0].mu, s[0].nu)  # noqa: E731
     return mean_field(states, get, lambda s, m: (s[0]._replace(mu=m[0], nu=m[1]), *s[1:]))
@@ -259,23 +273,28 @@ def average_adam_moments(states):
 COMPOSITIONS = {
     "chain_clip_adamw": (
         lambda: optax.chain(optax.clip_by_global_norm(1.0), sf_optax.adamw(0.01, warmup_steps=3)),
-        False,
+        (),
         average_z,
     ),
     "sgd_exact_x_packed": (
         lambda: sf_optax.sgd(0.2, exact_x=True, pack_small_leaves=64),
-        False,
+        (),
         average_z_x,
     ),
     "optax_adamw_schedule": (
         lambda: optax.adamw(optax.cosine_decay_schedule(0.01, 12), weight_decay=0.01),
-        False,
+        (),
         lambda states: states,
     ),
     "optax_adamw_schedule_moments": (
         lambda: optax.adamw(optax.cosine_decay_schedule(0.01, 12), weight_decay=0.01),
-        True,
+        ("mu", "nu"),
         average_adam_moments,
+    ),
+    "inject_hyperparams_adamw_v": (
+        lambda: optax.inject_hyperparams(sf_optax.adamw)(learning_rate=0.01, warmup_steps=2),
+        ("nu",),
+        average_z_v,
     ),
 }
 
@@ -285,7 +304,7 @@ def test_compositions_match_workers_stepped_alone(mesh, name):
     make_tx, moments, average_state = COMPOSITIONS[name]
     tx, steps = make_tx(), 12
     mask = sync_mask(Constant(3), [1.0] * 10 + [0.5] * 2)
-    step = local.make_local_train_step(mlp_loss, tx, mesh, moments=moments)
+    step = local.make_local_train_step(mlp_loss, tx, mesh, average=moments)
     params, state = local.local_init(tx, init_params(np.float32), mesh)
     for t in range(steps):
         params, state, _ = step(params, state, as_jax(worker_batches(t, np.float32)), mask[t])
@@ -361,25 +380,45 @@ def test_batchnorm_stats_averaged_over_workers(mesh):
 # (f) clear errors
 
 
+def test_sync_forms_agree():
+    lrs = [0.01 * min(1.0, (t + 1) / 4) for t in range(30)]
+    rule = AveragingWindow(0.5, h_max=8, warmup_steps=4)
+    mask = sync_mask(rule, lrs)
+    steps = np.flatnonzero(mask) + 1
+    for form in (mask, list(mask), steps, tuple(int(s) for s in steps), (rule, lrs)):
+        np.testing.assert_array_equal(local.resolve_sync_mask(form, total_steps=30), mask)
+
+
 def test_errors_name_the_argument(mesh):
     tx = sf_optax.sgd(0.1)
-    with pytest.raises(TypeError, match="sync mask must hold bools"):
-        local.check_sync_mask(np.ones(5))
-    with pytest.raises(ValueError, match="sync mask has 5 entries but the run has 6 steps"):
-        local.check_sync_mask(np.ones(5, bool), total_steps=6)
+    with pytest.raises(TypeError, match="sync must hold bools .* or ints"):
+        local.resolve_sync_mask(np.ones(5))
+    with pytest.raises(ValueError, match="sync has 5 steps but the run has 6"):
+        local.resolve_sync_mask(np.ones(5, bool), total_steps=6)
     with pytest.raises(ValueError, match="non-empty 1-d"):
-        local.check_sync_mask(np.ones((2, 3), bool))
+        local.resolve_sync_mask(np.ones((2, 3), bool))
+    with pytest.raises(ValueError, match=r"sync\[2\] must be in \[5, inf\)"):
+        local.resolve_sync_mask([2, 4, 4])
+    with pytest.raises(TypeError, match="a rule needs the run's learning rates"):
+        local.resolve_sync_mask(Constant(2))
     with pytest.raises(ValueError, match=r"axis_name 'data' is not an axis of the mesh.*'workers'"):
         local.make_local_train_step(mlp_loss, tx, mesh, axis_name="data")
-    with pytest.raises(TypeError, match="moments must be a Python bool"):
-        local.make_local_train_step(mlp_loss, tx, mesh, moments=1)
+    with pytest.raises(TypeError, match="average_second_moment must be a Python bool"):
+        local.make_local_train_step(mlp_loss, tx, mesh, average_second_moment=1)
+    with pytest.raises(TypeError, match="average must be a sequence of state field names"):
+        local.make_local_train_step(mlp_loss, tx, mesh, average="nu")
     p = jax.tree.map(jnp.asarray, init_params(np.float32))
     with pytest.raises(ValueError, match=r"average must run inside jax.shard_map.*'workers'"):
         local.average(p, tx.init(p))
 
-    step = local.make_local_train_step(mlp_loss, tx, mesh)
+    # A field name found nowhere (sf_optax.sgd has no v): the error comes when the step traces.
+    sgd_v = local.make_local_train_step(mlp_loss, tx, mesh, average_second_moment=True)
     params, state = local.local_init(tx, p, mesh)
     batch = as_jax(worker_batches(0, np.float32))
+    with pytest.raises(ValueError, match=r"average names \['nu'\]: no state"):
+        sgd_v(params, state, batch, True)
+
+    step = local.make_local_train_step(mlp_loss, tx, mesh)
     with pytest.raises(TypeError, match="sync must be a bool"):
         step(params, state, batch, 1.0)
     with pytest.raises(TypeError, match="sync must be a bool.*int32"):
@@ -391,7 +430,7 @@ def test_errors_name_the_argument(mesh):
     with pytest.raises(ValueError, match="batch: every leaf needs a leading axis of length 4"):
         step(params, state, jax.tree.map(lambda a: a[:2], batch), True)
     batches = [batch] * 3
-    with pytest.raises(ValueError, match="sync mask has 2 steps but 3 batches"):
+    with pytest.raises(ValueError, match="sync has 2 steps but 3 batches"):
         local.run_local(step, params, state, batches[:3], np.array([False, True]))
     with pytest.raises(ValueError, match=r"index must be an int in \[0, 4\)"):
         local.worker(params, 4)
