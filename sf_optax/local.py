@@ -1,7 +1,9 @@
 """Local steps: workers along a mesh axis step on their own data and average every few steps.
 
 Each worker holds its own params and optimizer state; the step runs all of them at once under
-``jax.shard_map`` over one mesh axis (default ``"workers"``), one worker per device along it.
+``jax.shard_map`` over one mesh axis (default ``"workers"``), one worker per index along it (a
+worker's params may be sharded further over the mesh's other axes: :func:`local_init`'s
+``param_specs``).
 After a step the workers average (a ``pmean`` over the axis) when that step's ``sync`` flag is
 set. The flags come from one host-side list for the whole run, ``sf_schedules.sync.sync_mask``
 (the same list sf_torch's local steps use), and are handed to the step as an array argument, so
@@ -49,6 +51,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sf_optax._dtypes import compute_dtype
 from sf_optax.packing import PackedState
+from sf_optax.sharding import state_shardings as sf_optax_state_shardings
 from sf_optax.transform import ScheduleFreeState
 from sf_optax.views import eval_params
 from sf_schedules import sync as sync_rules
@@ -222,17 +225,43 @@ def _n_workers(mesh: Any, axis_name: Any) -> int:
     return int(mesh.shape[axis_name])
 
 
-def stack(tree: Any, mesh: Mesh, axis_name: Any = "workers") -> Any:
-    """One copy of ``tree`` per worker: every leaf gets a leading axis of length the number of
-    workers (``mesh.shape[axis_name]``), sharded over ``axis_name``."""
-    n = _n_workers(mesh, axis_name)
-    sharding = NamedSharding(mesh, PartitionSpec(axis_name))
+def _stacked_spec(spec: Any, axis_name: Any) -> PartitionSpec:
+    """``spec`` (one worker's leaf, over the other mesh axes) behind the workers' axis."""
+    if spec is None:
+        spec = PartitionSpec()
+    if not isinstance(spec, PartitionSpec):
+        raise TypeError(f"specs must hold PartitionSpecs, got {type(spec).__name__}")
+    for entry in spec:
+        names = entry if isinstance(entry, tuple) else (entry,)
+        if axis_name in names:
+            raise ValueError(
+                f"specs: {spec} uses the workers' axis {axis_name!r}; a worker's leaves may be "
+                "sharded over the mesh's other axes only"
+            )
+    return PartitionSpec(axis_name, *spec)
 
-    def copies(a):
+
+def stack(tree: Any, mesh: Mesh, axis_name: Any = "workers", specs: Any = None) -> Any:
+    """One copy of ``tree`` per worker: every leaf gets a leading axis of length the number of
+    workers (``mesh.shape[axis_name]``), sharded over ``axis_name``.
+
+    ``specs``: None (each worker's copy whole on its devices), or a tree of ``PartitionSpec``
+    shaped like ``tree`` sharding each worker's leaf over the mesh's other axes (e.g.
+    ``P(None, "model")`` on a ``("workers", "model")`` mesh); the step keeps that sharding.
+    """
+    n = _n_workers(mesh, axis_name)
+    leaves, treedef = jax.tree.flatten(tree)
+    if specs is None:
+        spec_leaves = [None] * len(leaves)
+    else:
+        spec_leaves = treedef.flatten_up_to(specs)
+
+    def copies(a, spec):
         a = jnp.asarray(a)
+        sharding = NamedSharding(mesh, _stacked_spec(spec, axis_name))
         return jax.device_put(jnp.broadcast_to(a[None], (n, *a.shape)), sharding)
 
-    return jax.tree.map(copies, tree)
+    return treedef.unflatten([copies(a, spec) for a, spec in zip(leaves, spec_leaves)])
 
 
 def local_init(
@@ -240,10 +269,27 @@ def local_init(
     params: optax.Params,
     mesh: Mesh,
     axis_name: Any = "workers",
+    param_specs: Any = None,
 ) -> tuple[optax.Params, optax.OptState]:
     """Every worker's params and ``tx.init(params)``, stacked (:func:`stack`): the workers start
-    from the same point."""
-    return stack(params, mesh, axis_name), stack(tx.init(params), mesh, axis_name)
+    from the same point.
+
+    ``param_specs``: None, or a tree of ``PartitionSpec`` shaped like ``params`` that shards
+    each worker's params over the mesh's other axes (workers x model sharding); the state
+    follows :func:`sf_optax.state_shardings` (buffers like their parameter, scalars whole).
+    """
+    state = tx.init(params)
+    if param_specs is None:
+        return stack(params, mesh, axis_name), stack(state, mesh, axis_name)
+    param_def = jax.tree.structure(params)
+    one = param_def.unflatten(
+        [NamedSharding(mesh, s) for s in param_def.flatten_up_to(param_specs)]
+    )
+    state_specs = jax.tree.map(lambda sh: sh.spec, sf_optax_state_shardings(tx, params, one))
+    return (
+        stack(params, mesh, axis_name, param_specs),
+        stack(state, mesh, axis_name, state_specs),
+    )
 
 
 def worker(tree: Any, index: int) -> Any:
@@ -379,7 +425,8 @@ def make_local_train_step(
       loss_fn: ``loss_fn(params, batch) -> loss`` (a scalar), or ``(loss, aux)`` with
         ``has_aux``; ``params`` and ``batch`` are one worker's, without the worker axis.
       tx: the optimizer, each worker's copy stepped on its own.
-      mesh: a mesh with the axis ``axis_name``; one worker per device along it.
+      mesh: a mesh with the axis ``axis_name``; one worker per index along it, each on the
+        devices of its slice (sharded over the other axes as its arrays are).
       axis_name: the workers' mesh axis.
       average, average_second_moment: further state fields averaged at a sync (see
         :func:`average`): ``average_second_moment=True`` for sf_optax's ``v``,
@@ -422,6 +469,9 @@ def make_local_train_step(
         mesh=mesh,
         in_specs=(spec, spec, spec, PartitionSpec()),
         out_specs=(spec,) * n_out,
+        # Manual over the workers' axis only: a worker's params may be sharded over the
+        # mesh's other axes (stack's specs), which XLA then handles inside each worker.
+        axis_names=frozenset({axis_name}),
     )
     jitted = jax.jit(sharded, donate_argnums=(0, 1) if donate else ())
     return LocalStep(jitted, n, axis_name)
@@ -554,7 +604,13 @@ def make_local_batch_stats(
         return jax.tree.map(lambda m, f: m.astype(f.dtype), mean, first)
 
     sharded = jax.jit(
-        jax.shard_map(one_worker, mesh=mesh, in_specs=(spec, spec), out_specs=PartitionSpec())
+        jax.shard_map(
+            one_worker,
+            mesh=mesh,
+            in_specs=(spec, spec),
+            out_specs=PartitionSpec(),
+            axis_names=frozenset({axis_name}),
+        )
     )
 
     def batch_stats(params, batches):

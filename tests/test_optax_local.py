@@ -321,6 +321,34 @@ def test_compositions_match_workers_stepped_alone(mesh, name):
         assert tree_rel(x, sf_optax.eval_params(ss[0], ps[0])) < 2e-6
 
 
+def test_workers_times_model_sharding_matches_workers_alone(mesh):
+    """4 workers, each sharded over a 2-device "model" axis (8 devices), against the 4-device
+    run: the same numbers to float32 round-off, and every buffer keeps its model sharding."""
+    from jax.sharding import PartitionSpec as P
+
+    mesh2 = Mesh(np.array(jax.devices()[:8]).reshape(K, 2), ("workers", "model"))
+    specs = {"w1": P(None, "model"), "b1": P("model"), "w2": P("model", None), "b2": P()}
+    tx = optax.chain(optax.clip_by_global_norm(1.0), sf_optax.adamw(0.01, warmup_steps=2))
+    mask = sync_mask(Constant(3), [1.0] * 6)
+    runs = []
+    for m, kw in ((mesh, {}), (mesh2, {"param_specs": specs})):
+        step = local.make_local_train_step(mlp_loss, tx, m, average_second_moment=True)
+        params, state = local.local_init(tx, init_params(np.float32), m, **kw)
+        for t in range(6):
+            params, state, _ = step(params, state, as_jax(worker_batches(t, np.float32)), mask[t])
+        runs.append((params, state))
+    (p1, s1), (p2, s2) = runs
+    for a, b in zip(jax.tree.leaves((p1, s1)), jax.tree.leaves((p2, s2))):
+        assert max_rel(b, a) < 1e-6
+    assert p2["w1"].sharding.spec == P("workers", None, "model")
+    sf = sf_optax.find_state(s2)
+    assert sf.z["w2"].sharding.spec == P("workers", "model")  # trailing None dropped
+    assert sf.base_state[0].nu["b1"].sharding.spec == P("workers", "model")
+    assert sf.count.sharding.spec == P("workers")
+    with pytest.raises(ValueError, match="uses the workers' axis 'workers'"):
+        local.stack(init_params(), mesh2, specs={**specs, "b2": P("workers")})
+
+
 # ---------------------------------------------------------------------------------------------
 # (e) BatchNorm statistics at x, re-estimated per worker and averaged
 
