@@ -3,19 +3,18 @@
 Each worker holds its own params and optimizer state; the step runs all of them at once under
 ``jax.shard_map`` over one mesh axis (default ``"workers"``), one worker per index along it (a
 worker's params may be sharded further over the mesh's other axes: :func:`local_init`'s
-``param_specs``).
-After a step the workers average (a ``pmean`` over the axis) when that step's ``sync`` flag is
-set. The flags come from one host-side list for the whole run, ``sf_schedules.sync.sync_mask``
-(the same list sf_torch's local steps use), and are handed to the step as an array argument, so
-that one compiled step serves every period.
+``param_specs``). After a step the workers average (a ``pmean`` over the axis) when that step's
+``sync`` flag is set. The flags come from one host-side list for the whole run,
+``sf_schedules.sync.sync_mask`` (the same schedule sf_torch's local steps use), and are handed
+to the step as an array argument, so that one compiled step serves every period.
 
 What a sync averages (:func:`average`): the params and, inside every sf_optax state in any
 nesting, ``z`` (and the stored ``x`` with ``exact_x``). ``x = (y - (1 - b1) z) / b1`` is then
-averaged exactly, being the same linear map of ``y`` and ``z`` on every worker. The second moment
-``v`` (and other optax transformations' buffers: optax.adamw's ``mu`` and ``nu``) stays per
-worker unless asked for (``average_second_moment=True``, ``average=("mu", "nu")``), as in
-sf_torch.local. The counters (``k``, ``weight_sum``, ``lr_max``) are identical on every worker
-and never communicated.
+averaged exactly (up to the rounding of the map), being the same linear map of ``y`` and ``z``
+on every worker. The second moment ``v`` (and other optax transformations' buffers:
+optax.adamw's ``mu`` and ``nu``) stays per worker unless asked for
+(``average_second_moment=True``, ``average=("mu", "nu")``), as in sf_torch.local. The counters
+(``k``, ``weight_sum``, ``lr_max``) are identical on every worker and never communicated.
 
     mask = sf_schedules.sync.sync_mask(QSR(h_base=4, alpha=0.01), lrs)     # host, float64
     mesh = jax.make_mesh((n_workers,), ("workers",))
@@ -25,12 +24,16 @@ and never communicated.
         params, opt_state, losses = step(params, opt_state, batch, mask[t])
     x = sf_optax.local.local_eval_params(params, opt_state)                 # evaluate here
 
+(:func:`run_local` is that loop, taking the sync as flags, sync steps or ``(rule, lrs)``.)
+
 On GPUs: the mesh axis runs over the devices, ``jax.make_mesh((jax.device_count(),),
 ("workers",))``, one worker per GPU. On several hosts, call ``jax.distributed.initialize()`` on
 each process first (before any other JAX call); ``jax.devices()`` then lists every host's GPUs,
 the same mesh spans them, and each process feeds the batches of its own devices' workers (e.g.
 ``jax.make_array_from_process_local_data`` with ``NamedSharding(mesh, P("workers"))``). Only
-the syncs cross the network.
+the syncs cross the network. Workers x model sharding: a mesh such as ``("workers", "model")``
+and ``local_init(..., param_specs=...)``; the sync's ``pmean`` then runs between the devices
+that hold the same shard.
 
 BatchNorm at the averaged ``x``: :func:`make_local_batch_stats` has every worker re-estimate the
 statistics at ``x`` from a few of its own batches (the mean over batches) and averages them over

@@ -471,3 +471,10 @@ def test_errors_name_the_argument(mesh):
         p2, s2, _ = step(p2, s2, batch, mask[t])
     assert spread(p1) == 0.0
     np.testing.assert_array_equal(np.asarray(p1["w1"]), np.asarray(p2["w1"]))
+    # has_aux: the aux comes back stacked, one per worker.
+    aux_step = local.make_local_train_step(
+        lambda q, b: (mlp_loss(q, b), {"n": b["x"].shape[0]}), tx, mesh, has_aux=True
+    )
+    _, _, loss, aux = aux_step(params, state, batch, False)
+    np.testing.assert_array_equal(np.asarray(aux["n"]), [N] * K)
+    np.testing.assert_allclose(np.asarray(loss), np.asarray(losses[0]), rtol=1e-6)
