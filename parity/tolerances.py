@@ -52,3 +52,31 @@ def limits(role: str, dtype: str, expected_difference: str | None = None) -> dic
         return {}
     roles, checked = _CHECKED[dtype]
     return dict(checked) if role in roles else {}
+
+
+# -- The divergence finder (parity.own.divergence) ----------------------------------------------
+# One batch through a torch model and its Flax twin holding identical weights; every module's
+# output and every parameter gradient is compared as max|flax - torch| / max|torch|. Two correct
+# ports differ there only by the order of floating-point operations (summation order inside
+# matmuls, reductions, fused vs unfused kernels): a few ulps per operation, grown by the
+# conditioning of what follows (LayerNorm divides by a standard deviation, softmax exponentiates)
+# over a few dozen layers. Measured on the transformers twins (RoBERTa, ELECTRA, ViT) and small
+# MLPs: <= ~1e-13 in float64 and <= ~1e-5 in float32, for outputs and gradients alike. The
+# porting mistakes the finder is for change a module's output by far more than that (a LayerNorm
+# epsilon of 1e-3 for 1e-12 by ~1e-4..1e-3 relative, the tanh GELU for the exact one by ~1e-4):
+# float64 separates the two by orders of magnitude on each side, float32 only just, so float64 is
+# the dtype to look for a porting mistake in; float32 tells whether a port holds in float32.
+DIVERGENCE_FLOAT64_RELATIVE = 1e-9  # 1e4 x the float64 round-off measured, 1e-5 x a real bug
+DIVERGENCE_FLOAT32_RELATIVE = 1e-4  # ~10 x the float32 round-off measured (eps32 ~ 1.2e-7)
+
+_DIVERGENCE = {"float64": DIVERGENCE_FLOAT64_RELATIVE, "float32": DIVERGENCE_FLOAT32_RELATIVE}
+
+
+def divergence_tolerance(dtype: str) -> float:
+    """The divergence finder's relative limit for ``dtype`` ("float64" or "float32")."""
+    if dtype not in _DIVERGENCE:
+        raise ValueError(
+            f"the divergence finder has tolerances for {sorted(_DIVERGENCE)}, got {dtype!r}; "
+            "pass rtol= for another dtype"
+        )
+    return _DIVERGENCE[dtype]

@@ -1,0 +1,358 @@
+"""parity.own.divergence: the finder names the module where a port parts from its original.
+
+Every check here rests on something the finder did not produce: the site where a porting
+mistake was injected (``parity.own.hf.BUG_SITES`` for the transformers twins, the module a
+hand-written nnx twin gets wrong), transformers' own loss with weights loaded by transformers'
+own converter (independent of ``parity.own.mapping``), and gradients computed here directly.
+"""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+jax = pytest.importorskip("jax")
+nnx = pytest.importorskip("flax.nnx")
+
+import jax.numpy as jnp  # noqa: E402
+
+from parity.own import divergence  # noqa: E402
+from parity.tolerances import divergence_tolerance  # noqa: E402
+
+torch.set_num_threads(1)
+
+F64 = divergence_tolerance("float64")
+
+
+# -- transformers twins -------------------------------------------------------------------------
+
+
+def _hf_pair(arch: str, bug: str | None, dtype: str = "float64"):
+    hf = pytest.importorskip("parity.own.hf")
+    pytest.importorskip("transformers")
+    with jax.enable_x64(dtype == "float64"):
+        if bug == "gelu":
+            # the tanh GELU as a module: hf._inject's lambda is refused by torch (a child
+            # module cannot be replaced by a function), so the mistake is injected here, at
+            # the same site
+            pair = getattr(hf, arch)(dtype)
+            site = hf.BUG_SITES[arch]["gelu"]
+            pair.torch_model.get_submodule(site).intermediate_act_fn = torch.nn.GELU(
+                approximate="tanh"
+            )
+            pair.notes = {"bug_site": site}
+        else:
+            pair = getattr(hf, arch)(dtype, bug=bug)
+    return pair
+
+
+def _batch(pair):
+    # transformers' Flax ViT casts pixel_values to float32 before its first layer, so a float64
+    # comparison needs pixels that float32 holds exactly
+    return {
+        k: v.astype(np.float32).astype(v.dtype) if np.issubdtype(v.dtype, np.floating) else v
+        for k, v in pair.batches[0].items()
+    }
+
+
+_FOUND: dict = {}
+
+
+def _found(arch, bug, dtype="float64"):
+    key = (arch, bug, dtype)
+    if key not in _FOUND:
+        pair = _hf_pair(arch, bug, dtype)
+        _FOUND[key] = (pair, divergence.find_pair(pair) if arch != "vit" else _find_vit(pair))
+    return _FOUND[key]
+
+
+def _find_vit(pair):
+    return divergence.find(
+        pair.torch_model,
+        pair.flax_model,
+        pair.torch_loss,
+        pair.flax_loss,
+        _batch(pair),
+        variables=pair.variables,
+    )
+
+
+@pytest.mark.parametrize(
+    "arch,bug",
+    [
+        ("roberta", "layernorm_eps"),
+        ("roberta", "gelu"),
+        ("vit", "layernorm_eps"),
+        ("vit", "gelu"),
+        ("electra", "layernorm_eps"),
+    ],
+)
+def test_names_the_injected_layer(arch, bug):
+    pair, found = _found(arch, bug)
+    site = pair.notes["bug_site"]
+    assert found.kind == "output", str(found)
+    assert found.first == site, str(found)
+    assert found.figure == found.row(site).output > 1e3 * F64
+    # every module the batch reached before the site agrees to round-off
+    before = [r for r in found.rows if r.output is not None][
+        : [r.torch_name for r in found.rows].index(site)
+    ]
+    assert before and max(r.output for r in before) < 1e-12
+    if bug == "gelu":
+        # the wrong activation is a torch-only child (transformers' Flax MLP calls a function):
+        # not compared, so its parent, the bug site, is the first module that differs
+        assert f"{site}.intermediate_act_fn" in found.unmatched["torch"]
+    parsed = json.loads(found.to_json())
+    assert parsed["first"] == site and parsed["kind"] == "output"
+    assert site in str(found) and "first divergence" in str(found)
+
+
+def _transformers_losses(pair, batch):
+    """transformers' own torch loss (the model's ``labels=`` path), and the Flax loss with the
+    weights loaded by transformers' converter."""
+    from transformers.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax
+
+    model = pair.torch_model
+    tb = {k: torch.from_numpy(v) for k, v in batch.items()}
+    with torch.no_grad():
+        own = float(model(**tb).loss)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    wrapper = SimpleNamespace(
+        params=pair.variables["params"], base_model_prefix=model.base_model_prefix
+    )
+    params = convert_pytorch_state_dict_to_flax(state, wrapper)
+    jb = {k: jnp.asarray(v) for k, v in batch.items()}
+    converted = float(jax.jit(pair.flax_loss)({"params": params}, jb))
+    return own, converted
+
+
+@pytest.mark.parametrize("arch", ["roberta", "vit"])
+def test_clean_port_agrees_with_transformers(arch):
+    pair, found = _found(arch, None)
+    assert found.kind is None and found.first is None, str(found)
+    assert "no divergence" in str(found)
+    with jax.enable_x64(True):
+        own, converted = _transformers_losses(pair, _batch(pair))
+    for loss in (found.losses["torch"], found.losses["flax"], converted):
+        assert abs(loss - own) <= 1e-10 * abs(own)
+    # outputs were compared (the conv's NCHW against NHWC too), not skipped
+    compared = [r for r in found.rows if r.output is not None]
+    assert len(compared) >= 30 and max(r.output for r in compared) < 1e-12
+    if arch == "vit":
+        assert found.row("vit.embeddings.patch_embeddings.projection").output < 1e-12
+
+
+def test_zero_gradient_is_compared_against_the_gradient_scale():
+    pair, found = _found("roberta", None)
+    # the key bias: softmax ignores a constant added to every score, so its exact gradient is
+    # zero and what both frameworks hold is rounding noise (computed here, outside the finder)
+    model = pair.torch_model
+    tb = {k: torch.from_numpy(v) for k, v in pair.batches[0].items()}
+    model.zero_grad()
+    pair.torch_loss(model, tb).backward()
+    name = "roberta.encoder.layer.0.attention.self.key"
+    bias = model.get_submodule(name).bias.grad.abs().max().item()
+    scale = max(p.grad.abs().max().item() for p in model.parameters() if p.grad is not None)
+    model.zero_grad(set_to_none=True)
+    assert bias < 1e-14 * scale
+    assert found.gradient_scale == pytest.approx(scale, rel=1e-12)
+    row = found.row(name)
+    assert "bias" in row.absolute and row.parameters["bias"] < 1e-12
+    assert "weight" not in row.absolute
+
+
+def test_float32_clean_port_agrees():
+    pair = _hf_pair("roberta", None, "float32")
+    found = divergence.find_pair(pair)
+    assert found.dtype == "float32" and found.tolerance == divergence_tolerance("float32")
+    assert found.kind is None, str(found)
+    assert max(r.output for r in found.rows if r.output is not None) < 1e-5
+
+
+# -- a hand-written nnx twin --------------------------------------------------------------------
+
+VOCAB, WIDTH, HIDDEN, CLASSES = 11, 8, 16, 3
+
+
+class TorchMaskedMean(torch.nn.Module):
+    def forward(self, h, mask):
+        m = mask[..., None].to(h.dtype)
+        return (h * m).sum(1) / m.sum(1)
+
+
+class TorchTokens(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(VOCAB, WIDTH)
+        self.hidden = torch.nn.Linear(WIDTH, HIDDEN)
+        self.act = torch.nn.GELU()
+        self.pool = TorchMaskedMean()
+        self.head = torch.nn.Linear(HIDDEN, CLASSES)
+
+    def forward(self, ids, mask):
+        return self.head(self.pool(self.act(self.hidden(self.embed(ids))), mask))
+
+
+class FlaxGelu(nnx.Module):
+    def __init__(self, approximate: bool):
+        self.approximate = approximate
+
+    def __call__(self, x):
+        return jax.nn.gelu(x, approximate=self.approximate)
+
+
+class FlaxMaskedMean(nnx.Module):
+    def __init__(self, ignore_mask: bool):
+        self.ignore_mask = ignore_mask
+
+    def __call__(self, h, mask):
+        if self.ignore_mask:  # the porting mistake: padding averaged in
+            return h.mean(1)
+        m = mask[..., None].astype(h.dtype)
+        return (h * m).sum(1) / m.sum(1)
+
+
+class FlaxTokens(nnx.Module):
+    def __init__(self, bug, dtype, rngs):
+        kw = dict(dtype=dtype, param_dtype=dtype, rngs=rngs)
+        self.embed = nnx.Embed(VOCAB, WIDTH, **kw)
+        self.hidden = nnx.Linear(WIDTH, HIDDEN, **kw)
+        self.act = FlaxGelu(approximate=bug == "gelu")
+        self.pool = FlaxMaskedMean(ignore_mask=bug == "mask")
+        self.head = nnx.Linear(HIDDEN, CLASSES, **kw)
+
+    def __call__(self, ids, mask):
+        return self.head(self.pool(self.act(self.hidden(self.embed(ids))), mask))
+
+
+def _token_batch():
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, VOCAB, size=(4, 6))
+    mask = (np.arange(6)[None] < np.array([[6], [3], [4], [2]])).astype(np.int64)
+    return {"ids": ids, "mask": mask, "labels": rng.integers(0, CLASSES, size=4)}
+
+
+def _torch_xent(model, batch):
+    logits = model(batch["ids"], batch["mask"])
+    return torch.nn.functional.cross_entropy(logits, batch["labels"])
+
+
+def _flax_xent(model, batch):
+    logits = model(batch["ids"], batch["mask"])
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.take_along_axis(logp, batch["labels"][:, None], axis=-1).mean()
+
+
+def _tokens(bug, dtype="float64"):
+    torch.manual_seed(0)
+    with jax.enable_x64(dtype == "float64"):
+        flax_model = FlaxTokens(bug, jnp.dtype(dtype), nnx.Rngs(0))
+    return TorchTokens().to(getattr(torch, dtype)), flax_model
+
+
+@pytest.mark.parametrize(
+    "bug,site,dtype",
+    [
+        ("gelu", "act", "float64"),
+        ("mask", "pool", "float64"),
+        (None, None, "float64"),
+        # the tanh GELU differs from the exact one by <= ~5e-4 absolute, 1.9e-4 of this
+        # activation's range: float32's tolerance (1e-4) only just sees it, so it is not
+        # asserted there; a padding mask ignored is plain in both
+        ("mask", "pool", "float32"),
+        (None, None, "float32"),
+    ],
+)
+def test_nnx_twin(bug, site, dtype):
+    torch_model, flax_model = _tokens(bug, dtype)
+    before = {k: np.array(v) for k, v in nnx.to_flat_state(nnx.state(flax_model, nnx.Param))}
+    found = divergence.find(torch_model, flax_model, _torch_xent, _flax_xent, _token_batch())
+    assert found.first == site, str(found)
+    assert found.kind == ("output" if bug else None)
+    if bug:
+        assert found.figure > 1e-4
+        assert found.row("embed").output == 0.0  # a gather: exact in both
+        assert found.row("hidden").output < 1e-2 * found.tolerance
+    # nothing left behind: the nnx model keeps its own weights, torch has no gradients
+    after = {k: np.array(v) for k, v in nnx.to_flat_state(nnx.state(flax_model, nnx.Param))}
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in torch_model.parameters())
+    assert torch.get_num_threads() == 1
+
+
+class TorchConvNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 5, 3, padding=1)
+        self.act = torch.nn.ReLU()
+        self.head = torch.nn.Linear(5, CLASSES)
+
+    def forward(self, x):
+        return self.head(self.act(self.conv(x)).mean((2, 3)))
+
+
+class FlaxRelu(nnx.Module):
+    def __call__(self, x):
+        return jax.nn.relu(x)
+
+
+class FlaxConvNet(nnx.Module):
+    def __init__(self, dtype, rngs):
+        kw = dict(dtype=dtype, param_dtype=dtype, rngs=rngs)
+        self.conv = nnx.Conv(3, 5, (3, 3), padding="SAME", **kw)
+        self.act = FlaxRelu()
+        self.head = nnx.Linear(5, CLASSES, **kw)
+
+    def __call__(self, x):  # x: NCHW, as torch's
+        return self.head(self.act(self.conv(jnp.transpose(x, (0, 2, 3, 1)))).mean((1, 2)))
+
+
+def test_conv_outputs_compared_across_layouts():
+    torch.manual_seed(1)
+    with jax.enable_x64(True):
+        flax_model = FlaxConvNet(jnp.float64, nnx.Rngs(1))
+    rng = np.random.default_rng(1)
+    batch = {"x": rng.normal(size=(2, 3, 6, 6)), "labels": np.array([0, 2])}
+
+    def torch_loss(model, b):
+        return torch.nn.functional.cross_entropy(model(b["x"]), b["labels"])
+
+    def flax_loss(model, b):
+        logp = jax.nn.log_softmax(model(b["x"]), axis=-1)
+        return -jnp.take_along_axis(logp, b["labels"][:, None], axis=-1).mean()
+
+    found = divergence.find(TorchConvNet().double(), flax_model, torch_loss, flax_loss, batch)
+    assert found.kind is None, str(found)
+    for name in ("conv", "act"):  # (2, 5, 6, 6) against (2, 6, 6, 5)
+        assert found.row(name).output < 1e-13
+
+
+# -- errors -------------------------------------------------------------------------------------
+
+
+def test_errors_name_the_argument():
+    torch_model, flax_model = _tokens(None)
+    batch = _token_batch()
+    args = (torch_model, flax_model, _torch_xent, _flax_xent)
+    with pytest.raises(TypeError, match="batch"):
+        divergence.find(*args, [batch])
+    with pytest.raises(TypeError, match=r"batch\['ids'\] must be a numpy array"):
+        divergence.find(*args, {**batch, "ids": torch.from_numpy(batch["ids"])})
+    with pytest.raises(ValueError, match="torch_loss must return a scalar"):
+        divergence.find(
+            torch_model, flax_model, lambda m, b: m(b["ids"], b["mask"]), _flax_xent, batch
+        )
+    with pytest.raises(ValueError, match="flax_loss must return a scalar"):
+        divergence.find(
+            torch_model, flax_model, _torch_xent, lambda m, b: m(b["ids"], b["mask"]), batch
+        )
+    with pytest.raises(ValueError, match="dtype"):
+        divergence.find(*args, batch, dtype="float32")
+    # a torch model the mapping cannot pair: the mapping's own error
+    torch_model.extra = torch.nn.Linear(7, 9).double()
+    with pytest.raises(ValueError, match="cannot pair"):
+        divergence.find(*args, batch)
