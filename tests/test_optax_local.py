@@ -198,6 +198,29 @@ def test_schedule_free_adamw_matches_numpy_workers(mesh, x64, moments):
     assert step.compilations() == 1
 
 
+def test_no_communication_outside_the_sync_branch(mesh):
+    """The compiled step's all-reduces all sit in a branch of the sync's conditional: a step
+    without a sync communicates nothing."""
+    tx = sf_optax.adamw(0.01)
+    step = local.make_local_train_step(mlp_loss, tx, mesh, average_second_moment=True)
+    params, state = local.local_init(tx, init_params(np.float32), mesh)
+    batch = as_jax(worker_batches(0, np.float32))
+    hlo = step.jitted.lower(params, state, batch, jnp.asarray(True)).compile().as_text()
+    where, seen = None, {}
+    for line in hlo.splitlines():
+        if line.rstrip().endswith("{") and not line.startswith(" "):
+            where = line.split()[0] if not line.startswith("ENTRY") else "ENTRY"
+        if " all-reduce(" in line or " all-reduce-start(" in line:
+            seen[where] = seen.get(where, 0) + 1
+    entry = next(line for line in hlo.splitlines() if line.startswith("ENTRY"))
+    body = hlo[hlo.index(entry) :]
+    branches = [
+        b.strip("%") for b in body.split("branch_computations={", 1)[1].split("}")[0].split(", ")
+    ]
+    assert seen and "ENTRY" not in seen
+    assert all(name.strip("%") in branches for name in seen)
+
+
 # ---------------------------------------------------------------------------------------------
 # (d) compositions: optax.chain around sf_optax, packed states, plain optax with a schedule
 
