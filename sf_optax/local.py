@@ -310,8 +310,9 @@ def local_eval_params(
     """The evaluation point ``x`` (:func:`sf_optax.eval_params`) from stacked per-worker trees.
 
     ``index=None``: ``x`` of the workers' average (the params and ``z``/``x`` averaged over the
-    workers, as a sync does, then viewed at ``x``), what every worker holds right after a sync;
-    ``index=i``: worker ``i``'s own ``x``.
+    workers, as a sync does, then viewed at ``x``), what every worker holds right after a sync
+    (to the rounding of this mean; ``index=0`` then gives the workers' bits); ``index=i``:
+    worker ``i``'s own ``x``.
     """
     if index is not None:
         return eval_params(worker(opt_state, index), worker(params, index))
