@@ -30,12 +30,17 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import types
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 
+from sf_schedules import sync as sync_rules
+from sf_schedules import validation
+
+from . import local as local_steps
 from . import rule
 from .optimizers import (
     AdamWScheduleFree,
@@ -79,6 +84,8 @@ def initialize(
     optimizer: Any = None,
     model_parameters: Any = None,
     config: Any = None,
+    *,
+    local_steps_lrs: Sequence[float] | Callable[[int], float] | None = None,
     **kwargs: Any,
 ):
     """``deepspeed.initialize`` for schedule-free optimizers; returns what it returns.
@@ -90,14 +97,22 @@ def initialize(
     ``zero_allow_untested_optimizer`` under ZeRO and ``zero_force_ds_cpu_optimizer: false``
     with optimizer offload, unless the config sets them. Note DeepSpeed's default
     ``gradient_clipping`` is 1.0.
-    """
-    import deepspeed
 
+    Local steps: a ``"local_steps"`` section in the config (see the section "local steps"
+    below: rule, constants, ``total_steps``) makes every rank step on its own gradients and
+    average at the rule's sync steps; ZeRO stage 0 only. ``local_steps_lrs``: the learning
+    rate of every step (a list, or ``lr(t)``) for the rules that read them, needed where a
+    scheduler sets the learning rates; by default they are the optimizer's (first param
+    group's ``lr`` with its warmup, or RAdam's rectification).
+    """
     if config is None and args is not None and getattr(args, "deepspeed_config", None):
         config = args.deepspeed_config
         args = copy.copy(args)
         args.deepspeed_config = None
     cfg = _read_config(config)
+    local_section = cfg.pop("local_steps", None)
+    if local_section is not None:
+        _check_local_stage(cfg)
     opt_config = cfg.get("optimizer")
     if opt_config and opt_config.get("type") in OPTIMIZERS:
         if optimizer is not None:
@@ -122,6 +137,15 @@ def initialize(
     if offload.get("device", "none") not in (None, "none"):
         cfg.setdefault("zero_force_ds_cpu_optimizer", False)
 
+    local = None
+    if local_section is not None:
+        scheduled = "scheduler" in cfg or kwargs.get("lr_scheduler") is not None
+        local = _LocalSteps.from_config(local_section, optimizer, local_steps_lrs, scheduled)
+    elif local_steps_lrs is not None:
+        raise ValueError("local_steps_lrs: the config has no local_steps section")
+
+    import deepspeed
+
     _own_steps(optimizer)
     engine, ds_optimizer, loader, scheduler = deepspeed.initialize(
         args=args,
@@ -132,6 +156,8 @@ def initialize(
         **kwargs,
     )
     _attach(engine, optimizer)
+    if local is not None:
+        _attach_local(engine, optimizer, local)
     return engine, ds_optimizer, loader, scheduler
 
 
@@ -207,10 +233,15 @@ def _attach(engine: Any, client: ScheduleFreeOptimizer) -> None:
         counter[0] += 1
         setattr(client, _SCOPE, counter[0])
         client._sf_counted = set()
+        k = float(client.param_groups[0]["k"]) if client.param_groups else None
         try:
-            return inner_step(*args, **kwargs)
+            result = inner_step(*args, **kwargs)
         finally:
             setattr(client, _SCOPE, None)
+        local = getattr(engine, "_sf_local", None)
+        if local is not None and k is not None and float(client.param_groups[0]["k"]) != k:
+            local.after_step(engine)  # a step taken (not one DeepSpeed skipped)
+        return result
 
     wrapper.step = engine_step
     engine._sf_client = client
@@ -225,9 +256,15 @@ def _attach(engine: Any, client: ScheduleFreeOptimizer) -> None:
     load = engine.load_checkpoint
 
     def load_checkpoint(load_dir: str, tag: str | None = None, **kwargs: Any):
+        local = getattr(engine, "_sf_local", None)
+        if local is not None:
+            tag = local.tag_to_load(load_dir, tag)
+            saved = local.read(engine, load_dir, tag)  # checked before anything is loaded
         result = load(load_dir, tag, **kwargs)
         if engine.load_universal_checkpoint() and hasattr(wrapper, "fp32_partitioned_groups_flat"):
             _after_universal_load(engine, load_dir, tag)
+        if local is not None:
+            local.restore(engine, saved)
         # The checkpoint restored the masters (y, or x where they are the weights) and the
         # mode; the model's own weights must show that mode's view.
         if not _in_place(engine):
@@ -454,3 +491,287 @@ def _after_universal_load(engine: Any, load_dir: str, tag: str | None) -> None:
     )["param_groups"]
     for group, saved_group in zip(client.param_groups, saved):
         group.update({k: v for k, v in saved_group.items() if k != "params"})
+
+
+# -- local steps -------------------------------------------------------------------------------
+#
+# A "local_steps" section in the DeepSpeed config: every rank steps on its own gradients and the
+# ranks average after the sync steps of a rule of sf_schedules.sync, as sf_torch.local.LocalSteps
+# does around a plain optimizer (its module docstring says what is averaged, why that averages
+# x exactly, and how the mean rounds):
+#
+#     "local_steps": {"rule": "qsr", "h_base": 4, "alpha": 0.01, "power": 2, "h_warm": 1,
+#                     "warmup_steps": 0, "total_steps": 10000}
+#
+# - Rules and their keys: "constant" (period), "qsr" (h_base, alpha, power, h_warm,
+#   warmup_steps, h_max), "inverse_lr" (qsr's without power), "schedule_free_qsr" (qsr's; b1, r
+#   and weight_lr_power are the optimizer's), "averaging_window" (fraction, h_base, h_max,
+#   warmup_steps, h_warm; r and weight_lr_power the optimizer's). Every section also has
+#   "total_steps" (the run's optimizer steps; required) and "average_second_moment" (false: v
+#   stays per rank).
+# - ZeRO stage 0 only (stages 1-3 partition the optimizer state across the ranks, which then
+#   hold no model of their own to step): a ValueError names the stage.
+# - Between syncs nothing is all-reduced: the engine's gradient all-reduce is switched off for
+#   good (engine.enable_backward_allreduce = False, DeepSpeed's own switch for optimizers that
+#   communicate themselves; with it off, DeepSpeed's bf16/fp16 wrapper all-reduces its overflow
+#   flag over the world, so every rank skips the same steps). A step counts when the client
+#   optimizer took it (its k advanced).
+# - At a sync step the client's params (fp32: the model's weights; bf16: DeepSpeed's fp32
+#   masters) and z (and v if asked) are averaged, one flat all-reduce per (device, dtype), and
+#   under bf16 the model's bf16 weights are written again from the averaged masters, so every
+#   rank ends with the same masters and the same bf16 weights. eval(engine) after a sync gives
+#   the averaged x; mid-round each rank's own (sync_now(engine) first).
+# - Checkpoints: DeepSpeed's ZeRO-0 files hold rank 0's model and optimizer only; with local
+#   steps every rank also writes "sf_local_rank{r}.pt" into the tag folder (its module weights,
+#   the client's state dict, bf16 masters, and the local-steps state), and load_checkpoint reads
+#   it back on every rank after DeepSpeed's own load: every rank resumes bitwise.
+
+_LOCAL_RULES: dict[str, tuple[type, tuple[str, ...]]] = {
+    "constant": (sync_rules.Constant, ("period",)),
+    "qsr": (sync_rules.QSR, ("h_base", "alpha", "power", "h_warm", "warmup_steps", "h_max")),
+    "inverse_lr": (sync_rules.QSR, ("h_base", "alpha", "h_warm", "warmup_steps", "h_max")),
+    "schedule_free_qsr": (
+        sync_rules.ScheduleFreeQSR,
+        ("h_base", "alpha", "power", "h_warm", "warmup_steps", "h_max"),
+    ),
+    "averaging_window": (
+        sync_rules.AveragingWindow,
+        ("fraction", "h_base", "h_max", "warmup_steps", "h_warm"),
+    ),
+}
+_LOCAL_COMMON = ("rule", "total_steps", "average_second_moment")
+_RANK_FILE = "sf_local_rank{}.pt"
+
+
+def _check_local_stage(cfg: dict) -> None:
+    zero = cfg.get("zero_optimization") or {}
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
+    if stage not in (0, False, None):
+        raise ValueError(
+            f"local_steps: zero_optimization.stage must be 0 with local steps, got stage {stage} "
+            "(ZeRO stages 1-3 partition the optimizer state across the ranks, so no rank holds "
+            "a model of its own to step between syncs)"
+        )
+
+
+class _LocalSteps:
+    """The local-steps state of an engine: the sync steps, the steps taken, what is averaged."""
+
+    def __init__(self, sync_steps: tuple[int, ...], record: dict, average: tuple[str, ...]):
+        self.sync_steps = sync_steps
+        self.sync_set = frozenset(sync_steps)
+        self.rule = record
+        self.average = average
+        self.steps_taken = 0
+        self.syncs = 0
+        self.group = None
+        self.world_size = 1
+
+    @classmethod
+    def from_config(
+        cls, section: Any, client: ScheduleFreeOptimizer, lrs: Any, scheduled: bool
+    ) -> _LocalSteps:
+        if not isinstance(section, dict):
+            raise ValueError(
+                f"local_steps must be a JSON object (rule, its constants, total_steps), got "
+                f"{type(section).__name__}"
+            )
+        name = section.get("rule")
+        if name not in _LOCAL_RULES:
+            raise ValueError(f"local_steps.rule must be in {tuple(_LOCAL_RULES)}, got {name!r}")
+        kind, keys = _LOCAL_RULES[name]
+        for key in section:
+            if key not in keys and key not in _LOCAL_COMMON:
+                raise ValueError(
+                    f"local_steps.{key}: not a key of rule {name!r} (its keys: "
+                    f"{', '.join(keys + _LOCAL_COMMON[1:])})"
+                )
+        if "total_steps" not in section:
+            raise ValueError(
+                "local_steps.total_steps is required (the run's optimizer steps, in "
+                "{1, 2, 3, ...}): the sync schedule is computed for the whole run up front"
+            )
+        total = validation.check_count("local_steps.total_steps", section["total_steps"], 1)
+        average_v = section.get("average_second_moment", False)
+        validation.check_choice("local_steps.average_second_moment", average_v, (True, False))
+        if average_v and client.kind == "sgd":
+            raise ValueError(
+                "local_steps.average_second_moment: SGDScheduleFree has no second moment, "
+                "must be in (false,), got true"
+            )
+        kwargs = {key: section[key] for key in keys if key in section}
+        group = client.param_groups[0]
+        if name == "inverse_lr":
+            kwargs["power"] = 1.0
+        if name == "schedule_free_qsr":
+            kwargs["b1"] = rule.b1_of(group, client.kind)
+        if name in ("schedule_free_qsr", "averaging_window"):
+            kwargs.update(r=group["r"], weight_lr_power=group["weight_lr_power"])
+        try:
+            sync_rule = kind(**kwargs)
+        except TypeError as err:  # a required constant missing
+            raise ValueError(f"local_steps (rule {name!r}): {err}") from None
+        except ValueError as err:
+            raise ValueError(f"local_steps.{err}") from None
+        if lrs is None:
+            if scheduled and name != "constant":
+                raise ValueError(
+                    f"local_steps: rule {name!r} reads the learning rate of every step, and a "
+                    "scheduler sets them: pass initialize(..., local_steps_lrs=) the list of "
+                    "learning rates or a function lr(step)"
+                )
+            lrs = [rule._lr_of_step(group, client.kind, t) for t in range(total)]
+        steps = sync_rules.sync_steps(sync_rule, lrs, total)
+        record = {"type": type(sync_rule).__name__, "config": dict(section)}
+        average = ("z", "exp_avg_sq") if average_v else ("z",)
+        return cls(steps, record, average)
+
+    # -- steps --------------------------------------------------------------------------------
+
+    def check_next(self) -> None:
+        if self.steps_taken + 1 > self.sync_steps[-1]:
+            raise RuntimeError(
+                f"engine.step(): step {self.steps_taken + 1} is past the end of the local-steps "
+                f"schedule ({self.sync_steps[-1]} steps, local_steps.total_steps): set a longer "
+                "total_steps"
+            )
+
+    def after_step(self, engine: Any) -> None:
+        self.steps_taken += 1
+        if self.steps_taken in self.sync_set:
+            self.average_now(engine)
+
+    @torch.no_grad()
+    def average_now(self, engine: Any) -> None:
+        client = client_optimizer(engine)
+        local_steps.average_(local_steps._state_tensors(client, self.average), self.group)
+        self.syncs += 1
+        if not _in_place(engine):  # bf16: the model's weights again from the averaged masters
+            _switch(engine, "y" if _mode(client) else "x")
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def record(self) -> dict:
+        return {
+            "steps_taken": self.steps_taken,
+            "syncs": self.syncs,
+            "sync_steps": list(self.sync_steps),
+            "rule": copy.deepcopy(self.rule),
+            "world_size": self.world_size,
+            "rank": torch.distributed.get_rank(),
+            "average": list(self.average),
+        }
+
+    def write(self, engine: Any, save_dir: str, tag: str) -> None:
+        client = client_optimizer(engine)
+        masters = None
+        if engine.optimizer is not client:
+            masters = [master.detach().cpu().clone() for master, _ in _masters(engine)[0]]
+        folder = os.path.join(save_dir, str(tag))
+        os.makedirs(folder, exist_ok=True)
+        state = {
+            "module": engine.module.state_dict(),
+            "optimizer": client.state_dict(),
+            "masters": masters,
+            "local_steps": self.record(),
+        }
+        torch.save(state, os.path.join(folder, _RANK_FILE.format(torch.distributed.get_rank())))
+
+    @staticmethod
+    def tag_to_load(load_dir: str, tag: str | None) -> str:
+        if tag is not None:
+            return str(tag)
+        latest = os.path.join(load_dir, "latest")
+        if not os.path.isfile(latest):
+            raise ValueError(f"load_dir has no 'latest' file to name the tag: {load_dir!r}")
+        with open(latest) as f:
+            return f.read().strip()
+
+    def read(self, engine: Any, load_dir: str, tag: str) -> dict:
+        rank = torch.distributed.get_rank()
+        path = os.path.join(load_dir, tag, _RANK_FILE.format(rank))
+        if not os.path.isfile(path):
+            raise ValueError(
+                f"load_checkpoint: {path!r} is missing: the checkpoint was not saved with local "
+                "steps on this rank (each rank's state is in its own file)"
+            )
+        saved = torch.load(path, map_location="cpu")  # weights_only: plain tensors and numbers
+        entry = saved["local_steps"]
+        if entry["world_size"] != self.world_size:
+            raise ValueError(
+                f"load_checkpoint: saved on a world size of {entry['world_size']}, and this run "
+                f"has {self.world_size} ranks (local-step state is per rank)"
+            )
+        if tuple(entry["sync_steps"]) != self.sync_steps or tuple(entry["average"]) != (
+            self.average
+        ):
+            raise ValueError(
+                "load_checkpoint: the checkpoint's local_steps schedule or averaged state "
+                f"({entry['rule']}, average {entry['average']}) is not this engine's "
+                f"({self.rule}, average {list(self.average)})"
+            )
+        return saved
+
+    @torch.no_grad()
+    def restore(self, engine: Any, saved: dict) -> None:
+        client = client_optimizer(engine)
+        engine.module.load_state_dict(saved["module"])
+        client.load_state_dict(saved["optimizer"])
+        if saved["masters"] is not None:
+            for (master, _), value in zip(_masters(engine)[0], saved["masters"]):
+                master.copy_(value)
+        entry = saved["local_steps"]
+        self.steps_taken, self.syncs = int(entry["steps_taken"]), int(entry["syncs"])
+
+
+def _attach_local(engine: Any, client: ScheduleFreeOptimizer, local: _LocalSteps) -> None:
+    if engine.optimizer is not client and not hasattr(engine.optimizer, "fp32_groups"):
+        raise ValueError(
+            "local_steps: DeepSpeed chose its "
+            f"{type(engine.optimizer).__name__} wrapper, whose fp32 masters are partitioned "
+            "across the ranks; local steps need whole per-rank masters (fp32, or bf16 without "
+            "ZeRO and without pipeline parallelism)"
+        )
+    engine.enable_backward_allreduce = False  # no gradient all-reduce: each rank its own
+    local.group = engine.data_parallel_group
+    local.world_size = torch.distributed.get_world_size(local.group)
+    engine._sf_local = local
+
+    plain_step = engine.step
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        if engine.is_gradient_accumulation_boundary():
+            local.check_next()  # before DeepSpeed does anything
+        return plain_step(*args, **kwargs)
+
+    engine.step = step
+
+    save = engine.save_checkpoint
+
+    def save_checkpoint(save_dir: str, tag: Any = None, *args: Any, **kwargs: Any):
+        if tag is None:
+            tag = f"global_step{engine.global_steps}"  # DeepSpeed's own default
+        result = save(save_dir, tag, *args, **kwargs)
+        local.write(engine, save_dir, str(tag))
+        torch.distributed.barrier()
+        return result
+
+    engine.save_checkpoint = save_checkpoint
+
+
+def local_state(engine: Any) -> dict:
+    """The engine's local-steps state (steps taken, syncs done, the sync steps, the rule, the
+    world size, this rank, what is averaged). ValueError where the config has no local_steps."""
+    local = getattr(engine, "_sf_local", None)
+    if local is None:
+        raise ValueError("engine: its DeepSpeed config has no local_steps section")
+    return local.record()
+
+
+def sync_now(engine: Any) -> None:
+    """Average the ranks' models now (params or masters, z, and v if configured), whatever the
+    step count, e.g. before evaluating mid-round or saving a final model. Collective."""
+    local = getattr(engine, "_sf_local", None)
+    if local is None:
+        raise ValueError("engine: its DeepSpeed config has no local_steps section")
+    local.average_now(engine)
