@@ -10,5 +10,16 @@
 - ``parity.compare``, ``parity.tolerances``, ``parity.report``: differences, limits, output;
 - ``parity.handoff``: moving a run's state between sf_optax and sf_torch.
 
+- ``parity.own``: the same checks on the user's own torch model and Flax twin
+  (``parity.check(...)``, ``python -m parity check SPEC``).
+
 Importing this package imports neither jax nor torch.
 """
+
+
+def __getattr__(name: str):
+    if name == "check":  # parity.check(...) is parity.own.check(...), loaded on first use
+        import parity.own.check
+
+        return parity.own.check
+    raise AttributeError(f"module 'parity' has no attribute {name!r}")

@@ -7,6 +7,8 @@
     python -m parity run --backends sf_torch,deepspeed_z2,deepspeed_z3 --ranks 2
     python -m parity run --device cuda --dtype bfloat16    # bf16 mixed precision on a GPU
     python -m parity handoff --model mlp --steps 300 --switch-at 100,200
+    python -m parity check my_package.pairs:resnet         # the user's own torch/Flax pair
+    python -m parity check parity.own.hf:vit --dtype float32 --steps 100
     python -m parity backends                              # what this machine can run
     python -m parity export-digits                         # digits for machines without sklearn
 
@@ -277,6 +279,14 @@ def parse_args(argv):
         help="list the backends and whether this machine can run them",
         formatter_class=_HelpFormatter,
     )
+    own = sub.add_parser(
+        "check",
+        help="the same report on your own torch model and Flax twin (parity.own)",
+        description="Train sf_torch, sf_optax and the reference rows on the pair that SPEC "
+        "returns (parity.own.Pair) from the same initial weights, and report as `run` does.",
+        formatter_class=_HelpFormatter,
+    )
+    _add_check_options(own)
     export = sub.add_parser(
         "export-digits",
         help="write scikit-learn's digits to the file that machines without scikit-learn read",
@@ -284,9 +294,14 @@ def parse_args(argv):
     )
     export.add_argument("--out", type=Path, default=data.DIGITS_FILE, help="the .npz to write")
     args = parser.parse_args(argv)
-    if args.command in ("run", "handoff"):
+    if args.command in ("run", "handoff", "check"):
         _check_flags(sub.choices[args.command], args)
-    if args.command not in ("backends", "export-digits") and args.out is None:
+    if args.command == "check":
+        _check_backends(sub.choices["check"], args)
+        if args.out is None:
+            name = args.spec.rpartition(":")[2] or "pair"
+            args.out = Path("reports") / f"check_{name}_{args.optimizer}_{args.dtype}"
+    elif args.command not in ("backends", "export-digits") and args.out is None:
         prefix = "handoff_" if args.command == "handoff" else ""
         args.out = Path("reports") / f"{prefix}{args.model}_{args.optimizer}_{args.dtype}"
     return args
@@ -303,6 +318,8 @@ def main(argv=None) -> int:
             return EXIT_OK
         if args.command == "run":
             return _run(args)
+        if args.command == "check":
+            return _check(args)
         return _handoff(args)
     except (ValueError, FileNotFoundError) as err:
         print(f"python -m parity {args.command}: error: {err}", file=sys.stderr)
@@ -601,3 +618,169 @@ def _handoff(args) -> int:
         extra={"switch_at": switches, "route": path},
     )
     return code
+
+
+# -- check: the user's own pair ---------------------------------------------------------------
+
+
+def _add_check_options(p: argparse.ArgumentParser) -> None:
+    from parity.own.check import BACKENDS, DEFAULT_LR
+    from parity.own.check import DTYPES as CHECK_DTYPES
+
+    d = RunConfig()
+    p.add_argument(
+        "spec",
+        metavar="SPEC",
+        help="package.module:function returning a parity.own.Pair (called with dtype= when it "
+        "takes one), e.g. parity.own.hf:roberta",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=CHECK_DTYPES,
+        default="float64",
+        help="float64: parity to 1e-10; float32: eval loss to 1e-4",
+    )
+    p.add_argument("--steps", type=int, default=200, help="training steps, >= 1")
+    p.add_argument(
+        "--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="the Schedule-Free optimizer"
+    )
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="peak learning rate, >= 0 (default: "
+        + ", ".join(f"{name} {lr:g}" for name, lr in DEFAULT_LR.items())
+        + ")",
+    )
+    p.add_argument("--b1", type=float, default=d.b1, help="momentum (betas[0]), in (0, 1]")
+    p.add_argument(
+        "--b2", type=float, default=d.b2, help="second-moment decay (betas[1]), in [0, 1)"
+    )
+    p.add_argument(
+        "--eps", type=float, default=d.eps, help="AdamW/RAdam: added to the denominator, >= 0"
+    )
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="weight decay, >= 0")
+    p.add_argument(
+        "--warmup-steps", type=int, default=d.warmup_steps, help="linear warmup steps, >= 0"
+    )
+    p.add_argument("--r", type=float, default=d.r, help="polynomial weighting power, >= 0")
+    p.add_argument(
+        "--weight-lr-power",
+        type=float,
+        default=d.weight_lr_power,
+        help="power of the peak lr in the averaging weights, >= 0",
+    )
+    p.add_argument(
+        "--sgd-phase",
+        action="store_true",
+        help="RAdam: take SGD steps while rectification is off (silent_sgd_phase=False)",
+    )
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=1,
+        help="evaluate at x every this many steps (and at the last); >= 1",
+    )
+    p.add_argument(
+        "--recal-batches",
+        type=int,
+        default=d.recal_batches,
+        help="BatchNorm: training batches that recompute the statistics at x; >= 1",
+    )
+    p.add_argument(
+        "--backends",
+        default=",".join(BACKENDS),
+        help="comma-separated, among " + ", ".join(BACKENDS),
+    )
+    p.add_argument(
+        "--baseline",
+        default=None,
+        help="the row every other is compared to (default: sf_torch where selected, else the "
+        "first backend)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="report folder (default: reports/check_<function>_<optimizer>_<dtype>)",
+    )
+    p.add_argument(
+        "--no-progress", action="store_true", help="no line per finished backend on stderr"
+    )
+
+
+def _check_backends(parser: argparse.ArgumentParser, args) -> None:
+    from parity.own.check import BACKENDS
+
+    names = [n.strip() for n in args.backends.split(",") if n.strip()]
+    unknown = [n for n in names if n not in BACKENDS]
+    if not names or unknown:
+        parser.error(
+            f"argument --backends: must be comma-separated among {', '.join(BACKENDS)}, "
+            f"got {args.backends!r}"
+        )
+    args.backends = names
+    if args.baseline is None:
+        args.baseline = "sf_torch" if "sf_torch" in names else names[0]
+    elif args.baseline not in names:
+        parser.error(
+            f"argument --baseline: must be one of the backends {names}, got {args.baseline!r}"
+        )
+
+
+def _before_check(pair, args) -> None:
+    """Runs on the pair before any training (the place for a first-batch layer-by-layer
+    comparison, parity.own.divergence); nothing yet."""
+
+
+def _check(args) -> int:
+    started = time.perf_counter()
+    from parity.own import check as check_lib
+    from parity.own.spec import load_spec
+
+    try:
+        pair = load_spec(args.spec, dtype=args.dtype)
+    except (ValueError, TypeError, ImportError) as error:
+        message = " ".join(str(error).split())
+        print(f"python -m parity check: error: {message}", file=sys.stderr)
+        return EXIT_ERROR
+    _before_check(pair, args)
+    result = check_lib.check_pair(
+        pair,
+        optimizer=args.optimizer,
+        steps=args.steps,
+        dtype=args.dtype,
+        lr=args.lr,
+        b1=args.b1,
+        b2=args.b2,
+        eps=args.eps,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps,
+        r=args.r,
+        weight_lr_power=args.weight_lr_power,
+        silent_sgd_phase=not args.sgd_phase,
+        eval_every=args.eval_every,
+        recal_batches=args.recal_batches,
+        backends=args.backends,
+        baseline=args.baseline,
+        log=not args.no_progress,
+    )
+    result.seconds = time.perf_counter() - started
+    print(result.title())
+    print(result.table())
+    for r in result.rows:
+        if r.status == report.ERROR and r.note:
+            print(f"\n{r.name} failed: {r.note}", file=sys.stderr)
+    path = result.write(args.out)
+    verdict = {
+        EXIT_OK: "all checks passed",
+        EXIT_TOLERANCE: "a tolerance was exceeded",
+        EXIT_ERROR: "a backend failed",
+    }[result.exit_code]
+    sys.stderr.flush()
+    print(
+        f"\n{verdict} ({time.perf_counter() - started:.1f} s)\nreport: {path}, "
+        f"{args.out / 'report.png'}",
+        flush=True,
+    )
+    return result.exit_code

@@ -8,10 +8,17 @@ At step ``t`` (both runs recorded it):
   both runs evaluated at step ``t``.
 
 A run that produced NaN where the other has a number differs by ``inf``.
+
+``absolute``: names of parameters left out of ``params`` and measured apart, by absolute
+difference divided by the largest magnitude of any parameter at that step (``absolute[t]``:
+``max|a - b| / max over all params of |b|``): parameters whose gradient is exactly zero, which
+move only by rounding noise and whose own scale means nothing (``parity.own.check``).
+``python -m parity run`` passes none (``absolute`` is then None).
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +34,7 @@ class Comparison:
     params: np.ndarray
     train_loss: np.ndarray
     eval_loss: np.ndarray
+    absolute: np.ndarray | None = None  # the parameters compared by absolute difference
 
     def series(self, metric: str) -> np.ndarray:
         return getattr(self, metric)
@@ -55,7 +63,7 @@ def _relative(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return out
 
 
-def compare(run: Record, baseline: Record) -> Comparison:
+def compare(run: Record, baseline: Record, absolute: Collection[str] = ()) -> Comparison:
     first = max(run.first_step, baseline.first_step)
     last = min(run.last_step, baseline.last_step)
     if last < first:
@@ -68,16 +76,29 @@ def compare(run: Record, baseline: Record) -> Comparison:
         return values[start : start + n]
 
     n = last - first + 1
+    unknown = set(absolute) - set(baseline.params)
+    if unknown:
+        raise ValueError(f"absolute names parameters the records do not hold: {sorted(unknown)}")
+    overall = np.full(n, _TINY)
+    if absolute:
+        for name in baseline.params:
+            b = window(baseline, baseline.params[name], n).reshape(n, -1)
+            if b.shape[1]:
+                overall = np.fmax(overall, np.abs(b.astype(np.float64)).max(axis=1))
     params = np.zeros(n)
+    absolute_diff = np.zeros(n) if absolute else None
     for name in baseline.params:
         a = window(run, run.params[name], n).reshape(n, -1).astype(np.float64)
         b = window(baseline, baseline.params[name], n).reshape(n, -1).astype(np.float64)
         if a.shape[1] == 0:
             continue
-        scale = np.maximum(np.abs(b).max(axis=1), _TINY)
+        scale = overall if name in absolute else np.maximum(np.abs(b).max(axis=1), _TINY)
         diff = np.abs(a - b).max(axis=1) / scale
         diff[np.isnan(a).any(axis=1) | np.isnan(b).any(axis=1)] = np.inf
-        params = np.maximum(params, diff)
+        if name in absolute:
+            absolute_diff = np.maximum(absolute_diff, diff)
+        else:
+            params = np.maximum(params, diff)
     train = _relative(
         window(run, run.train_loss, n - 1), window(baseline, baseline.train_loss, n - 1)
     )
@@ -87,4 +108,4 @@ def compare(run: Record, baseline: Record) -> Comparison:
     # NaN marks steps not evaluated; compare where both runs evaluated (a diverged run shows
     # in its params and training loss).
     evals[np.isnan(run_eval) | np.isnan(base_eval)] = np.nan
-    return Comparison(np.arange(first, last + 1), params, train, evals)
+    return Comparison(np.arange(first, last + 1), params, train, evals, absolute_diff)

@@ -1,0 +1,220 @@
+"""parity.own.check on pairs this project did not write (transformers' RoBERTa and ViT) and on
+a hand-written nnx pair with BatchNorm: sf_optax against sf_torch (the other framework), the
+reference ``schedulefree`` classes and optax.contrib, the zero-gradient leaves, the CLI and the
+state handoff between frameworks.
+
+Budget: the whole file runs in about two minutes on one CPU core (most of it JAX compiling the
+transformers models); the step counts below are what fits.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("jax")
+pytest.importorskip("flax")
+
+from parity.own import check as check_lib  # noqa: E402
+from parity.own.spec import Pair, load_spec  # noqa: E402
+
+METRICS = ("params", "train_loss", "eval_loss")
+F64 = 1e-10
+F32_EVAL = 1e-4
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def _hf(arch: str, dtype: str = "float64"):
+    pytest.importorskip("transformers")
+    return load_spec(f"parity.own.hf:{arch}", dtype=dtype)
+
+
+def _worst(result, name):
+    return result.row(name).max_diff
+
+
+def _bn_pair(dtype: str = "float64") -> Pair:
+    """A small CNN with BatchNorm written twice: torch (NCHW) and flax.nnx (NHWC)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    tdtype = getattr(torch, dtype)
+
+    class TorchNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 6, 3, padding=1)
+            self.bn = torch.nn.BatchNorm2d(6)
+            self.head = torch.nn.Linear(6, 4)
+
+        def forward(self, x):
+            h = torch.relu(self.bn(self.conv(x)))
+            return self.head(h.mean(dim=(2, 3)))
+
+    class FlaxNet(nnx.Module):
+        def __init__(self, rngs):
+            self.conv = nnx.Conv(3, 6, (3, 3), padding=1, rngs=rngs)
+            self.bn = nnx.BatchNorm(6, momentum=0.9, rngs=rngs)
+            self.head = nnx.Linear(6, 4, rngs=rngs)
+
+        def __call__(self, x):
+            h = jax.nn.relu(self.bn(self.conv(x)))
+            return self.head(h.mean(axis=(1, 2)))
+
+    torch.manual_seed(0)
+    torch_model = TorchNet().to(tdtype)
+    flax_model = FlaxNet(nnx.Rngs(0))
+
+    def torch_loss(model, batch):
+        logits = model(batch["x"])
+        return torch.nn.functional.cross_entropy(logits, batch["y"])
+
+    def flax_loss(model, batch):
+        logits = model(jnp.transpose(batch["x"], (0, 2, 3, 1)))
+        logp = jax.nn.log_softmax(logits)
+        return -jnp.take_along_axis(logp, batch["y"][:, None], axis=1).mean()
+
+    rng = np.random.default_rng(0)
+
+    def batches(n):
+        return [
+            {"x": rng.normal(size=(8, 3, 5, 5)), "y": rng.integers(0, 4, size=8)} for _ in range(n)
+        ]
+
+    return Pair(
+        torch_model, flax_model, torch_loss, flax_loss, batches(4), batches(1), name="bn-cnn"
+    )
+
+
+def test_roberta_float64_every_row():
+    """RoBERTa float64: sf_optax, the reference classes and optax.contrib against sf_torch over
+    200 steps; the attention key biases are zero-gradient leaves, compared absolutely."""
+    result = check_lib.check_pair(_hf("roberta"), steps=200, lr=2e-3, log=False)
+    assert result.exit_code == 0, result.table()
+    for name in ("sf_optax", "schedulefree", "optax_contrib"):
+        worst = _worst(result, name)
+        assert max(worst[m] for m in METRICS) <= F64, (name, worst)
+    zero = result.zero_gradient["leaves"]
+    assert zero == [f"roberta.encoder.layer.{i}.attention.self.key.bias" for i in (0, 1)]
+    assert "zero-gradient leaves" in result.table()
+    for name in ("sf_optax", "optax_contrib"):
+        assert 0 < _worst(result, name)["zero_gradient_abs"] <= 1e-12
+    # Compared relatively, the key bias (rounding noise on a zero start) would fail.
+    from parity.compare import compare
+
+    plain = compare(result.row("sf_optax").record, result.row("sf_torch").record)
+    assert plain.worst("params") > F64
+    # Training did something: the training loss fell (labels are random: the eval loss need not).
+    record = result.row("sf_torch").record
+    assert record.train_loss[-8:].mean() < record.train_loss[:8].mean() - 0.5
+
+
+def test_vit_float64():
+    pair = _hf("vit")
+    # transformers' Flax ViT wrapper casts pixel_values to float32 (FlaxViTPreTrainedModel):
+    # give it images that float32 holds exactly, so that both sides see the same input.
+    for batch in pair.batches + pair.eval_batches:
+        batch["pixel_values"] = batch["pixel_values"].astype(np.float32).astype(np.float64)
+    result = check_lib.check_pair(
+        pair, steps=100, lr=2e-3, backends=("sf_torch", "sf_optax"), log=False
+    )
+    assert result.exit_code == 0, result.table()
+    assert max(_worst(result, "sf_optax")[m] for m in METRICS) <= F64
+
+
+def test_roberta_float32_eval_loss():
+    result = check_lib.check_pair(
+        _hf("roberta", "float32"),
+        dtype="float32",
+        steps=100,
+        lr=2e-3,
+        backends=("sf_torch", "sf_optax"),
+        log=False,
+    )
+    assert result.exit_code == 0, result.table()
+    assert _worst(result, "sf_optax")["eval_loss"] <= F32_EVAL
+
+
+def test_nnx_batchnorm_pair_float64():
+    """Conv + BatchNorm + Linear in torch and nnx: the statistics recomputed at x on both
+    sides (biased variance), sf_optax within 1e-10 of sf_torch, the reference within too."""
+    result = check_lib.check_pair(
+        _bn_pair(),
+        steps=200,
+        lr=5e-3,
+        weight_decay=1e-3,
+        warmup_steps=10,
+        backends=("sf_torch", "sf_optax", "schedulefree"),
+        log=False,
+    )
+    assert result.exit_code == 0, result.table()
+    for name in ("sf_optax", "schedulefree"):
+        worst = _worst(result, name)
+        assert max(worst[m] for m in METRICS) <= F64, (name, result.table())
+    # The conv bias feeds BatchNorm, which subtracts the mean: its gradient is exactly zero.
+    assert result.zero_gradient["leaves"] == ["conv.bias"]
+    assert _worst(result, "sf_optax")["zero_gradient_abs"] <= 1e-6
+
+
+def test_handoff_both_ways():
+    """torch -> jax at step 15 and jax -> torch at step 30: both directions in one run."""
+    pair = _hf("roberta")
+    for start in ("torch",):
+        out = check_lib.handoff(pair, switch_at=[15, 30], start=start, steps=40, lr=2e-3)
+        assert out["zero_gradient"]["leaves"], out["zero_gradient"]
+        # The moved run against each unmoved one, and the two unmoved ones against each other.
+        for name, comparison in out["comparisons"].items():
+            for metric in METRICS:
+                assert comparison.worst(metric) <= F64, (start, name, metric)
+        # Moved into the framework it started in, it is that framework's run bit for bit
+        # until the first switch.
+        moved = out["records"][f"handoff {out['route']}"]
+        alone = out["records"]["sf_torch" if start == "torch" else "sf_optax"]
+        assert np.array_equal(moved.train_loss[:15], alone.train_loss[:15])
+
+
+def _cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "parity", "check", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_cli_roberta(tmp_path):
+    pytest.importorskip("transformers")
+    out = tmp_path / "report"
+    done = _cli(
+        "parity.own.hf:roberta",
+        "--steps",
+        "20",
+        "--backends",
+        "sf_torch,sf_optax",
+        "--out",
+        str(out),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    payload = json.loads((out / "report.json").read_text())
+    assert payload["exit_code"] == 0
+    assert [r["name"] for r in payload["rows"]] == ["sf_torch", "sf_optax"]
+    assert len(payload["zero_gradient"]["leaves"]) == 2
+    assert "\r" not in done.stdout + done.stderr
+
+
+def test_cli_bad_spec_and_flags():
+    done = _cli("no_such_module_xyz:pair")
+    assert done.returncode == 2
+    assert "SPEC" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    done = _cli("parity.own.hf:roberta", "--lr", "-1")
+    assert done.returncode == 2 and "--lr" in done.stderr
