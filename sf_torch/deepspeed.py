@@ -24,6 +24,11 @@ model sees. Here:
   in, so a run resumes on its exact trajectory whichever mode it was saved in.
 - :func:`client_optimizer` gives the sf_torch optimizer behind an engine (its param groups hold
   the counters and the mode).
+- Local steps (ZeRO stage 0, fp32 and bf16): a ``"local_steps"`` section in the config makes
+  every rank step on its own gradients and the ranks average (params or fp32 masters, and
+  ``z``) after the sync steps of an ``sf_schedules.sync`` rule; each rank's state goes into its
+  own checkpoint file. See the section "local steps" at the end of this file;
+  :func:`sync_now` and :func:`local_state`.
 """
 
 from __future__ import annotations

@@ -213,6 +213,18 @@ class LocalSteps(torch.optim.Optimizer):
 
     Every param of every group is averaged, with or without a gradient (the list is then the
     same on every rank); a named state tensor is averaged for each param that has state.
+
+    On every rank, after ``torch.distributed.init_process_group``::
+
+        lrs = [opt_lr(t) for t in range(total_steps)]          # the run's learning rates
+        opt = LocalSteps(AdamWScheduleFree(model.parameters(), lr=1e-3, warmup_steps=100),
+                         sync_steps(ScheduleFreeQSR(h_base=4, alpha=0.01), lrs))
+        for batch in my_shard_of_the_data:                      # no DDP around the model
+            opt.zero_grad(); loss_fn(model, batch).backward(); opt.step()
+        opt.sync_now(); opt.eval()                              # (the last step synced already)
+
+    A torch lr scheduler may drive ``opt`` (or the inner optimizer); the rule's ``lrs`` must be
+    the learning rates it will set, computed up front.
     """
 
     _step_supports_amp_scaling = False  # GradScaler unscales, and skips step() itself

@@ -176,6 +176,56 @@ def errors(rank: int, world: int) -> dict:
     return out
 
 
+def extras(rank: int, world: int) -> dict:
+    """ScheduleFreeWrapper's z (kept apart from its base's state), a step GradScaler skips, and
+    a torch lr scheduler driving LocalSteps."""
+    import warnings
+
+    import sf_torch
+    from sf_torch.local import LocalSteps
+
+    out: dict = {"wrapper": []}
+    model = make_model().double()
+    params = list(model.parameters())
+    base = torch.optim.SGD(params, lr=SGD_LR)
+    opt = LocalSteps(sf_torch.ScheduleFreeWrapper(base, momentum=0.9), (2, 4))
+    for step in range(4):
+        opt.zero_grad()
+        loss_of(model, step, rank, world).backward()
+        opt.step()
+        zs = [opt.optimizer.sf_state[p]["z"].clone() for p in params]
+        out["wrapper"].append({"y": [p.detach().clone() for p in params], "z": zs})
+
+    model = make_model().double()
+    opt = LocalSteps(torch.optim.SGD(model.parameters(), lr=SGD_LR), (1, 2))
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(loss_of(model, 0, rank, world) * float("inf")).backward()
+    scaler.step(opt)  # inf gradients on every rank: skipped, not counted
+    scaler.update()
+    out["scaler_skipped"] = (opt.steps_taken, opt.syncs)
+    opt.zero_grad()
+    scaler.scale(loss_of(model, 0, rank, world)).backward()
+    scaler.step(opt)
+    scaler.update()
+    out["scaler_taken"] = (opt.steps_taken, opt.syncs)
+
+    model = make_model().double()
+    opt = LocalSteps(torch.optim.SGD(model.parameters(), lr=SGD_LR), (1, 2, 3))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5**t)
+        lrs = []
+        for step in range(3):
+            opt.zero_grad()
+            loss_of(model, step, rank, world).backward()
+            opt.step()
+            scheduler.step()
+            lrs.append(opt.optimizer.param_groups[0]["lr"])
+    out["scheduler_lrs"] = lrs
+    out["scheduler_warnings"] = [str(w.message) for w in caught]
+    return out
+
+
 def batchnorm_run(rank: int, world: int) -> dict:
     """A BatchNorm model trained with local steps, synced, at x, statistics recomputed from each
     rank's own batches and averaged."""
@@ -220,6 +270,7 @@ def torch_mode(rank: int, world: int, opts: dict) -> dict:
     result["resume"] = resume_run(rank, world, steps, opts.get("save_at", 25), opts["folder"])
     result["errors"] = errors(rank, world)
     result["batchnorm"] = batchnorm_run(rank, world)
+    result["extras"] = extras(rank, world)
     return result
 
 

@@ -283,6 +283,18 @@ def test_batchnorm_stats_recomputed_per_rank_and_averaged(ranks):
         assert float((got_var - var).abs().max()) <= 1e-12
 
 
+def test_schedule_free_wrapper_gradscaler_and_lr_scheduler(ranks):
+    a, b = (r["extras"] for r in ranks)
+    for t in range(4):  # ScheduleFreeWrapper keeps z apart: averaged all the same
+        for key in ("y", "z"):
+            gap = max_diff(a["wrapper"][t][key], b["wrapper"][t][key])
+            assert gap == 0.0 if t + 1 in (2, 4) else gap > 1e-6, (t, key, gap)
+    for e in (a, b):
+        assert e["scaler_skipped"] == (0, 0) and e["scaler_taken"] == (1, 1)
+        assert e["scheduler_lrs"] == [SGD_LR * 0.5, SGD_LR * 0.25, SGD_LR * 0.125]
+        assert e["scheduler_warnings"] == [], e["scheduler_warnings"]
+
+
 def test_timing(ranks):
     # the whole 2-rank run (both processes, every scenario above) in seconds
     assert TIMINGS.get("torch", 0.0) < 90.0, TIMINGS
