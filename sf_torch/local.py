@@ -30,10 +30,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import operator
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -55,52 +55,56 @@ def _rule_record(rule: Any) -> dict[str, Any]:
     return {"type": type(rule).__name__, **dataclasses.asdict(rule)}
 
 
-def resolve_sync(sync: Any) -> tuple[tuple[int, ...], dict[str, Any] | None]:
-    """The sync steps of ``sync``, and its rule as a record (None for a list of steps).
+def resolve_sync(sync: Any) -> tuple[tuple[int, ...], int, dict[str, Any] | None]:
+    """The sync steps of ``sync``, the run's length, and the rule as a record (None without).
 
-    ``sync`` is either the steps themselves (1-based step counts, strictly increasing, the last
-    the run's length), or ``(rule, lrs)`` / ``(rule, lrs, total_steps)`` with a rule of
-    ``sf_schedules.sync.RULES`` and the run's learning rates (a sequence, or a schedule
-    ``lr(t)`` with ``total_steps``), handed to ``sf_schedules.sync.sync_steps``.
+    ``sync`` takes the forms ``sf_optax.local`` takes, with the same messages:
+
+    - the sync steps: 1-based step counts, strictly increasing, the last the run's length
+      (``sf_schedules.sync.sync_steps(rule, lrs)``);
+    - bool flags, one per step of the run (``sf_schedules.sync.sync_mask(rule, lrs)``);
+    - ``(rule, lrs)`` or ``(rule, schedule, total_steps)`` with a rule of
+      ``sf_schedules.sync.RULES``, handed to ``sf_schedules.sync.sync_steps``.
     """
     if (
         isinstance(sync, tuple | list)
         and 2 <= len(sync) <= 3
         and isinstance(sync[0], sync_rules.RULES)
     ):
-        rule = sync[0]
-        steps = sync_rules.sync_steps(rule, *sync[1:])
-        return steps, _rule_record(rule)
+        steps = sync_rules.sync_steps(*sync)
+        return steps, steps[-1], _rule_record(sync[0])
     if isinstance(sync, sync_rules.RULES):
         raise TypeError(
             "sync: a rule needs the run's learning rates: pass (rule, lrs) or "
             "(rule, schedule, total_steps), or the steps from sf_schedules.sync.sync_steps"
         )
     try:
-        steps = tuple(sync)
-    except TypeError:
+        arr = np.asarray(sync)
+    except (TypeError, ValueError):
+        arr = np.asarray(None)
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError(
+            "sync must be a non-empty 1-d sequence (1-based sync steps, or bool flags per "
+            f"step), got {sync!r:.80}"
+        )
+    if arr.dtype == np.bool_:
+        return tuple(int(i) + 1 for i in np.flatnonzero(arr)), len(arr), None
+    if not np.issubdtype(arr.dtype, np.integer):
         raise TypeError(
-            "sync must be a sequence of step counts or (rule, lrs[, total_steps]), got "
-            f"{type(sync).__name__}"
-        ) from None
-    if not steps:
-        raise ValueError("sync must name at least one step (the run's last), got an empty list")
-    out = []
-    for index, step in enumerate(steps):
-        try:
-            if isinstance(step, bool):
-                raise TypeError
-            step = operator.index(step)
-        except TypeError:
-            raise TypeError(f"sync[{index}] must be an int, got {step!r}") from None
-        low = out[-1] + 1 if out else 1
-        if step < low:
-            raise ValueError(
-                f"sync[{index}] must be in [{low}, inf) (1-based step counts, strictly "
-                f"increasing), got {step}"
-            )
-        out.append(step)
-    return tuple(out), None
+            "sync must hold ints (1-based sync steps) or bools (one flag per step, True: "
+            f"average after that step), got dtype {arr.dtype}; e.g. "
+            "sf_schedules.sync.sync_steps(rule, lrs)"
+        )
+    low = np.r_[1, arr[:-1] + 1]
+    bad = np.flatnonzero(arr < low)
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(
+            f"sync[{i}] must be in [{int(low[i])}, inf) (1-based step counts, strictly "
+            f"increasing), got {int(arr[i])}"
+        )
+    steps = tuple(int(step) for step in arr)
+    return steps, steps[-1], None
 
 
 # -- averaging -----------------------------------------------------------------------------------
@@ -201,8 +205,9 @@ class LocalSteps(torch.optim.Optimizer):
       optimizer: any torch optimizer, an sf_torch Schedule-Free optimizer or
         ``ScheduleFreeWrapper``.
       sync: the sync steps (``sf_schedules.sync.sync_steps(rule, lrs)``; 1-based counts, the
-        last the run's length), or ``(rule, lrs)`` / ``(rule, schedule, total_steps)``. A step
-        past the last one raises (the schedule has no rounds left).
+        last the run's length), bool flags per step (``sync_mask``), or ``(rule, lrs)`` /
+        ``(rule, schedule, total_steps)`` (see :func:`resolve_sync`). A step past the run's
+        length raises (the schedule has no rounds left).
       group: the process group (None: the default group). torch.distributed must be
         initialized (RuntimeError otherwise); on a 1-rank group averaging is a no-op.
       average: the state names averaged with the params: default ``("z",)`` for Schedule-Free
@@ -260,7 +265,7 @@ class LocalSteps(torch.optim.Optimizer):
                         f"average: {type(optimizer).__name__} keeps {held} per param, got {name!r}"
                     )
         self.optimizer = optimizer
-        self.sync_steps, self.rule = resolve_sync(sync)
+        self.sync_steps, self.total_steps, self.rule = resolve_sync(sync)
         self._sync_set = frozenset(self.sync_steps)
         self.group = group
         self.world_size = _world(group)
@@ -309,7 +314,7 @@ class LocalSteps(torch.optim.Optimizer):
     def __repr__(self) -> str:
         return (
             f"LocalSteps({self.optimizer!r}, {len(self.sync_steps)} syncs over "
-            f"{self.sync_steps[-1]} steps, average={self.average})"
+            f"{self.total_steps} steps, average={self.average})"
         )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -352,9 +357,9 @@ class LocalSteps(torch.optim.Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """The inner optimizer's step; then, at a sync step, the average (collective)."""
         count = self.steps_taken + 1
-        if count > self.sync_steps[-1]:
+        if count > self.total_steps:
             raise RuntimeError(
-                f"step {count}: the sync schedule ends after step {self.sync_steps[-1]} (the "
+                f"step {count}: the sync schedule ends after step {self.total_steps} (the "
                 "run's length it was computed for); build LocalSteps with a longer schedule"
             )
         if count in self._sync_set:
@@ -394,6 +399,7 @@ class LocalSteps(torch.optim.Optimizer):
         out[_KEY] = {
             "steps_taken": self.steps_taken,
             "sync_steps": list(self.sync_steps),
+            "total_steps": self.total_steps,
             "rule": None if self.rule is None else dict(self.rule),
             "world_size": self.world_size,
             "rank": dist.get_rank(self.group),
@@ -424,6 +430,11 @@ class LocalSteps(torch.optim.Optimizer):
                 f"averages {self.average}"
             )
         steps = tuple(int(s) for s in saved["sync_steps"])
+        if int(saved.get("total_steps", steps[-1] if steps else 0)) != self.total_steps:
+            raise ValueError(
+                f"load_state_dict: the saved sync schedule is for {saved.get('total_steps')} "
+                f"steps, this wrapper's for {self.total_steps}"
+            )
         if steps != self.sync_steps:
             where = next(
                 (i for i, (a, b) in enumerate(zip(steps, self.sync_steps)) if a != b),

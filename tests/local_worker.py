@@ -223,6 +223,23 @@ def extras(rank: int, world: int) -> dict:
             lrs.append(opt.optimizer.param_groups[0]["lr"])
     out["scheduler_lrs"] = lrs
     out["scheduler_warnings"] = [str(w.message) for w in caught]
+
+    # bf16 params: summed in float32, rounded once; sync_now averages whatever the count
+    model = make_model().bfloat16()
+    opt = LocalSteps(torch.optim.SGD(model.parameters(), lr=SGD_LR), (5,))
+    loss_of(model, 0, rank, world, torch.bfloat16).backward()
+    opt.step()
+    out["bf16_before"] = [p.detach().clone() for p in model.parameters()]
+    opt.sync_now()
+    out["bf16_after"] = [p.detach().clone() for p in model.parameters()]
+    out["bf16_count"] = (opt.steps_taken, opt.syncs)
+
+    # a 1-rank group: averaging is a no-op, no collective
+    from sf_torch.local import average_
+
+    groups = [torch.distributed.new_group([r]) for r in range(world)]
+    t = torch.arange(3.0) + rank
+    out["one_rank"] = (average_([t], groups[rank]), t.clone())
     return out
 
 

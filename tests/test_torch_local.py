@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from ds_worker import batch, make_model
@@ -244,12 +245,12 @@ def test_errors_in_process():
     assert not torch.distributed.is_initialized()
     with pytest.raises(RuntimeError, match="init_process_group"):
         LocalSteps(opt, (4, 8))
-    with pytest.raises(ValueError, match="at least one step"):
+    with pytest.raises(ValueError, match="sync must be a non-empty 1-d sequence"):
         LocalSteps(opt, ())
     with pytest.raises(ValueError, match=r"sync\[1\] must be in \[5, inf\)"):
         LocalSteps(opt, (4, 4))
-    with pytest.raises(TypeError, match=r"sync\[0\] must be an int"):
-        LocalSteps(opt, (True,))
+    with pytest.raises(TypeError, match=r"sync must hold ints .* got dtype float64"):
+        LocalSteps(opt, (1.5, 3))
     with pytest.raises(TypeError, match="needs the run's learning rates"):
         LocalSteps(opt, QSR(2, 0.1))
     with pytest.raises(TypeError, match="average must be a sequence"):
@@ -258,8 +259,12 @@ def test_errors_in_process():
         LocalSteps(opt, (4,), average_second_moment=1)
     with pytest.raises(TypeError, match="optimizer must be a torch optimizer"):
         LocalSteps(model, (4,))
-    steps, record = resolve_sync((QSR(2, 0.1, warmup_steps=2, h_warm=1), [0.05] * 10))
-    assert steps == (1, 2, 6, 10) and record["type"] == "QSR" and record["alpha"] == 0.1
+    steps, total, record = resolve_sync((QSR(2, 0.1, warmup_steps=2, h_warm=1), [0.05] * 10))
+    assert steps == (1, 2, 6, 10) and total == 10
+    assert record["type"] == "QSR" and record["alpha"] == 0.1
+    # bool flags, one per step (sf_schedules.sync.sync_mask): the run need not end on a sync
+    assert resolve_sync([False, True, False, False]) == ((2,), 4, None)
+    assert resolve_sync(np.array([3, 5])) == ((3, 5), 5, None)
 
 
 # -- BatchNorm -----------------------------------------------------------------------------------
@@ -293,6 +298,15 @@ def test_schedule_free_wrapper_gradscaler_and_lr_scheduler(ranks):
         assert e["scaler_skipped"] == (0, 0) and e["scaler_taken"] == (1, 1)
         assert e["scheduler_lrs"] == [SGD_LR * 0.5, SGD_LR * 0.25, SGD_LR * 0.125]
         assert e["scheduler_warnings"] == [], e["scheduler_warnings"]
+        assert e["bf16_count"] == (1, 1)
+        assert e["one_rank"][0] == 0 and torch.equal(e["one_rank"][1], torch.arange(3.0) + (e is b))
+    # bf16: the float32 mean of the ranks' values, rounded to bf16 once; the same on each rank
+    mean = [
+        ((u.float() + v.float()) / 2).bfloat16() for u, v in zip(a["bf16_before"], b["bf16_before"])
+    ]
+    assert max_diff(a["bf16_before"], b["bf16_before"]) > 1e-3
+    for e in (a, b):
+        assert all(torch.equal(got, want) for got, want in zip(e["bf16_after"], mean))
 
 
 def test_timing(ranks):
