@@ -31,10 +31,10 @@ def local_section(steps: int) -> dict:
     }
 
 
-def ds_config(dtype: str, world: int, steps: int = STEPS) -> dict:
+def ds_config(dtype: str, world: int, steps: int = STEPS, ga: int = 1) -> dict:
     return {
         "train_micro_batch_size_per_gpu": ROWS // world,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": ga,
         "gradient_clipping": 0.0,
         "optimizer": {
             "type": "AdamWScheduleFree",
@@ -47,11 +47,11 @@ def ds_config(dtype: str, world: int, steps: int = STEPS) -> dict:
     }
 
 
-def build(dtype: str, world: int):
+def build(dtype: str, world: int, ga: int = 1):
     import sf_torch.deepspeed as sfds
 
     model = make_model()
-    engine, *_ = sfds.initialize(model=model, config=ds_config(dtype, world))
+    engine, *_ = sfds.initialize(model=model, config=ds_config(dtype, world, ga=ga))
     return engine
 
 
@@ -69,11 +69,14 @@ def masters_z_v(engine) -> dict:
 
 
 def step_once(engine, step: int, rank: int, world: int) -> None:
+    """One optimizer step: its gradient_accumulation_steps micro-batches."""
     dtype = next(engine.module.parameters()).dtype
-    x, y = batch(step, rank, world)
-    loss = torch.nn.functional.mse_loss(engine(x.to(dtype)).float(), y)
-    engine.backward(loss)
-    engine.step()
+    ga = engine.gradient_accumulation_steps()
+    for micro in range(step * ga, (step + 1) * ga):
+        x, y = batch(micro, rank, world)
+        loss = torch.nn.functional.mse_loss(engine(x.to(dtype)).float(), y)
+        engine.backward(loss)
+        engine.step()
 
 
 def engine_run(dtype: str, rank: int, world: int, folder: str) -> dict:
@@ -110,7 +113,7 @@ def engine_run(dtype: str, rank: int, world: int, folder: str) -> dict:
     return out
 
 
-def local_steps_run(rank: int, world: int) -> dict:
+def local_steps_run(rank: int, world: int, ga: int = 1) -> dict:
     """The same run with sf_torch.local.LocalSteps on a plain model (no DeepSpeed), fp32."""
     import sf_torch
     from sf_torch.local import LocalSteps
@@ -120,8 +123,9 @@ def local_steps_run(rank: int, world: int) -> dict:
     weights = []
     for step in range(STEPS):
         opt.zero_grad()
-        x, y = batch(step, rank, world)
-        torch.nn.functional.mse_loss(model(x), y).backward()
+        for micro in range(step * ga, (step + 1) * ga):
+            x, y = batch(micro, rank, world)
+            (torch.nn.functional.mse_loss(model(x), y) / ga).backward()
         opt.step()
         weights.append([p.detach().clone() for p in model.parameters()])
     return {"weights": weights, "x": opt.eval_params()}
@@ -132,4 +136,11 @@ def deepspeed_mode(rank: int, world: int, opts: dict) -> dict:
     for dtype in opts.get("dtypes", ("fp32", "bf16")):
         folder = os.path.join(opts["folder"], dtype)
         result[dtype] = engine_run(dtype, rank, world, folder)
+    # gradient accumulation: 2 micro-batches per step, accumulated locally
+    result["local_steps_ga"] = local_steps_run(rank, world, ga=2)
+    engine = build("fp32", world, ga=2)
+    result["ga_weights"] = []
+    for step in range(STEPS):
+        step_once(engine, step, rank, world)
+        result["ga_weights"].append(gathered(engine))
     return result

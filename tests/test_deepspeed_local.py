@@ -88,6 +88,21 @@ def test_same_trajectory_as_local_steps_without_deepspeed(ranks, dtype):
     assert max_diff(ranks[0][dtype]["x_weights"], ranks[0][dtype]["weights"][-1]) > 1e-3
 
 
+def test_gradient_accumulation_stays_local(ranks):
+    # 2 micro-batches per step: DeepSpeed's accumulation (loss / 2 per micro-batch) without its
+    # all-reduce is LocalSteps' loop with the same division
+    sync = sf_sync(STEPS)
+    for r in ranks:
+        for t in range(STEPS):
+            want = r["local_steps_ga"]["weights"][t]
+            assert max_diff(r["ga_weights"][t], want) <= 1e-6 * max(
+                float(w.abs().max()) for w in want
+            )
+    for t in range(STEPS):
+        gap = max_diff(ranks[0]["ga_weights"][t], ranks[1]["ga_weights"][t])
+        assert gap == 0.0 if t + 1 in sync else gap > 1e-3, (t, gap)
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_checkpoint_resumes_bitwise_on_every_rank(ranks, dtype):
     sync = sf_sync(STEPS)
