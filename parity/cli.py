@@ -28,6 +28,7 @@ import json
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from parity import data, devices, launch, report, runners, tolerances
@@ -739,10 +740,22 @@ def _check(args) -> int:
     from parity.own.spec import load_spec
 
     try:
-        pair = load_spec(args.spec, dtype=args.dtype)
+        with warnings.catch_warnings():
+            # A Flax model built in float64 outside jax.enable_x64 warns per array that it is
+            # float32 for now; check_pair casts every leaf to the run's dtype under x64.
+            warnings.filterwarnings("ignore", message="Explicitly requested dtype float64")
+            pair = load_spec(args.spec, dtype=args.dtype)
     except (ValueError, TypeError, ImportError) as error:
         message = " ".join(str(error).split())
         print(f"python -m parity check: error: {message}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as error:  # the SPEC function itself failed: one line, its error named
+        message = " ".join(str(error).split())
+        print(
+            f"python -m parity check: error: SPEC {args.spec!r} raised "
+            f"{type(error).__name__}: {message}",
+            file=sys.stderr,
+        )
         return EXIT_ERROR
     _before_check(pair, args)
     result = check_lib.check_pair(
