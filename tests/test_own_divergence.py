@@ -17,6 +17,7 @@ import pytest
 torch = pytest.importorskip("torch")
 jax = pytest.importorskip("jax")
 nnx = pytest.importorskip("flax.nnx")
+linen = pytest.importorskip("flax.linen")
 
 import jax.numpy as jnp  # noqa: E402
 
@@ -197,12 +198,31 @@ class TorchTokens(torch.nn.Module):
         return self.head(self.pool(self.act(self.hidden(self.embed(ids))), mask))
 
 
+@jax.custom_vjp
+def _gelu_tanh_backward(x):
+    """The exact GELU whose backward is the tanh GELU's: a mistake only gradients show."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+def _gelu_fwd(x):
+    return _gelu_tanh_backward(x), x
+
+
+def _gelu_bwd(x, g):
+    return jax.vjp(lambda y: jax.nn.gelu(y, approximate=True), x)[1](g)
+
+
+_gelu_tanh_backward.defvjp(_gelu_fwd, _gelu_bwd)
+
+
 class FlaxGelu(nnx.Module):
-    def __init__(self, approximate: bool):
-        self.approximate = approximate
+    def __init__(self, bug):
+        self.bug = bug
 
     def __call__(self, x):
-        return jax.nn.gelu(x, approximate=self.approximate)
+        if self.bug == "backward":
+            return _gelu_tanh_backward(x)
+        return jax.nn.gelu(x, approximate=self.bug == "gelu")
 
 
 class FlaxMaskedMean(nnx.Module):
@@ -221,7 +241,7 @@ class FlaxTokens(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=dtype, rngs=rngs)
         self.embed = nnx.Embed(VOCAB, WIDTH, **kw)
         self.hidden = nnx.Linear(WIDTH, HIDDEN, **kw)
-        self.act = FlaxGelu(approximate=bug == "gelu")
+        self.act = FlaxGelu(bug)
         self.pool = FlaxMaskedMean(ignore_mask=bug == "mask")
         self.head = nnx.Linear(HIDDEN, CLASSES, **kw)
 
@@ -277,11 +297,38 @@ def test_nnx_twin(bug, site, dtype):
         assert found.figure > 1e-4
         assert found.row("embed").output == 0.0  # a gather: exact in both
         assert found.row("hidden").output < 1e-2 * found.tolerance
+    for name in ("embed", "hidden", "head"):  # every gradient came back through the mapping
+        assert found.row(name).gradient is not None and not found.row(name).note
     # nothing left behind: the nnx model keeps its own weights, torch has no gradients
     after = {k: np.array(v) for k, v in nnx.to_flat_state(nnx.state(flax_model, nnx.Param))}
     assert all(np.array_equal(before[k], after[k]) for k in before)
     assert all(p.grad is None for p in torch_model.parameters())
     assert torch.get_num_threads() == 1
+
+
+def test_nnx_wrong_backward_is_a_gradient_divergence():
+    # outputs and loss agree; the backward pass parts at the activation, so the gradients of
+    # what runs before it (hidden, embed) differ and those after it (head) do not
+    torch_model, flax_model = _tokens("backward")
+    found = divergence.find(torch_model, flax_model, _torch_xent, _flax_xent, _token_batch())
+    assert found.kind == "gradient" and found.first == "hidden", str(found)
+    assert max(r.output for r in found.rows if r.output is not None) < 1e-13
+    assert found.loss_difference < 1e-13
+    assert found.row("head").gradient < 1e-13
+    assert found.row("hidden").gradient > 1e-5 and found.row("embed").gradient > 1e-5
+    assert "backward pass first parts" in str(found)
+
+
+def test_a_different_loss_is_reported_as_such():
+    torch_model, flax_model = _tokens(None)
+
+    def summed(model, batch):  # a sum where torch takes the mean
+        return _flax_xent(model, batch) * batch["labels"].shape[0]
+
+    found = divergence.find(torch_model, flax_model, _torch_xent, summed, _token_batch())
+    assert found.kind == "loss" and found.first is None
+    assert found.figure == pytest.approx(3.0)
+    assert "losses differ" in str(found)
 
 
 class TorchConvNet(torch.nn.Module):
@@ -329,6 +376,58 @@ def test_conv_outputs_compared_across_layouts():
     assert found.kind is None, str(found)
     for name in ("conv", "act"):  # (2, 5, 6, 6) against (2, 6, 6, 5)
         assert found.row(name).output < 1e-13
+
+
+class LinenBatchNormNet(linen.Module):
+    epsilon: float = 1e-5
+
+    @linen.compact
+    def __call__(self, x):  # x: NHWC; auto-named submodules (Conv_0, BatchNorm_0, Dense_0)
+        kw = dict(dtype=jnp.float64, param_dtype=jnp.float64)
+        h = linen.Conv(6, (3, 3), padding="SAME", **kw)(x)
+        h = linen.BatchNorm(use_running_average=False, epsilon=self.epsilon, **kw)(h)
+        return linen.Dense(3, **kw)(linen.relu(h).mean((1, 2)))
+
+
+class TorchBatchNormNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 6, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(6)
+        self.head = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("epsilon,site", [(1e-5, None), (1e-3, "bn")])
+def test_plain_linen_twin_with_batch_stats(epsilon, site):
+    rng = np.random.default_rng(2)
+    batch = {"x": rng.normal(size=(4, 5, 5, 2)), "y": rng.integers(0, 3, size=4)}
+    model = LinenBatchNormNet(epsilon)
+    with jax.enable_x64(True):
+        variables = model.init(jax.random.key(0), jnp.zeros((1, 5, 5, 2)))
+
+    def flax_loss(variables, b):  # (loss, updates), as a training step with BatchNorm returns
+        logits, updates = model.apply(variables, b["x"], mutable=["batch_stats"])
+        logp = jax.nn.log_softmax(logits)
+        return -jnp.take_along_axis(logp, b["y"][:, None], 1).mean(), updates
+
+    def torch_loss(m, b):
+        return torch.nn.functional.cross_entropy(m(b["x"].permute(0, 3, 1, 2)), b["y"])
+
+    torch.manual_seed(0)
+    torch_model = TorchBatchNormNet().double()
+    found = divergence.find(torch_model, model, torch_loss, flax_loss, batch, variables=variables)
+    assert found.first == site, str(found)
+    assert [(r.torch_name, r.flax_path) for r in found.rows[:3]] == [
+        ("conv", "Conv_0"),
+        ("bn", "BatchNorm_0"),
+        ("head", "Dense_0"),
+    ]
+    assert found.row("conv").output < 1e-13  # (4, 6, 5, 5) against (4, 5, 5, 6)
+    # the torch model's running statistics are its own again
+    assert torch.equal(torch_model.bn.running_mean, torch.zeros(6, dtype=torch.float64))
 
 
 # -- errors -------------------------------------------------------------------------------------

@@ -801,7 +801,8 @@ def _find(torch_model, flax_model, torch_loss, flax_loss, batch, variables, mapp
 
 def find_pair(pair, batch_index: int = 0, **kwargs) -> Divergence:
     """:func:`find` on a :class:`parity.own.Pair` and its batch ``pair.batches[batch_index]``
-    (its overrides passed on; keyword arguments go to :func:`find`)."""
+    (its overrides passed on; keyword arguments go to :func:`find`; with ``train=False`` the
+    Flax side uses ``pair.flax_eval_loss`` when there is one)."""
     from parity.own.spec import Pair
 
     if not isinstance(pair, Pair):
@@ -814,11 +815,13 @@ def find_pair(pair, batch_index: int = 0, **kwargs) -> Divergence:
             f"got {batch_index!r}"
         )
     kwargs.setdefault("overrides", pair.overrides)
+    train = kwargs.get("train", True)
+    flax_loss = pair.flax_loss if train or pair.flax_eval_loss is None else pair.flax_eval_loss
     return find(
         pair.torch_model,
         pair.flax_model,
         pair.torch_loss,
-        pair.flax_loss,
+        flax_loss,
         pair.batches[batch_index],
         variables=pair.variables,
         **kwargs,
