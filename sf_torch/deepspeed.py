@@ -529,7 +529,13 @@ def _after_universal_load(engine: Any, load_dir: str, tag: str | None) -> None:
 # - Checkpoints: DeepSpeed's ZeRO-0 files hold rank 0's model and optimizer only; with local
 #   steps every rank also writes "sf_local_rank{r}.pt" into the tag folder (its module weights,
 #   the client's state dict, bf16 masters, and the local-steps state), and load_checkpoint reads
-#   it back on every rank after DeepSpeed's own load: every rank resumes bitwise.
+#   it back on every rank after DeepSpeed's own load (whatever load_checkpoint's options): every
+#   rank resumes bitwise. The section, the world size and the averaged names must match.
+# - The learning rates a rule reads are the optimizer's own (first param group: lr with its
+#   warmup, or RAdam's rectification) unless initialize(..., local_steps_lrs=) gives them; with a
+#   scheduler (config or lr_scheduler=) they must be given, as the schedule is computed up front.
+# - BatchNorm at the averaged x: sf_torch.local.recompute_batchnorm_stats(engine.module,
+#   batches, group=engine.data_parallel_group) after eval(engine).
 
 _LOCAL_RULES: dict[str, tuple[type, tuple[str, ...]]] = {
     "constant": (sync_rules.Constant, ("period",)),
