@@ -9,7 +9,9 @@ compares, module by module:
 - outputs: a torch forward hook on every submodule records its output; on the Flax side, linen
   modules are observed with ``flax.linen.intercept_methods`` (every module's ``__call__``, with
   its path, however the loss calls ``apply``), nnx modules by wrapping their classes'
-  ``__call__`` for the run (instances named by ``iter_modules()``). Both run eagerly.
+  ``__call__`` for the run (instances named by ``nnx.iter_modules``). nnx runs eagerly;
+  linen runs one jitted ``value_and_grad`` whose auxiliary output is every module's output
+  (eagerly instead when the loss cannot be traced).
 - gradients: the gradient of each side's loss with respect to every parameter, the Flax ones
   brought to the torch layout through the mapping, grouped by owning module.
 
