@@ -691,7 +691,10 @@ def _add_check_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--backends",
         default=",".join(BACKENDS),
-        help="comma-separated, among " + ", ".join(BACKENDS),
+        help="comma-separated, among "
+        + ", ".join(BACKENDS)
+        + "; opt-in, float32 only: deepspeed_z0 ... deepspeed_z3 (sf_torch under DeepSpeed "
+        "ZeRO on 2 CPU ranks, each rebuilding the pair from SPEC, the whole batch on each)",
     )
     p.add_argument(
         "--baseline",
@@ -711,14 +714,14 @@ def _add_check_options(p: argparse.ArgumentParser) -> None:
 
 
 def _check_backends(parser: argparse.ArgumentParser, args) -> None:
-    from parity.own.check import BACKENDS
+    from parity.own.check import BACKENDS, DEEPSPEED
 
     names = [n.strip() for n in args.backends.split(",") if n.strip()]
-    unknown = [n for n in names if n not in BACKENDS]
+    unknown = [n for n in names if n not in BACKENDS + DEEPSPEED]
     if not names or unknown:
         parser.error(
-            f"argument --backends: must be comma-separated among {', '.join(BACKENDS)}, "
-            f"got {args.backends!r}"
+            f"argument --backends: must be comma-separated among "
+            f"{', '.join(BACKENDS + DEEPSPEED)}, got {args.backends!r}"
         )
     args.backends = names
     if args.baseline is None:
@@ -777,6 +780,7 @@ def _check(args) -> int:
         backends=args.backends,
         baseline=args.baseline,
         log=not args.no_progress,
+        spec=args.spec,
     )
     result.seconds = time.perf_counter() - started
     print(result.title())

@@ -126,7 +126,7 @@ def test_vit_float64():
     for batch in pair.batches + pair.eval_batches:
         batch["pixel_values"] = batch["pixel_values"].astype(np.float32).astype(np.float64)
     result = check_lib.check_pair(
-        pair, steps=100, lr=2e-3, backends=("sf_torch", "sf_optax"), log=False
+        pair, steps=200, lr=2e-3, backends=("sf_torch", "sf_optax"), log=False
     )
     assert result.exit_code == 0, result.table()
     assert max(_worst(result, "sf_optax")[m] for m in METRICS) <= F64
@@ -136,7 +136,7 @@ def test_roberta_float32_eval_loss():
     result = check_lib.check_pair(
         _hf("roberta", "float32"),
         dtype="float32",
-        steps=100,
+        steps=200,
         lr=2e-3,
         backends=("sf_torch", "sf_optax"),
         log=False,
@@ -169,7 +169,7 @@ def test_nnx_batchnorm_pair_float64():
 def test_handoff_both_ways():
     """torch -> jax at step 15 and jax -> torch at step 30: both directions in one run."""
     pair = _hf("roberta")
-    for start in ("torch",):
+    for start in ("torch", "jax"):
         out = check_lib.handoff(pair, switch_at=[15, 30], start=start, steps=40, lr=2e-3)
         assert out["zero_gradient"]["leaves"], out["zero_gradient"]
         # The moved run against each unmoved one, and the two unmoved ones against each other.
@@ -181,6 +181,45 @@ def test_handoff_both_ways():
         moved = out["records"][f"handoff {out['route']}"]
         alone = out["records"]["sf_torch" if start == "torch" else "sf_optax"]
         assert np.array_equal(moved.train_loss[:15], alone.train_loss[:15])
+
+
+def test_handoff_batchnorm_pair():
+    """The nnx BatchNorm pair (BatchNorm statistics moved with the state, conv kernels in
+    their layouts), jax -> torch -> jax."""
+    out = check_lib.handoff(_bn_pair(), switch_at=[10, 20], start="jax", steps=30, lr=5e-3)
+    for name, comparison in out["comparisons"].items():
+        for metric in METRICS:
+            assert comparison.worst(metric) <= F64, (name, metric)
+
+
+def test_deepspeed_rows_from_spec():
+    """sf_torch under DeepSpeed ZeRO-3 on 2 CPU ranks, each rank rebuilding RoBERTa from the
+    SPEC and starting from the saved initial weights; float32 within the eval-loss limit."""
+    pytest.importorskip("deepspeed")
+    spec = "parity.own.hf:roberta"
+    result = check_lib.check_pair(
+        load_spec(spec, dtype="float32"),
+        dtype="float32",
+        steps=8,
+        backends=("sf_torch", "deepspeed_z3"),
+        spec=spec,
+        log=False,
+    )
+    assert result.exit_code == 0, result.table()
+    row = result.row("deepspeed_z3")
+    assert row.role == "distributed" and row.limits == {"eval_loss": F32_EVAL}
+    assert row.max_diff["eval_loss"] <= F32_EVAL
+    assert row.record.meta["zero_stage"] == 3 and row.record.meta["ranks"] == 2
+    # Without a SPEC there is nothing for the ranks to rebuild: a skipped row, said why.
+    alone = check_lib.check_pair(
+        _hf("roberta", "float32"),
+        dtype="float32",
+        steps=2,
+        backends=("sf_torch", "deepspeed_z2"),
+        log=False,
+    )
+    assert alone.row("deepspeed_z2").status == "skipped"
+    assert "SPEC" in alone.row("deepspeed_z2").note
 
 
 def _cli(*args):

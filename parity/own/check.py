@@ -87,17 +87,22 @@ from parity.handoff import Snapshot
 from parity.training.record import Record
 
 BACKENDS = ("sf_torch", "sf_optax", "schedulefree", "optax_contrib")
+# Opt-in rows (a pair from a SPEC only: each rank rebuilds it): sf_torch under DeepSpeed ZeRO.
+DEEPSPEED = tuple(f"deepspeed_z{stage}" for stage in range(4))
+DEEPSPEED_RANKS = 2
 ROLES = {
     "sf_torch": "primary",
     "sf_optax": "primary",
     "schedulefree": "reference",
     "optax_contrib": "reference",
+    **dict.fromkeys(DEEPSPEED, "distributed"),
 }
 FRAMEWORK = {
     "sf_torch": "torch",
     "sf_optax": "jax",
     "schedulefree": "torch",
     "optax_contrib": "jax",
+    **dict.fromkeys(DEEPSPEED, "deepspeed"),
 }
 OPTIMIZERS = ("adamw", "sgd", "radam")
 DTYPES = ("float64", "float32")
@@ -799,6 +804,7 @@ def check_pair(
     baseline: str | None = "sf_torch",
     out=None,
     log: bool = True,
+    spec: str | None = None,
 ) -> CheckResult:
     """:func:`check` on a :class:`parity.own.Pair`.
 
@@ -812,6 +818,10 @@ def check_pair(
         own baseline).
       out: a folder for ``report.json`` and ``report.png`` (None: nothing written).
       log: one plain line per finished row on stderr.
+      spec: the SPEC the pair came from (``load_spec``); needed by the DeepSpeed rows
+        ``deepspeed_z0`` ... ``deepspeed_z3`` (opt-in, float32 only), whose
+        ``DEEPSPEED_RANKS`` rank processes rebuild the pair from it (see
+        :func:`_deepspeed_row`).
 
     Returns:
       A :class:`CheckResult`; its ``exit_code`` is 0 (every checked row within its
@@ -836,9 +846,9 @@ def check_pair(
         recal_batches=recal_batches,
     )
     names = list(dict.fromkeys(backends))
-    unknown = [n for n in names if n not in BACKENDS]
+    unknown = [n for n in names if n not in BACKENDS + DEEPSPEED]
     if not names or unknown:
-        raise ValueError(f"backends must be among {BACKENDS}, got {list(backends)}")
+        raise ValueError(f"backends must be among {BACKENDS + DEEPSPEED}, got {list(backends)}")
     if len(names) == 1:
         baseline = names[0]
     baseline = baseline or names[0]
@@ -851,7 +861,7 @@ def check_pair(
         from parity import runners
 
         for n in names:
-            why = _unsupported(n, config)
+            why = _unsupported(n, config, spec)
             if why is None:
                 module = _runner(n)
                 why = runners.unavailable(module)
@@ -860,7 +870,10 @@ def check_pair(
                 continue
             start = time.perf_counter()
             try:
-                record, grad = _run_row(n, setup)
+                if FRAMEWORK[n] == "deepspeed":
+                    record, grad = _deepspeed_row(n, setup, spec), None
+                else:
+                    record, grad = _run_row(n, setup)
             except Exception as error:  # a row that fails is reported, the others still run
                 errors[n] = f"{type(error).__name__}: {error}"
                 if log:
@@ -935,14 +948,24 @@ def check_pair(
 def _runner(name: str):
     import importlib
 
+    if name in DEEPSPEED:
+        name = "deepspeed"
     return importlib.import_module(f"parity.runners.{name}")
 
 
-def _unsupported(name: str, config: CheckConfig) -> str | None:
+def _unsupported(name: str, config: CheckConfig, spec: str | None = None) -> str | None:
+    if name in DEEPSPEED:
+        if config.dtype == "float64":
+            return "DeepSpeed reduces float32/bf16/fp16 gradients only (no float64)"
+        if spec is None:
+            return "needs the pair's SPEC (each rank rebuilds the pair): python -m parity check"
+        return None
     return _runner(name).unsupported(config)
 
 
 def _expected_difference(name: str, config: CheckConfig) -> str | None:
+    if name in DEEPSPEED:
+        return None
     return _runner(name).expected_difference(config)
 
 
@@ -971,6 +994,168 @@ def _jax_setup(setup: _Setup) -> _JaxSetup:
     if setup.config.dtype not in cache:
         cache[setup.config.dtype] = _JaxSetup(setup)
     return cache[setup.config.dtype]
+
+
+# -- DeepSpeed rows ---------------------------------------------------------------------------
+
+
+def _deepspeed_row(name: str, setup: _Setup, spec: str) -> Record:
+    """sf_torch under ``sf_torch.deepspeed`` (ZeRO stage of ``name``) on ``DEEPSPEED_RANKS``
+    CPU ranks (gloo), in child processes started by ``torch.distributed.run``.
+
+    Each rank rebuilds the pair from ``spec`` and loads the initial weights this process
+    saved. Every rank trains on the whole batch of each step (the data are replicated, not
+    split): the gradient DeepSpeed averages over the ranks is then exactly the single-process
+    one whatever the loss (a split batch equals it only for a loss that is an equal-weight mean
+    over examples, which a masked token loss is not). What the row checks is sf_torch with
+    DeepSpeed's partitioned optimizer state and parameters (ZeRO 1-3), its eval at x and its
+    train/eval switch, against the single-process trajectory.
+    """
+    import os
+    import subprocess
+    import tempfile
+
+    from parity.runners import deepspeed as ds_runner
+
+    stage = int(name.removeprefix("deepspeed_z"))
+    with tempfile.TemporaryDirectory(prefix="parity_own_ds_") as work:
+        work = FsPath(work)
+        np.savez(work / "init.npz", **{k: v.cpu().numpy() for k, v in setup.initial_state.items()})
+        job = dict(
+            spec=spec,
+            stage=stage,
+            config=dataclasses.asdict(setup.config),
+            params=[e.torch_name for e in setup.param_entries],
+        )
+        (work / "job.json").write_text(json.dumps(job))
+        env = {**os.environ, **ds_runner.environment(setup.config)}
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={DEEPSPEED_RANKS}",
+            "-m",
+            "parity.own.check",
+            str(work / "job.json"),
+            str(work / "init.npz"),
+            str(work / "record.npz"),
+        ]
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        if done.returncode != 0 or not (work / "record.npz").exists():
+            tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-6:])
+            raise RuntimeError(f"the DeepSpeed ranks failed (exit {done.returncode}): {tail}")
+        return Record.load(work / "record.npz")
+
+
+def _deepspeed_child(job_path: str, init_path: str, result_path: str) -> None:
+    """One rank of :func:`_deepspeed_row` (run under ``torch.distributed.run``)."""
+    import os
+
+    import deepspeed
+    import torch
+
+    import sf_torch
+    import sf_torch.deepspeed as sfds
+    from parity.own.spec import load_spec
+    from parity.runners.sf_torch import build
+
+    job = json.loads(FsPath(job_path).read_text())
+    config = CheckConfig(**job["config"])
+    rank, ranks = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    torch.set_num_threads(1)
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    try:
+        pair = load_spec(job["spec"], dtype=config.dtype)
+        dtype = getattr(torch, config.dtype)
+        model = pair.torch_model.to(dtype)
+        with np.load(init_path) as f:
+            model.load_state_dict({k: torch.from_numpy(f[k]) for k in f.files})
+        model.train()
+        optimizer = build(sf_torch, config, list(model.parameters()))
+        zero = {"stage": job["stage"]}
+        if job["stage"] == 3:
+            zero["stage3_param_persistence_threshold"] = 0  # partition even small tensors
+        ds_config = {
+            # Every rank takes the whole batch as its one micro-batch (replicated data).
+            "train_batch_size": ranks,
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": 0.0,
+            "zero_optimization": zero,
+            "steps_per_print": 10**9,
+        }
+        engine, *_ = sfds.initialize(model=model, optimizer=optimizer, config=ds_config)
+        module = engine.module
+        named = dict(module.named_parameters(remove_duplicate=False))
+        params = list(module.parameters())
+        zero3 = hasattr(params[0], "ds_id")
+        batch_norms = [
+            m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+        ]
+
+        def tensors(batch):
+            return {
+                k: torch.tensor(v, dtype=dtype)
+                if np.issubdtype(v.dtype, np.floating)
+                else torch.from_numpy(np.array(v))
+                for k, v in batch.items()
+            }
+
+        batches = [tensors(b) for b in pair.batches]
+        evals = [tensors(b) for b in pair.eval_batches]
+        shim = _Shim(pair, batches[: config.recal_batches])
+        shapes = {n: tuple(named[n].ds_shape if zero3 else named[n].shape) for n in job["params"]}
+        record = Record.empty(0, config.steps, shapes, np.dtype(config.dtype))
+
+        @torch.no_grad()
+        def evaluate() -> float:
+            if not evals:
+                return math.nan
+            sfds.eval(engine)  # collective: x in the weights on every rank
+            stats = (
+                _biased_batchnorm_stats(shim, module) if batch_norms else contextlib.nullcontext()
+            )
+            with stats:
+                module.eval()
+                losses = [float(pair.torch_loss(module, b).double()) for b in evals]
+            module.train()
+            sfds.train(engine)
+            return float(np.mean(losses))
+
+        def observe(step):
+            with deepspeed.zero.GatheredParameters(params, enabled=zero3):
+                if rank == 0:
+                    record.set_params(
+                        step, {n: named[n].detach().cpu().numpy() for n in job["params"]}
+                    )
+            if config.evaluates_at(step):
+                record.eval_loss[step] = evaluate()
+
+        observe(0)
+        for step in range(config.steps):
+            loss = pair.torch_loss(module, batches[step % len(batches)])
+            engine.backward(loss)
+            engine.step()
+            record.train_loss[step] = float(loss.detach().double())
+            observe(step + 1)
+        if rank == 0:
+            record.meta = {
+                "framework": f"torch {torch.__version__}, deepspeed {deepspeed.__version__}",
+                "zero_stage": job["stage"],
+                "ranks": ranks,
+                "data": "replicated: every rank trains on the whole batch",
+            }
+            record.save(result_path)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+class _Shim:
+    """What :func:`_biased_batchnorm_stats` reads of a setup, in a DeepSpeed rank."""
+
+    def __init__(self, pair, recal):
+        self.pair, self.torch_recal = pair, recal
 
 
 # -- state handoff ------------------------------------------------------------------------------
@@ -1174,6 +1359,15 @@ def handoff(
         "config": config,
         "zero_gradient": zero,
     }
+
+
+if __name__ == "__main__":
+    _deepspeed_child(*sys.argv[1:4])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    import os
+
+    os._exit(0)  # as parity.runners.deepspeed: skip a teardown where gloo threads may abort
 
 
 class _CallableModule(type(sys)):
