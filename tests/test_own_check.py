@@ -166,6 +166,67 @@ def test_nnx_batchnorm_pair_float64():
     assert _worst(result, "sf_optax")["zero_gradient_abs"] <= 1e-6
 
 
+def test_linen_batchnorm_pair_float64():
+    """A linen MLP with BatchNorm (variables with batch_stats, a training loss returning its
+    updates) against torch's BatchNorm1d: statistics recomputed at x on both sides."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    class TorchNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(5, 6)
+            self.bn = torch.nn.BatchNorm1d(6)
+            self.head = torch.nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.bn(self.fc(x))))
+
+    class LinenNet(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool):
+            h = nn.BatchNorm(use_running_average=not train, name="bn")(nn.Dense(6, name="fc")(x))
+            return nn.Dense(3, name="head")(nn.relu(h))
+
+    torch.manual_seed(0)
+    linen = LinenNet()
+    variables = linen.init(jax.random.PRNGKey(0), jnp.ones((4, 5)), train=False)
+
+    def nll(logits, y):
+        return -jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1).mean()
+
+    def flax_loss(v, batch):
+        logits, updates = linen.apply(v, batch["x"], train=True, mutable=["batch_stats"])
+        return nll(logits, batch["y"]), updates
+
+    def flax_eval_loss(v, batch):
+        return nll(linen.apply(v, batch["x"], train=False), batch["y"])
+
+    def torch_loss(model, batch):
+        return torch.nn.functional.cross_entropy(model(batch["x"]), batch["y"])
+
+    rng = np.random.default_rng(1)
+    batches = [{"x": rng.normal(size=(8, 5)), "y": rng.integers(0, 3, size=8)} for _ in range(4)]
+    result = check_lib.check(
+        TorchNet(),
+        linen,
+        torch_loss,
+        flax_loss,
+        batches,
+        eval_batches=batches[:1],
+        variables=dict(variables),
+        flax_eval_loss=flax_eval_loss,
+        steps=200,
+        lr=5e-3,
+        backends=("sf_torch", "sf_optax"),
+        log=False,
+    )
+    assert result.exit_code == 0, result.table()
+    assert max(_worst(result, "sf_optax")[m] for m in METRICS) <= F64
+    assert result.zero_gradient["leaves"] == ["fc.bias"]  # BatchNorm subtracts its mean
+
+
 def test_handoff_both_ways():
     """torch -> jax at step 15 and jax -> torch at step 30: both directions in one run."""
     pair = _hf("roberta")
