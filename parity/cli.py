@@ -709,6 +709,12 @@ def _add_check_options(p: argparse.ArgumentParser) -> None:
         help="report folder (default: reports/check_<function>_<optimizer>_<dtype>)",
     )
     p.add_argument(
+        "--divergence",
+        action="store_true",
+        help="before training, compare the first batch layer by layer (parity.own.divergence): "
+        "its verdict printed, its figures in report.json",
+    )
+    p.add_argument(
         "--no-progress", action="store_true", help="no line per finished backend on stderr"
     )
 
@@ -732,9 +738,17 @@ def _check_backends(parser: argparse.ArgumentParser, args) -> None:
         )
 
 
-def _before_check(pair, args) -> None:
-    """Runs on the pair before any training (the place for a first-batch layer-by-layer
-    comparison, parity.own.divergence); nothing yet."""
+def _before_check(pair, args):
+    """``--divergence``: the first training batch through both models, layer by layer
+    (parity.own.divergence), before any training; its verdict printed, its figures returned
+    for report.json. None without the flag."""
+    if not args.divergence:
+        return None
+    from parity.own import divergence
+
+    found = divergence.find_pair(pair)
+    print(f"first batch, layer by layer: {found.verdict()}", flush=True)
+    return found.to_dict()
 
 
 def _check(args) -> int:
@@ -760,7 +774,7 @@ def _check(args) -> int:
             file=sys.stderr,
         )
         return EXIT_ERROR
-    _before_check(pair, args)
+    first_batch = _before_check(pair, args)
     result = check_lib.check_pair(
         pair,
         optimizer=args.optimizer,
@@ -783,6 +797,7 @@ def _check(args) -> int:
         spec=args.spec,
     )
     result.seconds = time.perf_counter() - started
+    result.divergence = first_batch
     print(result.title())
     print(result.table())
     for r in result.rows:

@@ -303,12 +303,15 @@ def test_cli_roberta(tmp_path):
         "sf_torch,sf_optax",
         "--out",
         str(out),
+        "--divergence",
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "first batch, layer by layer: no divergence" in done.stdout
     payload = json.loads((out / "report.json").read_text())
     assert payload["exit_code"] == 0
     assert [r["name"] for r in payload["rows"]] == ["sf_torch", "sf_optax"]
     assert len(payload["zero_gradient"]["leaves"]) == 2
+    assert payload["divergence"]["kind"] is None
     assert "\r" not in done.stdout + done.stderr
 
 

@@ -173,12 +173,16 @@ class CheckResult:
     zero_gradient: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
     seconds: float = math.nan
+    divergence: dict | None = None  # parity.own.divergence's first-batch comparison, if run
 
     def row(self, name: str):
         return next(r for r in self.rows if r.name == name)
 
     def extra(self) -> dict:
-        return {"zero_gradient": self.zero_gradient, "notes": self.notes, "pair": self.config.name}
+        out = {"zero_gradient": self.zero_gradient, "notes": self.notes, "pair": self.config.name}
+        if self.divergence is not None:
+            out["divergence"] = self.divergence
+        return out
 
     def table(self) -> str:
         text = report.table(self.rows, self.baseline, self.config.dtype)
