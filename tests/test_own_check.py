@@ -283,6 +283,32 @@ def test_deepspeed_rows_from_spec():
     assert "SPEC" in alone.row("deepspeed_z2").note
 
 
+def test_compare_absolute_by_hand():
+    """compare(absolute=...) on numbers worked out by hand; without it, as before."""
+    from parity.compare import compare
+    from parity.training.record import Record
+
+    def record(w, b):
+        return Record(
+            first_step=0,
+            train_loss=np.array([1.0]),
+            eval_loss=np.array([1.0, 1.0]),
+            params={"w": np.array(w), "b": np.array(b)},
+        )
+
+    base = record([[2.0, -4.0], [2.0, -4.0]], [[0.0], [1e-15]])
+    run = record([[2.0, -4.0], [2.0, -4.0 + 4e-12]], [[0.0], [3e-15]])
+    plain = compare(run, base)
+    assert plain.absolute is None
+    assert plain.params[1] == pytest.approx(2e-15 / 1e-15)  # b against its own scale
+    split = compare(run, base, absolute={"b"})
+    assert split.params[1] == pytest.approx(4e-12 / 4.0)  # w alone
+    assert split.absolute[1] == pytest.approx(2e-15 / 4.0)  # b against the largest |param|
+    assert split.absolute[0] == 0.0
+    with pytest.raises(ValueError, match="absolute"):
+        compare(run, base, absolute={"nope"})
+
+
 def _cli(*args):
     return subprocess.run(
         [sys.executable, "-m", "parity", "check", *args],
