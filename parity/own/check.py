@@ -43,20 +43,20 @@ move by is amplified by Adam (a noise gradient ``g`` far below ``eps`` moves a l
 BatchNorm test pair's conv bias), so in float64 this figure is held to the sanity bound
 ``ZERO_GRADIENT_BOUND`` (1e-6: a missing weight decay or a leaf that takes real steps exceeds
 it), not to the 1e-10 of the other parameters. In float32 the noise is near ``eps`` and such a
-leaf takes steps of up to ``lr`` in random directions (ViT float32, 60 steps: 8e-4): reported
-only, as float32 parameters are. They are listed, with
-that figure, in the table's notes and in ``report.json`` (``zero_gradient``; per row
-``max_diff["zero_gradient_abs"]``).
+leaf takes steps of up to ``lr`` in random directions (ViT float32, 200 steps: 1.6e-3):
+reported only, as float32 parameters are. They are listed, with that figure, in the table's
+notes and in ``report.json`` (``zero_gradient``; per row ``max_diff["zero_gradient_abs"]``).
 
-BatchNorm (nnx and torch). Before each evaluation the statistics are recomputed at ``x`` on
+BatchNorm. Before each evaluation the statistics are recomputed at ``x`` on
 the first ``recal_batches`` training batches, with ``sf_torch.recompute_batchnorm_stats`` and
 ``sf_optax.flax.recompute_batchnorm_stats``. torch keeps the unbiased batch variance in
 ``running_var`` (``n / (n - 1)`` times the one it normalizes with), nnx the biased one: the
 torch statistics are rescaled by ``(n - 1) / n`` so that both evaluate with the variance both
 normalize with in training (the eval loss then compares the ports, not the two libraries'
-conventions). Linen models with ``batch_stats``: statistics are not recomputed (the eval loss
-uses the running statistics each framework tracked while training, which differ in that same
-convention); the report says so.
+conventions). Linen models with ``batch_stats`` (a training loss that returns ``(loss,
+updates)``): the statistics are recomputed at ``x`` from the training loss's updates, two runs
+per batch giving each batch's statistics whatever the module's momentum
+(:func:`_linen_batch_stats`), the variance the biased one there too.
 
 DeepSpeed rows (opt-in: ``backends`` naming ``deepspeed_z0`` ... ``deepspeed_z3``, float32,
 a pair from a SPEC: ``check_pair(..., spec=SPEC)`` or ``python -m parity check``): sf_torch
@@ -879,6 +879,10 @@ def check_pair(
       A :class:`CheckResult`; its ``exit_code`` is 0 (every checked row within its
       tolerance), 1 (a tolerance exceeded) or 2 (a backend failed).
     """
+    from parity.own.spec import Pair
+
+    if not isinstance(pair, Pair):
+        raise TypeError(f"pair must be a parity.own.Pair, got {type(pair).__name__}")
     started = time.perf_counter()
     config = CheckConfig(
         name=pair.name,
