@@ -3,6 +3,7 @@
     deepspeed schedulefree_deepspeed_demo.py --deepspeed_config ds_config.json       # all GPUs
     DS_ACCELERATOR=cpu deepspeed --num_gpus 2 schedulefree_deepspeed_demo.py \\
         --deepspeed_config ds_config.json --epochs 3                                 # CPU ranks
+    deepspeed schedulefree_deepspeed_demo.py --local-steps                           # local steps
 
 (see README.md beside this file for one GPU, several GPUs and several nodes).
 
@@ -15,6 +16,17 @@ nothing about. Under ZeRO the optimizer only sees DeepSpeed's fp32 partitions, s
 BatchNorm's running statistics were collected at y; before each evaluation they are recomputed
 at x from training batches (``sf_torch.recompute_batchnorm_stats``), and the training
 statistics come back afterwards.
+
+Local steps (``--local-steps``, config ``ds_config_local.json``; any config with a
+``"local_steps"`` section): every rank steps on its own gradients, with no gradient all-reduce,
+and the ranks average their models (params and ``z``) after the sync steps of the section's rule
+(``sf_schedules.sync``). The demo sets the section's ``total_steps`` to the run's length, and its
+``warmup_steps`` to the optimizer's when the section leaves it out. An epoch that ends on a sync
+step is evaluated on the engine (every rank holds the same ``x``); one that ends mid-round on a
+copy of the model holding the mean of the ranks' ``x`` (what a sync would give, to rounding),
+so that training is not disturbed. BatchNorm statistics at ``x``: each rank re-estimates them
+on its own batches and the ranks average them (``sf_torch.local.recompute_batchnorm_stats``).
+The last step is always a sync step, so the run ends with one model on every rank.
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ from tqdm import tqdm
 
 import sf_torch
 import sf_torch.deepspeed as sfds
+import sf_torch.local
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -57,6 +70,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save-dir", default=None, help="save a checkpoint (at x) each epoch")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--local-steps",
+        action="store_true",
+        help="local steps: the config's local_steps section (default config ds_config_local.json)",
+    )
     parser.add_argument("--local_rank", type=int, default=-1, help="set by the launcher")
     deepspeed.add_config_arguments(parser)  # --deepspeed, --deepspeed_config
     return parser.parse_args(argv)
@@ -119,11 +137,24 @@ def load_data(seed: int):
     )
 
 
-def config_for(args: argparse.Namespace) -> dict:
-    """The JSON config, with this script's flags for the batch size and the optimizer."""
-    path = args.deepspeed_config or os.path.join(HERE, "ds_config.json")
+def config_for(args: argparse.Namespace, total_steps: int) -> dict:
+    """The JSON config, with this script's flags for the batch size and the optimizer; a
+    local_steps section gets ``total_steps`` (the run's optimizer steps) and, when it leaves it
+    out and its rule has one, ``warmup_steps`` (the optimizer's)."""
+    default = "ds_config_local.json" if args.local_steps else "ds_config.json"
+    path = args.deepspeed_config or os.path.join(HERE, default)
     with open(path) as f:
         config = json.load(f)
+    local = config.get("local_steps")
+    if args.local_steps and local is None:
+        raise SystemExit(
+            f"error: --local-steps needs a config with a local_steps section, and {path} has "
+            "none (see ds_config_local.json)"
+        )
+    if local is not None:
+        local["total_steps"] = total_steps
+        if local.get("rule") != "constant":
+            local.setdefault("warmup_steps", args.warmup_steps)
     config["train_micro_batch_size_per_gpu"] = args.batch_size
     config["optimizer"] = {
         "type": "AdamWScheduleFree",
@@ -152,16 +183,43 @@ def check_precision(config: dict, accelerator) -> None:
         )
 
 
-def evaluate(engine, images, labels, bn_batches, dtype) -> tuple[float, float]:
-    """Loss and accuracy of the weights the engine's model holds, BN statistics at them."""
-    device = engine.device
+def bn_rows(order: np.ndarray, n_batches: int, batch_size: int, rank: int, world: int):
+    """Row indices of this rank's batches for the BatchNorm statistics at x, taken from the
+    shuffled ``order``: rank ``r`` of ``world`` gets batches ``r * n_batches`` to
+    ``(r + 1) * n_batches - 1`` (``world = 1``: every rank the same)."""
+    rows = order[: n_batches * batch_size * world]
+    batches = np.array_split(rows, n_batches * world)
+    return batches[rank * n_batches : (rank + 1) * n_batches]
+
+
+def evaluate(model, images, labels, bn_batches, dtype, group=None) -> tuple[float, float]:
+    """Loss and accuracy of the weights ``model`` holds, BN statistics at them (with ``group``:
+    each rank's statistics from its own batches, averaged over the group)."""
+    device = next(model.parameters()).device
     inputs = torch.from_numpy(images).to(device, dtype)
-    with sf_torch.recompute_batchnorm_stats(engine.module, bn_batches):
+    if group is None:
+        stats = sf_torch.recompute_batchnorm_stats(model, bn_batches)
+    else:
+        stats = sf_torch.local.recompute_batchnorm_stats(model, bn_batches, group=group)
+    with stats:
         with torch.no_grad():
-            logits = engine(inputs).float()
+            logits = model(inputs).float()
     target = torch.from_numpy(labels).to(device)
     loss = torch.nn.functional.cross_entropy(logits, target).item()
     return loss, (logits.argmax(1) == target).float().mean().item()
+
+
+def averaged_copy(engine, hidden: int):
+    """A new model holding the mean over the ranks of the weights the engine's model holds
+    (after ``sfds.eval``: each rank's own x, whose mean is the x a sync would give) and the
+    engine's buffers; collective."""
+    module = engine.module
+    copy = Net(hidden).to(engine.device)
+    copy.load_state_dict(module.state_dict())  # into float32 params: bf16 values are exact
+    sf_torch.local.average_(list(copy.parameters()), engine.data_parallel_group)
+    for mine, theirs in zip(copy.parameters(), module.parameters()):
+        mine.data = mine.data.to(theirs.dtype)
+    return copy
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -176,23 +234,32 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     train_x, test_x, train_y, test_y = load_data(args.seed)
 
-    config = config_for(args)
+    global_batch = args.batch_size * world
+    steps = len(train_x) // global_batch
+    config = config_for(args, args.epochs * steps)
     check_precision(config, get_accelerator())
+    local = config.get("local_steps") is not None
     engine, *_ = sfds.initialize(model=Net(args.hidden_dim), model_parameters=None, config=config)
     # The dtype the engine computes in (bf16/fp16 when the config enables them): inputs must
     # have it too.
     device, dtype = engine.device, next(engine.module.parameters()).dtype
     if rank == 0:
         print(f"{world} {torch.device(device).type} ranks, computing in {dtype}", flush=True)
+    if local and rank == 0:
+        state = sfds.local_state(engine)
+        print(
+            f"local steps: rule {config['local_steps']['rule']}, "
+            f"{len(state['sync_steps'])} syncs planned in {state['sync_steps'][-1]} steps "
+            f"(after steps {', '.join(map(str, state['sync_steps']))})",
+            flush=True,
+        )
     rng = np.random.default_rng(args.seed)
-    # The same BN batches on every rank, so that every rank gets the same statistics at x.
-    bn_rows = rng.permutation(len(train_x))[: args.bn_batches * args.batch_size]
-    bn_batches = [
-        torch.from_numpy(train_x[rows]).to(device, dtype)
-        for rows in np.array_split(bn_rows, args.bn_batches)
-    ]
-    global_batch = args.batch_size * world
-    steps = len(train_x) // global_batch
+    # Without local steps the same BN batches on every rank, so that every rank gets the same
+    # statistics at x; with local steps each rank's own, averaged over the ranks.
+    order = rng.permutation(len(train_x))
+    rows = bn_rows(order, args.bn_batches, args.batch_size, *((rank, world) if local else (0, 1)))
+    bn_batches = [torch.from_numpy(train_x[r]).to(device, dtype) for r in rows]
+    group = engine.data_parallel_group if local else None
     bar = tqdm(
         total=args.epochs * steps,
         disable=rank != 0 or not show_progress(args.quiet),
@@ -216,22 +283,42 @@ def main(argv: list[str] | None = None) -> dict:
             losses.append(loss.item())
             bar.update()
         sfds.eval(engine)  # weights at x on every rank
-        eval_loss, accuracy = evaluate(engine, test_x, test_y, bn_batches, dtype)
+        model = engine.module
+        if local:
+            state = sfds.local_state(engine)
+            if state["steps_taken"] not in state["sync_steps"]:  # mid-round: the ranks differ
+                model = averaged_copy(engine, args.hidden_dim)
+        eval_loss, accuracy = evaluate(model, test_x, test_y, bn_batches, dtype, group)
         record = dict(
             epoch=epoch + 1,
             train_loss_y=float(np.mean(losses)),
             eval_loss_x=eval_loss,
             eval_accuracy_x=accuracy,
         )
+        if local:
+            record["syncs"] = state["syncs"]
         history.append(record)
         if rank == 0:
             bar.write(
                 f"epoch {epoch + 1:3d}  train loss (y) {record['train_loss_y']:.4f}  "
                 f"eval loss (x) {eval_loss:.4f}  eval accuracy (x) {accuracy:.2%}"
+                + (f"  syncs {state['syncs']}" if local else "")
             )
         if args.save_dir:
             engine.save_checkpoint(args.save_dir, tag=f"epoch{epoch + 1}")  # the model holds x
     bar.close()
+    if local and rank == 0:
+        syncs, taken = state["syncs"], state["steps_taken"]
+        # A sync all-reduces the params and z (and v if asked); data parallel all-reduces the
+        # gradients at every step: one model size each.
+        sizes = 1 + len(state["average"])
+        print(
+            f"local steps done: {syncs} syncs in {taken} steps; {syncs * sizes} model sizes "
+            f"communicated, {syncs * sizes / taken:.0%} of data parallel's {taken}; final "
+            f"eval at x: loss {history[-1]['eval_loss_x']:.6f} accuracy "
+            f"{history[-1]['eval_accuracy_x']:.6f}",
+            flush=True,
+        )
     torch.distributed.barrier()
     return {"history": history, "rank": rank, "world": world}
 
