@@ -36,19 +36,7 @@ def _hf_pair(arch: str, bug: str | None, dtype: str = "float64"):
     hf = pytest.importorskip("parity.own.hf")
     pytest.importorskip("transformers")
     with jax.enable_x64(dtype == "float64"):
-        if bug == "gelu":
-            # the tanh GELU as a module: hf._inject's lambda is refused by torch (a child
-            # module cannot be replaced by a function), so the mistake is injected here, at
-            # the same site
-            pair = getattr(hf, arch)(dtype)
-            site = hf.BUG_SITES[arch]["gelu"]
-            pair.torch_model.get_submodule(site).intermediate_act_fn = torch.nn.GELU(
-                approximate="tanh"
-            )
-            pair.notes = {"bug_site": site}
-        else:
-            pair = getattr(hf, arch)(dtype, bug=bug)
-    return pair
+        return getattr(hf, arch)(dtype, bug=bug)
 
 
 def _batch(pair):

@@ -66,7 +66,8 @@ def _inject(torch_model, arch: str, bug: str | None) -> None:
     else:
         import torch
 
-        module.intermediate_act_fn = lambda h: torch.nn.functional.gelu(h, approximate="tanh")
+        # a module, not a function: the attribute is a registered child of the MLP
+        module.intermediate_act_fn = torch.nn.GELU(approximate="tanh")
 
 
 def _text_batches(seed: int, n: int, vocab: int, seq: int, batch: int, segments: bool):
@@ -211,7 +212,9 @@ def vit(dtype: str = "float64", bug: str | None = None, seed: int = 0) -> Pair:
         shape = (IMAGE["batch"], IMAGE["channels"], IMAGE["size"], IMAGE["size"])
         return [
             {
-                "pixel_values": rng.normal(size=shape),  # NCHW in both (the Flax model transposes)
+                # NCHW in both (the Flax model transposes); values float32 holds exactly, as
+                # transformers' Flax ViT casts pixel_values to float32 before its first layer
+                "pixel_values": rng.normal(size=shape).astype(np.float32).astype(np.float64),
                 "labels": rng.integers(0, IMAGE["classes"], size=IMAGE["batch"]),
             }
             for _ in range(n)
