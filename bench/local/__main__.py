@@ -1,0 +1,3 @@
+from bench.local.cli import main
+
+main()
