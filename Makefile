@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch==2.13.0 resolves to the local CPU build here; the extra's range accepts it as installed.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[jax,torch,deepspeed,hf,dev]'
+	$(PY) -m pip install -q -e '.[jax,torch,deepspeed,hf,trainers,dev]'
 	touch $(STAMP)
 
 lint: $(STAMP)
