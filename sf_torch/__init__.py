@@ -7,8 +7,9 @@ Schedule-Free. The update rule is stated and implemented in ``sf_torch.rule``;
 ``recompute_batchnorm_stats`` gives BatchNorm statistics at x.
 
 ``sf_torch.schedules`` (the adapter of ``sf_schedules`` schedules), ``sf_torch.deepspeed``
-(DeepSpeed ZeRO) and ``sf_torch.local`` (local steps: ``LocalSteps``) are imported on first
-attribute access, so that ``import sf_torch`` does not import DeepSpeed.
+(DeepSpeed ZeRO), ``sf_torch.local`` (local steps: ``LocalSteps``) and ``sf_torch.integrations``
+(transformers' Trainer, Lightning) are imported on first attribute access, so that
+``import sf_torch`` does not import DeepSpeed or a trainer library.
 """
 
 import importlib
@@ -23,7 +24,7 @@ from .optimizers import (
 from .wrapper import ScheduleFreeWrapper
 
 # Submodules imported on first attribute access (sf_optax does the same for its own).
-_LAZY_SUBMODULES = ("deepspeed", "local", "schedules")
+_LAZY_SUBMODULES = ("deepspeed", "integrations", "local", "schedules")
 
 __all__ = [
     "AdamWScheduleFree",
