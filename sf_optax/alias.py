@@ -18,7 +18,7 @@ from sf_optax._dtypes import check_state_dtype, compute_dtype
 from sf_optax.packing import check_pack_size, packed
 from sf_optax.transform import _schedule_free, all_valid, nan_unless, traced_in_range
 from sf_schedules.radam import radam_rho
-from sf_schedules.validation import check_b2, check_nonnegative
+from sf_schedules.validation import check_b2, check_nonnegative, check_real
 
 
 class ScaleBySecondMomentState(NamedTuple):
@@ -28,34 +28,77 @@ class ScaleBySecondMomentState(NamedTuple):
     nu: optax.Updates
 
 
+class ScaleByInnerMomentumState(NamedTuple):
+    """State of :func:`scale_by_second_moment` with ``inner_momentum != 0``: the step count, the
+    EMA of the gradient ``mu`` (upstream's ``exp_avg``) and ``v``."""
+
+    count: jax.Array
+    mu: optax.Updates
+    nu: optax.Updates
+
+
+def _inner_momentum_layout(inner_momentum: Any) -> bool:
+    """Whether the state holds ``mu``: ``inner_momentum`` is known and not 0. The layout is
+    decided when ``init`` runs, so the value must be a number there (also with
+    ``optax.inject_hyperparams``, whose ``init`` sees concrete arrays outside ``jax.jit``)."""
+    value = check_real("inner_momentum", inner_momentum, 0.0, 1.0, high_open=True)
+    if value is None:
+        raise TypeError(
+            "inner_momentum decides the state's layout (a mu buffer when it is not 0), so init "
+            f"needs its number: a real number in [0, 1), got {inner_momentum!r}; with "
+            "optax.inject_hyperparams call init outside jax.jit"
+        )
+    return value != 0
+
+
 def scale_by_second_moment(
     b2: float = 0.999,
     eps: float = 1e-8,
     *,
     rectify: bool = False,
     state_dtype: Any = None,
+    inner_momentum: float = 0.0,
 ) -> optax.GradientTransformation:
     r"""Adam's direction without a first moment: ``g / (sqrt(v / (1 - b2^t)) + eps)``.
 
     Keeps only ``v`` (one buffer per parameter), unlike ``optax.scale_by_adam(b1=0)`` which
-    also stores a first moment.
+    also stores a first moment. With ``inner_momentum`` (upstream schedulefree's main branch,
+    ``AdamWScheduleFree(inner_momentum=...)``) the numerator is instead a bias-corrected EMA of
+    the gradient, in a second buffer ``mu`` that exists only when ``inner_momentum != 0``:
 
     .. math::
         v_t = b_2 v_{t-1} + (1 - b_2) g^2, \qquad
-        d_t = g / (\sqrt{v_t / (1 - b_2^t)} + \epsilon)
+        m_t = \beta m_{t-1} + (1 - \beta) g, \qquad
+        d_t = \frac{m_t / (1 - \beta^t)}{\sqrt{v_t / (1 - b_2^t)} + \epsilon}
+
+    (:math:`\beta` = ``inner_momentum``; with 0, :math:`d_t = g / (\sqrt{v_t / (1 - b_2^t)} +
+    \epsilon)`).
 
     Args:
       b2: decay of the second moment, in [0, 1).
       eps: added to the denominator outside the square root, >= 0.
       rectify: RAdam's rule: while the SMA length ``rho_t <= 4`` the direction is ``g`` itself.
-      state_dtype: dtype of ``v``, a floating dtype; None keeps each parameter's dtype.
+      state_dtype: dtype of ``v`` (and ``mu``), a floating dtype; None keeps each parameter's
+        dtype.
+      inner_momentum: EMA coefficient of the gradient in the numerator, in [0, 1); 0 (default)
+        keeps the state to ``count`` and ``nu``
+        (:class:`ScaleBySecondMomentState`), otherwise :class:`ScaleByInnerMomentumState`.
+        Not with ``rectify``.
 
-    ``b2`` or ``eps`` traced inside ``jax.jit`` (``optax.inject_hyperparams``) and out of range
-    make the direction and ``v`` NaN.
+    ``b2``, ``eps`` or ``inner_momentum`` traced inside ``jax.jit``
+    (``optax.inject_hyperparams``) and out of range make the direction and ``v`` NaN; so does a
+    traced ``inner_momentum`` other than 0 for a state built without ``mu``.
     """
     check_b2("b2", b2)
     check_nonnegative("eps", eps)
     check_state_dtype(state_dtype)
+    if callable(inner_momentum):
+        raise TypeError(f"inner_momentum must be a real number in [0, 1), got {inner_momentum!r}")
+    inner_known = check_real("inner_momentum", inner_momentum, 0.0, 1.0, high_open=True)
+    if rectify and inner_known not in (None, 0.0):
+        raise ValueError(
+            f"inner_momentum must be 0 with rectify=True (RAdam), got {inner_momentum!r}"
+        )
 
     def init_fn(params):
         def zeros(p):
@@ -63,15 +106,24 @@ def scale_by_second_moment(
                 jnp.shape(p), jnp.result_type(p) if state_dtype is None else state_dtype
             )
 
-        return ScaleBySecondMomentState(
-            count=jnp.zeros([], jnp.int32), nu=jax.tree.map(zeros, params)
-        )
+        count = jnp.zeros([], jnp.int32)
+        if _inner_momentum_layout(inner_momentum):
+            return ScaleByInnerMomentumState(
+                count=count, mu=jax.tree.map(zeros, params), nu=jax.tree.map(zeros, params)
+            )
+        return ScaleBySecondMomentState(count=count, nu=jax.tree.map(zeros, params))
 
     def update_fn(updates, state, params=None):
         del params
+        has_mu = isinstance(state, ScaleByInnerMomentumState)
         step = optax.safe_increment(state.count)
         sdt = compute_dtype(*jax.tree.leaves(state.nu) or [0.0])
-        valid = all_valid(traced_in_range(b2, 0.0, 1.0, high_open=True), traced_in_range(eps))
+        valid = all_valid(
+            traced_in_range(b2, 0.0, 1.0, high_open=True),
+            traced_in_range(eps),
+            # Without mu, only 0 is in range (the state has no buffer for another value).
+            traced_in_range(inner_momentum, 0.0, 1.0 if has_mu else 0.0, high_open=has_mu),
+        )
         beta = nan_unless(valid, jnp.asarray(b2, sdt))
         correction = 1 - beta ** step.astype(sdt)
         use_adam = radam_rho(step.astype(sdt), beta)[0] > 4 if rectify else True
@@ -85,13 +137,37 @@ def scale_by_second_moment(
 
         nu = jax.tree.map(second_moment, state.nu, updates)
 
-        def direction(g, v):
+        def denominator(v, g):
             cdt = compute_dtype(v, g)
-            g = g.astype(cdt)
-            denom = jnp.sqrt(v.astype(cdt) / correction.astype(cdt)) + jnp.asarray(eps, cdt)
-            return jnp.where(use_adam, g / denom, g)
+            return jnp.sqrt(v.astype(cdt) / correction.astype(cdt)) + jnp.asarray(eps, cdt)
 
-        return jax.tree.map(direction, updates, nu), ScaleBySecondMomentState(step, nu)
+        if not has_mu:
+
+            def direction(g, v):
+                g = g.astype(compute_dtype(v, g))
+                return jnp.where(use_adam, g / denominator(v, g), g)
+
+            return jax.tree.map(direction, updates, nu), ScaleBySecondMomentState(step, nu)
+
+        im = jnp.asarray(inner_momentum, sdt)
+        correction1 = 1 - im ** step.astype(sdt)
+
+        def first_moment(m, g):
+            cdt = compute_dtype(m, g)
+            imc = im.astype(cdt)
+            return (imc * m.astype(cdt) + (1 - imc) * g.astype(cdt)).astype(m.dtype)
+
+        mu = jax.tree.map(first_moment, state.mu, updates)
+
+        def direction_mu(m, v, g):
+            cdt = compute_dtype(m, v, g)
+            m_hat = m.astype(cdt) / correction1.astype(cdt)
+            return m_hat / denominator(v, g)
+
+        return (
+            jax.tree.map(direction_mu, mu, nu, updates),
+            ScaleByInnerMomentumState(step, mu, nu),
+        )
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -231,6 +307,7 @@ def adamw(
     state_dtype: Any = None,
     exact_x: bool = False,
     pack_small_leaves: int | None = None,
+    inner_momentum: float = 0.0,
 ) -> optax.GradientTransformationExtraArgs:
     """Schedule-Free AdamW, as ``schedulefree.AdamWScheduleFree``.
 
@@ -253,13 +330,22 @@ def adamw(
       pack_small_leaves: leaves with fewer elements than this share one flat state buffer per
         dtype and are stepped together (:mod:`sf_optax.packing`); None (default) or 0: one
         buffer per parameter.
+      inner_momentum: in [0, 1): an EMA of the gradient, bias-corrected by
+        ``1 - inner_momentum^(k+1)``, replaces the gradient in the numerator of the direction
+        (``AdamWScheduleFree(inner_momentum=...)`` of upstream schedulefree's main branch; 0.9
+        is upstream's suggestion when used). The weight decay is added after it, at ``y``. 0
+        (default): no EMA and no buffer for it, the state of earlier versions; otherwise a
+        third buffer ``mu`` per parameter (:func:`scale_by_second_moment`). Its value must be
+        known when ``init`` runs (it decides the state's layout).
 
     Out-of-range values raise (naming the argument) when the optimizer is made; values known only
     when the step runs (a schedule's, or traced inside ``jax.jit``, e.g. changed in an
     ``optax.inject_hyperparams`` state) make that step's updates and new state NaN instead of
     stepping the wrong way: see :func:`sf_optax.schedule_free`.
     """
-    direction = scale_by_second_moment(b2, eps, state_dtype=state_dtype)
+    direction = scale_by_second_moment(
+        b2, eps, state_dtype=state_dtype, inner_momentum=inner_momentum
+    )
     return _schedule_free_with_decay(
         direction,
         weight_decay,

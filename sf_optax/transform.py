@@ -131,13 +131,16 @@ _MOMENTUM_STATES = {
 # A ``mu`` that is no momentum: the running mean of the gradients by which the centred RMS
 # (optax.scale_by_stddev, optax.rmsprop(centered=True)) centres its denominator.
 _NOT_MOMENTUM = ("ScaleByRStdDevState", "ScaleByRStdDevWithCountState")
+# sf_optax's own inner momentum (sf_optax.scale_by_second_moment(inner_momentum=...)): an EMA
+# of the gradient inside the direction, which upstream's AdamWScheduleFree has on top of b1.
+_INNER_MOMENTUM = ("ScaleByInnerMomentumState",)
 
 
 def _momentum_buffer(node: Any) -> str | None:
     """``"Type.field"`` when ``node`` is a state that keeps a first moment, else None."""
     name = type(node).__name__
     fields = getattr(type(node), "_fields", None)
-    if not isinstance(fields, tuple) or name in _NOT_MOMENTUM:
+    if not isinstance(fields, tuple) or name in _NOT_MOMENTUM + _INNER_MOMENTUM:
         return None
     if isinstance(node, ScheduleFreeState) or (
         name == "ScheduleFreeState" and "base_optimizer_state" in fields
