@@ -137,3 +137,42 @@ def test_reported_eval_at_x_and_learning(run, example):
     assert initial_loss > 1.5 and initial_accuracy < 0.3  # the init really is untrained
     # Measured at 2 epochs (42 steps, 13 syncs): loss at x 0.26, accuracy 95.6%.
     assert loss < 0.2 * initial_loss and accuracy > 0.9
+
+
+def test_two_processes_print_what_one_process_prints(run):
+    """2 processes of 2 CPU devices each (jax.distributed, gloo) run the same 4 workers: the
+    epoch lines and the final line match the one-process run's to the printed digits."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    cmd = [sys.executable, "-m", "examples.flax.local_steps", f"--epochs={EPOCHS}",
+           f"--workers={WORKERS}", f"--seed={SEED}", "--quiet", "--cpu-devices=2",
+           f"--coordinator=localhost:{port}", "--num-processes=2"]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            cmd + [f"--process-id={i}"],
+            cwd=ROOT,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:] + err[-3000:]
+
+    def lines(text):
+        epochs = re.findall(r"^epoch .*$", text, re.M)
+        final = re.search(r"\d+ syncs in .*$", text, re.M).group(0)
+        return epochs, final
+
+    want = lines(run[0])
+    assert len(want[0]) == EPOCHS
+    for out, _ in outs:
+        assert lines(out) == want

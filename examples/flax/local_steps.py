@@ -23,10 +23,14 @@ at ``x``, each worker from its own batches and then averaged over the workers
 
 On CPU the script asks XLA for ``--cpu-devices`` host devices (default: one per worker) before
 importing jax; on GPUs pass ``--cpu-devices 0`` and the mesh takes the first ``--workers``
-devices. On several hosts, call ``jax.distributed.initialize()`` on each before any other JAX
-call: ``jax.devices()`` then lists every host's devices, the mesh spans them, and each process
-supplies the batches of its own workers (``build_batch`` below does, through
-``jax.make_array_from_callback``); only the syncs cross the network.
+devices. Several processes (hosts): ``--coordinator`` makes each call
+``jax.distributed.initialize`` first; ``jax.devices()`` then lists every process's devices, the
+mesh spans them, each process supplies the batches of its own workers (``build_batch``, through
+``jax.make_array_from_callback``) and only the syncs cross the network. On CPU, 2 processes of
+2 devices each (gloo between them) print the same numbers as one process of 4:
+
+    python -m examples.flax.local_steps --cpu-devices 2 --coordinator localhost:12355 \
+        --num-processes 2 --process-id 0     # and --process-id 1 in a second shell
 """
 
 from __future__ import annotations
@@ -65,6 +69,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--bn-batches", type=int, default=4, help="per worker, for BN stats at x")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save", default="", help="write the final trees to this .npz")
+    parser.add_argument(
+        "--coordinator",
+        default="",
+        help="several processes: HOST:PORT of process 0 (with --num-processes, --process-id), "
+        "or 'auto' (jax.distributed.initialize detects SLURM, Open MPI, ...)",
+    )
+    parser.add_argument("--num-processes", type=int, default=None)
+    parser.add_argument("--process-id", type=int, default=None)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     for name in ("workers", "epochs", "batch_size", "bn_batches"):
@@ -152,6 +164,11 @@ def build_batch(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.coordinator:  # before any other JAX call
+        address = None if args.coordinator == "auto" else args.coordinator
+        jax.distributed.initialize(address, args.num_processes, args.process_id)
+    if args.save and jax.process_count() > 1:
+        raise SystemExit("error: --save writes one process's arrays: run on one process")
     k = args.workers
     if jax.device_count() < k:
         raise SystemExit(
@@ -198,6 +215,12 @@ def main(argv: list[str] | None = None) -> dict:
         x = sf_optax.local.local_eval_params(ys, states)
         copies = jax.tree.map(lambda a: jnp.broadcast_to(a[None], (k, *a.shape)), x)
         return jax.lax.with_sharding_constraint((x, copies), (replicated, per_worker))
+
+    @jax.jit
+    def mean_loss(losses):
+        """The mean over the epoch's steps and the workers, replicated (readable by every
+        process, also where the workers span several)."""
+        return jax.lax.with_sharding_constraint(jnp.mean(jnp.stack(losses)), replicated)
 
     @nnx.jit
     def evaluate(net: Net, images, labels):
@@ -247,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
             t += 1
             if bar is not None:
                 bar.update()
-        train_loss = float(np.mean(jax.device_get(losses)))  # one host sync per epoch
+        train_loss = float(mean_loss(losses))  # one host sync per epoch
         loss_x, accuracy_x, x, stats = eval_at_x(ys, states)
         history.append(dict(epoch=epoch, train_loss_y=train_loss, eval_loss_x=loss_x,
                             eval_accuracy_x=accuracy_x, syncs=syncs))  # fmt: skip
