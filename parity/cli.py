@@ -6,6 +6,8 @@
     python -m parity run --backends sf_optax               # one backend, its own baseline
     python -m parity run --backends sf_torch,deepspeed_z2,deepspeed_z3 --ranks 2
     python -m parity run --device cuda --dtype bfloat16    # bf16 mixed precision on a GPU
+    python -m parity run --backends local_torch,local_optax --workers 4 \
+        --sync qsr:h_base=2,alpha=0.01,h_warm=1 --warmup-steps 20   # local steps, K workers
     python -m parity handoff --model mlp --steps 300 --switch-at 100,200
     python -m parity check my_package.pairs:resnet         # the user's own torch/Flax pair
     python -m parity check parity.own.hf:vit --dtype float32 --steps 100
@@ -35,6 +37,7 @@ from parity import data, devices, launch, report, runners, tolerances
 from parity.compare import compare
 from parity.config import DEFAULT_LR, DEVICES, DTYPES, FIELD_CHECKS, OPTIMIZERS, RunConfig
 from parity.models.canonical import MODELS
+from parity.training import local_plan
 from parity.training.record import Record
 from sf_schedules import validation
 
@@ -137,7 +140,7 @@ def _add_run_options(p: argparse.ArgumentParser, default_dtype: str, dtypes=DTYP
 # Checked before anything runs: the flags of RunConfig's fields (their ranges are
 # FIELD_CHECKS), and counts that are no field (flag: dest, minimum).
 _FIELD_FLAGS = {f"--{field.replace('_', '-')}": field for field in FIELD_CHECKS}
-_COUNT_FLAGS = {"--jobs": ("jobs", 1), "--ranks": ("ranks", 1)}
+_COUNT_FLAGS = {"--jobs": ("jobs", 1), "--ranks": ("ranks", 1), "--workers": ("workers", 1)}
 
 
 def _flag_error(parser: argparse.ArgumentParser, flag: str, error: Exception):
@@ -163,6 +166,16 @@ def _check_flags(parser: argparse.ArgumentParser, args) -> None:
                 validation.check_count(flag, getattr(args, dest), minimum)
             except (TypeError, ValueError) as error:
                 _flag_error(parser, flag, error)
+    if getattr(args, "sync", None) is not None:
+        try:
+            local_plan.check_sync(args.sync)
+        except ValueError as error:
+            _flag_error(parser, "--sync", error)
+    if getattr(args, "plain_sgd", False) and (args.optimizer != "sgd" or args.warmup_steps):
+        parser.error(
+            "argument --plain-sgd: needs --optimizer sgd and --warmup-steps 0 (plain SGD at a "
+            f"constant lr), got --optimizer {args.optimizer} --warmup-steps {args.warmup_steps}"
+        )
     if getattr(args, "switch_at", None) is not None:
         try:
             switches = sorted({int(s) for s in args.switch_at.split(",") if s.strip()})
@@ -229,7 +242,31 @@ def parse_args(argv):
         "--backends",
         default=None,
         help="comma-separated (default: every backend this machine can run, see "
-        "`python -m parity backends`; DeepSpeed: deepspeed_z0 ... _z3, one row per ZeRO stage)",
+        "`python -m parity backends`, except the opt-in local_torch and local_optax; "
+        "DeepSpeed: deepspeed_z0 ... _z3, one row per ZeRO stage)",
+    )
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=local_plan.DEFAULT_WORKERS,
+        help="local_torch/local_optax: workers (torch ranks, JAX CPU devices), >= 1; worker w "
+        "trains on rows [w B/K, (w+1) B/K) of each batch",
+    )
+    run.add_argument(
+        "--sync",
+        default=local_plan.DEFAULT_SYNC,
+        metavar="RULE[:KEY=VALUE,...]",
+        help="local_torch/local_optax: when the workers average, a rule of sf_schedules.sync "
+        "and its constants: "
+        + "; ".join(f"{rule} ({', '.join(keys)})" for rule, keys in local_plan.RULE_KEYS.items())
+        + ". warmup_steps defaults to --warmup-steps; b1, r and weight_lr_power are the "
+        "optimizer's",
+    )
+    run.add_argument(
+        "--plain-sgd",
+        action="store_true",
+        help="local_torch/local_optax: the workers step plain SGD (torch.optim.SGD, optax.sgd: "
+        "no momentum, not Schedule-Free) at the constant --lr; needs --optimizer sgd",
     )
     run.add_argument(
         "--baseline",
@@ -330,7 +367,8 @@ def main(argv=None) -> int:
 def _backends() -> int:
     for name, runner in runners.discover().items():
         why = runners.unavailable(runner)
-        print(f"{name:15s} {runner.FRAMEWORK:6s} {runner.ROLE:12s} {why or 'available'}")
+        opt_in = " (opt-in: name it in --backends)" if getattr(runner, "OPT_IN", False) else ""
+        print(f"{name:15s} {runner.FRAMEWORK:6s} {runner.ROLE:12s} {why or 'available'}{opt_in}")
     return EXIT_OK
 
 
@@ -341,7 +379,11 @@ def _select(args, registry):
         if unknown:
             raise ValueError(f"unknown backends {unknown}; known: {sorted(registry)}")
     else:
-        names = [n for n, r in registry.items() if runners.unavailable(r) is None]
+        names = [
+            n
+            for n, r in registry.items()
+            if runners.unavailable(r) is None and not getattr(r, "OPT_IN", False)
+        ]
         order = {role: i for i, role in enumerate(runners.ROLES)}
         names.sort(key=lambda n: (order[registry[n].ROLE], n != "sf_torch", n))
     return names
@@ -382,6 +424,27 @@ def _default_baseline(names, registry, config) -> str:
     return (primary or usable)[0]
 
 
+def _is_local(runner) -> bool:
+    return bool(getattr(runner, "LOCAL", False))
+
+
+def _local_gap(names, registry, config) -> str | None:
+    """Where local-step backends are among ``names``: why they follow another trajectory than
+    the single-process ones (``local_plan.data_parallel_gap``), else None."""
+    if not any(_is_local(registry[n]) for n in names) or local_plan.unsupported(config):
+        return None
+    return local_plan.data_parallel_gap(config)
+
+
+def _local_baseline(names, registry, config) -> str | None:
+    """The first local backend where local runs differ from single-process ones: the local rows
+    are then checked against each other (the single-process rows are reported only)."""
+    if _local_gap(names, registry, config) is None:
+        return None
+    local = [n for n in names if _is_local(registry[n])]
+    return "local_torch" if "local_torch" in local else local[0]
+
+
 def _with_cuda(config: RunConfig, selected) -> RunConfig:
     """Checks that the frameworks of ``selected`` see a GPU (ValueError if not) and gives
     DeepSpeed one rank per GPU at most."""
@@ -401,10 +464,15 @@ def _with_cuda(config: RunConfig, selected) -> RunConfig:
 
 def _run(args) -> int:
     started = time.perf_counter()
-    config = _config(args, device=args.device, extra={"ranks": args.ranks})
+    local = {"workers": args.workers, "sync": args.sync, "plain_sgd": args.plain_sgd}
+    config = _config(args, device=args.device, extra={"ranks": args.ranks, "local": local})
     registry = runners.discover()
     names = _select(args, registry)
-    baseline = args.baseline or _default_baseline(names, registry, config)
+    baseline = (
+        args.baseline
+        or _local_baseline(names, registry, config)
+        or _default_baseline(names, registry, config)
+    )
     if baseline not in names:
         raise ValueError(
             f"the baseline {baseline!r} (--baseline) is not among the backends {names}: "
@@ -451,6 +519,9 @@ def _run(args) -> int:
             )
             continue
         expected = runner.expected_difference(backend_config)
+        gap = _local_gap(names, registry, config)
+        if not expected and gap and _is_local(runner) != _is_local(registry[baseline]):
+            expected = gap  # local steps vs single process: another algorithm, reported only
         notes = [n for n in [runners.note(runner, backend_config)] if n]
         notes += [f"expected to differ: {expected}"] if expected else []
         changed = {k: v for k, v in overrides.get(name, [])}
