@@ -1,6 +1,6 @@
 """Local Schedule-Free AdamW on a device mesh: K workers step on their own data and average.
 
-    python -m examples.flax.local_steps                        # 4 CPU workers, ~15 s on 2 cores
+    python -m examples.flax.local_steps                        # 4 CPU workers, ~5 s on 2 cores
     python -m examples.flax.local_steps --rule constant --period 8 --epochs 5 --quiet
     python -m examples.flax.local_steps --workers 8 --cpu-devices 0   # 8 GPUs: one worker each
 
