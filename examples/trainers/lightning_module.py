@@ -191,16 +191,23 @@ def main(argv: list[str] | None = None) -> None:
             )  # fmt: skip
         )
     trainer = pl.Trainer(
-        max_steps=args.max_steps, val_check_interval=args.val_every, check_val_every_n_epoch=None,
-        strategy=make_strategy(args.strategy, args.accelerator), accelerator=args.accelerator,
-        devices=args.devices, callbacks=callbacks, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, enable_checkpointing=bool(args.ckpt_dir),
-    )  # fmt: skip
+        max_steps=args.max_steps,
+        val_check_interval=args.val_every,
+        check_val_every_n_epoch=None,
+        strategy=make_strategy(args.strategy, args.accelerator),
+        accelerator=args.accelerator,
+        devices=args.devices,
+        callbacks=callbacks,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        enable_checkpointing=bool(args.ckpt_dir),
+    )
     trainer.fit(module, train, val, ckpt_path=args.resume)
     if trainer.is_global_zero:
-        print(
-            f"step {trainer.global_step}: val_loss at x {float(trainer.callback_metrics['val_loss']):.6f}"
-        )
+        val_loss = float(trainer.callback_metrics["val_loss"])
+        print(f"step {trainer.global_step}: val_loss at x {val_loss:.6f}")
 
 
 if __name__ == "__main__":
