@@ -69,6 +69,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=_positive_int("--warmup", 0), help="warmup steps")
     p.add_argument("--lr", type=_positive_float("--lr"), help="AdamW's peak lr")
     p.add_argument("--sf-lr", type=_positive_float("--sf-lr"), help="Schedule-Free's lr")
+    p.add_argument(
+        "--backend",
+        choices=("vmap", "mesh"),
+        default="vmap",
+        help="workers as a vmap on one device (default) or one per device of a mesh",
+    )
     p.add_argument("--out", type=Path, default=None, help="output folder (default: no files)")
     p.add_argument("--quick", action="store_true", help="digits, T=40, 2 seeds (for tests)")
     return p
@@ -110,7 +116,7 @@ def _stats(values: list[float]) -> dict:
     }
 
 
-def run_all(s: R.Settings, seeds: int, log=print) -> dict:
+def run_all(s: R.Settings, seeds: int, log=print, backend: str = "vmap") -> dict:
     """Every row for every seed; the JSON-ready results."""
     from bench.local import train  # jax: imported once XLA_FLAGS is set
 
@@ -126,7 +132,9 @@ def run_all(s: R.Settings, seeds: int, log=print) -> dict:
             mask = np.zeros(s.steps, bool)
             mask[np.asarray(steps) - 1] = True
             t0 = time.perf_counter()
-            out = train.run(s, row.optimizer, row.data_parallel, mask, params0, batches, eval_set)
+            out = train.run(
+                s, row.optimizer, row.data_parallel, mask, params0, batches, eval_set, backend
+            )
             out.pop("weights")
             out["seconds"] = time.perf_counter() - t0
             per_seed[i].append(out)
@@ -161,6 +169,7 @@ def run_all(s: R.Settings, seeds: int, log=print) -> dict:
     return {
         "settings": asdict(s),
         "seeds": list(range(seeds)),
+        "backend": backend,
         "model_parameters": int(n_params),
         "target_fraction": TARGET_FRACTION,
         "rows": results,
@@ -169,20 +178,22 @@ def run_all(s: R.Settings, seeds: int, log=print) -> dict:
             "jax": jax.__version__,
             "python": platform.python_version(),
             "machine": platform.machine(),
-            "devices": [str(d) for d in jax.devices()[: s.workers]],
+            "devices": [str(d) for d in jax.devices()[: s.workers if backend == "mesh" else 1]],
         },
     }
 
 
 def _compare(results: list[dict]) -> None:
     """Adds to every row its volume as a fraction of its optimizer's data-parallel volume and
-    whether its mean eval loss is within one seed standard deviation of that row's mean."""
+    whether its mean eval loss is within one seed standard deviation of that row's mean, and
+    its eval loss minus data-parallel's on the same seed (mean and std over the seeds)."""
     dp = {r["optimizer"]: r for r in results if r["rule"] is None}
     for r in results:
         base = dp[r["optimizer"]]
         threshold = base["eval_loss"]["mean"] + base["eval_loss"]["std"]
         r["volume_fraction"] = r["volume"] / base["volume"]
-        r["loss_minus_dp"] = r["eval_loss"]["mean"] - base["eval_loss"]["mean"]
+        diffs = [a["eval_loss"] - b["eval_loss"] for a, b in zip(r["per_seed"], base["per_seed"])]
+        r["loss_minus_dp"] = _stats(diffs)  # paired: the same seed's data-parallel run
         r["reaches_dp"] = bool(r["eval_loss"]["mean"] <= threshold)
         r["meets_target"] = bool(r["reaches_dp"] and r["volume_fraction"] <= TARGET_FRACTION)
 
@@ -198,18 +209,21 @@ def table_text(results: dict) -> str:
         "volume: model-size all-reduces (data-parallel 1 per step; a local AdamW sync 1, a "
         "local Schedule-Free sync 2: y and z)",
         "loss / acc: final eval, mean +- std over seeds [min, max]; reaches: mean loss <= "
-        "data-parallel's mean + std; target: reaches with volume <= 25% of data-parallel",
+        "data-parallel's mean + std; target: reaches with volume <= 25% of data-parallel; "
+        "loss - DP: minus the same seed's data-parallel run, mean +- std",
         "",
         f"{'opt':5s} {'row':24s} {'syncs':>6s} {'volume':>7s} {'%DP':>6s}  "
-        f"{'eval loss':>26s}  {'eval acc':>24s}  {'reaches':>7s} {'target':>6s}",
+        f"{'eval loss':>26s}  {'eval acc':>24s}  {'loss - DP (paired)':>18s}  {'reaches':>7s} "
+        f"{'target':>6s}",
     ]
     for r in results["rows"]:
-        lo, ac = r["eval_loss"], r["eval_accuracy"]
+        lo, ac, pd = r["eval_loss"], r["eval_accuracy"], r["loss_minus_dp"]
         lines.append(
             f"{r['optimizer']:5s} {r['name']:24s} {r['syncs']:6d} {r['volume']:7d} "
             f"{100 * r['volume_fraction']:5.1f}%  "
             f"{lo['mean']:.4f} +- {lo['std']:.4f} [{lo['min']:.3f}, {lo['max']:.3f}]  "
             f"{ac['mean']:.4f} +- {ac['std']:.4f} [{ac['min']:.3f},{ac['max']:.3f}]  "
+            f"{pd['mean']:+.4f} +- {pd['std']:.4f}  "
             f"{'yes' if r['reaches_dp'] else 'no':>7s} {'yes' if r['meets_target'] else 'no':>6s}"
         )
     return "\n".join(lines)
@@ -267,7 +281,9 @@ def main(argv: list[str] | None = None) -> dict:
             f"{flags} --xla_force_host_platform_device_count={s.workers}".strip()
         )
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    results = run_all(s, seeds, log=lambda m: print(m, file=sys.stderr, flush=True))
+    results = run_all(
+        s, seeds, log=lambda m: print(m, file=sys.stderr, flush=True), backend=args.backend
+    )
     text = table_text(results)
     print(text, flush=True)
     if args.out is not None:

@@ -189,7 +189,7 @@ def lm_sizes(s: Settings) -> dict:
     from bench.anytime import problems
 
     vocab = len(problems.char_tokens()[1])
-    return dict(vocab=vocab, width=64, layers=2, heads=4, seq=64, mlp=256)
+    return dict(vocab=vocab, width=32, layers=2, heads=4, seq=32, mlp=128)
 
 
 def init_params(s: Settings, seed: int) -> dict[str, np.ndarray]:

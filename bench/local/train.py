@@ -1,16 +1,24 @@
-"""The JAX side of ``python -m bench.local``: K workers on K (CPU) devices, one run per call.
+"""The JAX side of ``python -m bench.local``: K workers, one compiled program per run.
 
-Every run is one compiled program: a ``lax.scan`` over the steps of a ``jax.shard_map`` over
-the workers' mesh axis. Local rows step with ``sf_optax.local.make_local_train_step`` (each
-worker its own params and optimizer state, averaged where the row's sync mask, computed on the
-host by ``sf_schedules.sync``, says); the mask is an argument, so every rule of an optimizer
-shares one compilation. Data-parallel rows all-reduce (``pmean``) the gradient every step and
-take the same optimizer step on every worker. Evaluation: the workers' average (they are equal
-after the last sync), at ``x`` for Schedule-Free (``sf_optax.local.local_eval_params``).
+Every run is a ``lax.scan`` over the steps; each step runs the K workers, each with its own
+params and optimizer state, on its own slice of the batch. Local rows average the workers
+(``sf_optax.local.average``: the params and, for Schedule-Free, ``z``) after the steps where the
+row's sync mask, computed on the host by ``sf_schedules.sync``, says; the mask is an argument,
+so every rule of an optimizer shares one compilation. Data-parallel rows all-reduce (``pmean``)
+the gradient every step and take the same optimizer step on every worker. Evaluation: the
+workers' average (they are equal after the last sync), at ``x`` for Schedule-Free
+(``sf_optax.local.local_eval_params``).
 
-The mesh needs ``workers`` devices: on the CPU set
-``XLA_FLAGS=--xla_force_host_platform_device_count=K`` before jax is imported
-(``bench.local.cli`` does).
+Two backends, the same arithmetic:
+
+- ``vmap`` (default): the workers are a ``jax.vmap`` over a named axis on one device, the
+  averages are ``pmean`` over that axis. No cross-thread collectives: robust on a busy CPU.
+- ``mesh``: one worker per device of a ``("workers",)`` mesh, ``jax.shard_map`` through
+  ``sf_optax.local.make_local_train_step``. It needs ``workers`` devices: on the CPU
+  ``XLA_FLAGS=--xla_force_host_platform_device_count=K`` before jax is imported
+  (``bench.local.cli`` sets it). On an overloaded 2-core machine XLA's CPU collectives can
+  abort: a device thread that has not reached an all-reduce within 40 s ends the process
+  (seen on the char LM while other jobs held the cores).
 """
 
 from __future__ import annotations
@@ -29,6 +37,8 @@ import sf_optax.schedules
 import sf_schedules
 from bench.local import rows
 from bench.local.rows import Settings
+
+BACKENDS = ("vmap", "mesh")
 
 
 def _mlp(params, x):
@@ -106,14 +116,40 @@ def _data_parallel_step(loss_fn, tx, mesh):
     )
 
 
+def _vmap_step(loss_fn, tx, data_parallel: bool):
+    """The workers as a ``jax.vmap`` over a named axis on one device: the same arithmetic as
+    the mesh, with the gradient ``pmean`` (data-parallel) or ``sf_optax.local.average`` (the
+    function the mesh step calls at a sync) over the vmapped axis."""
+
+    def one_worker(params, opt_state, batch, sync):
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+        if data_parallel:
+            grads = jax.lax.pmean(grads, "workers")
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        if not data_parallel:
+            params, opt_state = jax.lax.cond(
+                sync,
+                lambda p, st: sf_optax.local.average(p, st, "workers"),
+                lambda p, st: (p, st),
+                params,
+                opt_state,
+            )
+        return params, opt_state, loss
+
+    return jax.vmap(one_worker, in_axes=(0, 0, 0, None), axis_name="workers")
+
+
 @functools.cache
-def _runner(s: Settings, optimizer: str, data_parallel: bool):
+def _runner(s: Settings, optimizer: str, data_parallel: bool, backend: str):
     """``(tx, mesh, run)``; ``run(params, state, batches, mask) -> (params, state, losses)``
-    compiled once per settings, optimizer and kind."""
+    compiled once per settings, optimizer, kind and backend."""
     tx = make_tx(s, optimizer)
-    mesh = mesh_for(s)
+    mesh = mesh_for(s) if backend == "mesh" else None
     loss_fn = make_loss(s)
-    if data_parallel:
+    if backend == "vmap":
+        step = _vmap_step(loss_fn, tx, data_parallel)
+    elif data_parallel:
         dp = _data_parallel_step(loss_fn, tx, mesh)
 
         def step(p, st, b, sync):
@@ -155,15 +191,26 @@ def run(
     params0: dict,
     batches: tuple[np.ndarray, np.ndarray],
     eval_set: tuple[np.ndarray, np.ndarray],
+    backend: str = "vmap",
 ) -> dict:
     """One run from ``params0`` over ``batches`` (``(steps, workers, batch, ...)``), syncing
     after step ``t`` where ``mask[t]`` (ignored for data-parallel). Returns the final eval loss
     and accuracy, the mean training loss of the last tenth of the steps (over workers), the
     largest difference between two workers' params at the end, and the evaluated weights."""
-    tx, mesh, compiled = _runner(s, optimizer, data_parallel)
-    params, state = sf_optax.local.local_init(tx, params0, mesh)
-    spec = NamedSharding(mesh, PartitionSpec(None, "workers"))
-    batches = jax.device_put(tuple(jnp.asarray(b) for b in batches), spec)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    tx, mesh, compiled = _runner(s, optimizer, data_parallel, backend)
+    if mesh is None:
+        state0 = tx.init(params0)
+        params, state = jax.tree.map(
+            lambda a: jnp.broadcast_to(jnp.asarray(a)[None], (s.workers, *jnp.shape(a))),
+            (params0, state0),
+        )
+        batches = tuple(jnp.asarray(b) for b in batches)
+    else:
+        params, state = sf_optax.local.local_init(tx, params0, mesh)
+        spec = NamedSharding(mesh, PartitionSpec(None, "workers"))
+        batches = jax.device_put(tuple(jnp.asarray(b) for b in batches), spec)
     params, state, losses = compiled(params, state, batches, jnp.asarray(mask, bool))
     if optimizer == "sf":
         final = sf_optax.local.local_eval_params(params, state)
