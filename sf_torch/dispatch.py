@@ -26,6 +26,13 @@ group whose counters live on the host needs the answer there (one host sync per 
 GradScaler's own skip); where every group is capturable the answer stays on the device, and
 each group's advance kernel keeps its counters and tells its update kernel to store nothing.
 A skipped step leaves every param, state tensor and counter as it was, in every group.
+
+DTensor params (FSDP2's ``fully_shard``, tensor parallelism; ``dtensor.py``): where a param,
+its gradient, z and v share one mesh and placements, every check and every implementation runs
+on their local tensors; elsewhere the loop and foreach take DTensor ops and ``fused=True``
+raises. Such groups get no plan (a plan tracks the params' own storage, which a DTensor does
+not have), so ``capturable=True`` is refused for them; ``skip_nonfinite``'s answer is
+all-reduced over the gradients' meshes, so that every rank skips or none.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from . import kernels, rule
+from . import dtensor, kernels, rule
 from .fused_plan import FusedPlan
 
 _CAPTURE_STALE = (
@@ -47,6 +54,19 @@ _CAPTURE_STALE = (
 _CAPTURE_NOT_CAPTURABLE = (
     "a CUDA graph is being captured, but param group {index} has capturable=False: its step "
     "computes its scalars on the host, which a replay would not repeat; pass capturable=True"
+)
+
+
+_CAPTURABLE_DTENSOR = (
+    "capturable=True steps through a plan that keeps the params' storage on the device, and "
+    "DTensor params (FSDP2's fully_shard, tensor parallelism) are stepped through their local "
+    "shards, which a plan does not track: pass capturable=False (fused=True steps the local "
+    "shards with the same kernel)"
+)
+_FUSED_DTENSOR = (
+    "fused=True steps DTensor params on their local shards, which needs the param, its "
+    "gradient, z and v to be DTensors on one mesh with the same placements, but for a param "
+    "of shape {shape} {problem}: pass fused=False (DTensor ops, which redistribute)"
 )
 
 
@@ -94,7 +114,9 @@ def check_new_group(group: dict) -> None:
     kernel (``fused=True``, ``capturable=True``) with params it cannot step."""
     if not (group["fused"] or group["capturable"]):
         return
-    problem = kernels.fused_problem(group["params"])
+    if group["capturable"] and dtensor.any_dtensor(group["params"]):
+        raise RuntimeError(_CAPTURABLE_DTENSOR)
+    problem = kernels.fused_problem(dtensor.local(group["params"]))
     if problem is None:
         return
     if group["capturable"]:
@@ -123,6 +145,8 @@ def choose_step(
     params, grads = _with_grads(group["params"], owner)
     states = [state_map.get(p) for p in params]
     if group["capturable"]:
+        if dtensor.any_dtensor(params):
+            raise RuntimeError(_CAPTURABLE_DTENSOR)
         problem = kernels.capturable_problem(params, grads, states)
         if problem is not None:
             raise RuntimeError(problem)
@@ -162,7 +186,21 @@ def choose_impl(params, grads, states, foreach: bool | None, fused: bool | None)
     param is a CUDA tensor, else the loop (as torch's optimizers choose: on the CPU the
     multi-tensor ops run the same per-tensor kernels, and their whole-list temporaries cost
     memory and time, e.g. DeepSpeed's CPU-offloaded masters).
+
+    DTensor params: the choice and its checks are made on the local tensors, where
+    ``dtensor.step_problem`` finds none; elsewhere ``fused=True`` raises and the loop or
+    foreach (DTensor ops) steps them.
     """
+    if dtensor.any_dtensor(params):
+        problem = dtensor.step_problem(params, grads, states)
+        if problem is not None:
+            if fused:
+                shape = next(tuple(p.shape) for p in params if dtensor.is_dtensor(p))
+                raise RuntimeError(_FUSED_DTENSOR.format(shape=shape, problem=problem))
+            fused = False
+        else:
+            params, grads = dtensor.local(params), dtensor.local(grads)
+            states = dtensor.local_states(states)
     if fused or (fused is None and not kernels.INTERPRET):
         problem = kernels.group_problem(params, grads, states)
         if problem is None:
@@ -176,7 +214,10 @@ def choose_impl(params, grads, states, foreach: bool | None, fused: bool | None)
 
 def update(impl: str, ys, gs, zs, vs, s: rule.StepScalars) -> None:
     """Moves ``y``, ``z`` and ``v`` (None without v) of one group by one step with ``s``, with
-    the general step ``impl`` that ``choose_impl`` picked."""
+    the general step ``impl`` that ``choose_impl`` picked (on the local tensors of DTensors
+    that ``dtensor.step_problem`` lets through, as ``choose_impl`` checked them)."""
+    if dtensor.any_dtensor(ys) and _locally(ys, gs, zs, vs):
+        ys, gs, zs, vs = map(dtensor.local, (ys, gs, zs, vs))
     if impl == "fused":
         kernels.update_fused(ys, gs, zs, vs, s)
     elif impl == "foreach":
@@ -185,12 +226,17 @@ def update(impl: str, ys, gs, zs, vs, s: rule.StepScalars) -> None:
         rule.update_loop(ys, gs, zs, vs, s)
 
 
+def _locally(ys, gs, zs, vs) -> bool:
+    states = [{"z": z, "exp_avg_sq": v} for z, v in zip(zs, vs)]
+    return dtensor.step_problem(ys, gs, states) is None
+
+
 def plans_after(impl: str, ys, gs, zs, vs, has_v: bool) -> bool:
     """Whether the general step ``impl`` just taken leaves a plan for the next steps: a fused
     step over one bucket, everything contiguous. (The kernel also steps other dense layouts,
     e.g. channels_last, but a plan's check would find those stale at every step and a plan
-    would be rebuilt for nothing.)"""
-    if impl != "fused" or not ys:
+    would be rebuilt for nothing.) DTensor params get no plan: it would track their storage."""
+    if impl != "fused" or not ys or dtensor.any_dtensor(ys):
         return False
     contiguous = torch.Tensor.is_contiguous
     tensors = (ys, gs, zs, vs) if has_v else (ys, gs, zs)
@@ -215,7 +261,16 @@ def choose_switch(group: dict, plan: FusedPlan | None, state_map) -> GroupSwitch
 def switch_impl(params, zs, fused: bool | None) -> str:
     """The unplanned switch of these params: ``"fused"`` (one lerp-kernel launch per bucket)
     or ``"loop"``; ``fused`` as in ``choose_impl`` (True raises a RuntimeError saying why the
-    kernel cannot run)."""
+    kernel cannot run). DTensor params as in ``choose_impl``: on their local tensors where
+    they match their z, else ``"loop"`` (DTensor ops) or, with ``fused=True``, the error."""
+    if dtensor.any_dtensor(params) or dtensor.any_dtensor(zs):
+        problem = dtensor.switch_problem(params, zs)
+        if problem is not None:
+            if fused:
+                shape = next(tuple(p.shape) for p in params if dtensor.is_dtensor(p))
+                raise RuntimeError(_FUSED_DTENSOR.format(shape=shape, problem=problem))
+            return "loop"
+        params, zs = dtensor.local(params), dtensor.local(zs)
     if fused or (fused is None and not kernels.INTERPRET):
         problem = kernels.lerp_problem(params, zs)
         if problem is None:
@@ -230,7 +285,12 @@ def switch_(impl: str, params, zs, weight: float, plan: FusedPlan | None = None)
     with the switch ``impl`` chosen by ``choose_switch`` or ``switch_impl``."""
     if impl == "planned":
         plan.switch(weight)
-    elif impl == "fused":
+        return
+    if (dtensor.any_dtensor(params) or dtensor.any_dtensor(zs)) and (
+        dtensor.switch_problem(params, zs) is None
+    ):
+        params, zs = dtensor.local(params), dtensor.local(zs)
+    if impl == "fused":
         kernels.lerp_fused(params, zs, weight)
     else:
         for p, z in zip(params, zs):
@@ -266,7 +326,11 @@ def nonfinite_found(grads) -> dict:
     check) with a scale of 1, one call per device and dtype: a device op, no host sync, and the
     gradients keep their values bit for bit. Where torch has no such check for a dtype on a
     device, and for complex gradients, the largest ``|g|`` of each tensor (``_foreach_norm``
-    with ``ord=inf``: NaN or inf exactly where one element is)."""
+    with ``ord=inf``: NaN or inf exactly where one element is). DTensor gradients: their local
+    tensors are checked, and the flags summed over their meshes (``dtensor.agree``)."""
+    dtensors = grads if dtensor.any_dtensor(grads) else None
+    if dtensors is not None:
+        grads = dtensor.local(grads)
     devices, dtypes = set(map(_DEVICE, grads)), set(map(_DTYPE, grads))
     if len(devices) == len(dtypes) == 1:  # the common case, without a key per tensor
         by_key = {(devices.pop(), dtypes.pop()): grads}
@@ -289,6 +353,8 @@ def nonfinite_found(grads) -> dict:
                 _NO_AMP_CHECK.add(key)
         norms = torch._foreach_norm(gs, float("inf"))
         flag.add_(torch.stack(norms).isfinite().logical_not_().any())
+    if dtensors is not None:
+        dtensor.agree(found, dtensors)
     return found
 
 

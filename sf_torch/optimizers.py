@@ -12,7 +12,13 @@ defaults, same per-group keys (``k``, ``weight_sum``, ``lr_max``, ``scheduled_lr
 
 What differs on purpose: the optimizers start in train mode (at step 0, ``y = x = z``, so this
 changes no number), ``step()`` in eval mode raises RuntimeError, gradients are never written,
-and every step's scalars are Python floats.
+and every step's scalars are Python floats. A first step without closure, with every lr 0 and
+every gradient zero (the probe by which ``torch.distributed.checkpoint.state_dict`` creates an
+optimizer's state) creates the state and counts nothing, in either mode.
+
+DTensor params (FSDP2's ``fully_shard``, tensor parallelism): ``z`` and ``v`` are DTensors
+with the param's placements; every implementation steps and switches the local shards
+(``dtensor.py``), ``eval_params()`` returns DTensors, and ``capturable=True`` is refused.
 
 A step is two methods, so that a caller that steps the tensors in pieces (DeepSpeed ZeRO-3 calls
 ``step()`` once per sub-group, with the other groups' param lists empty) still counts one step:
@@ -67,7 +73,7 @@ from sf_schedules.validation import (
     check_pair,
 )
 
-from . import dispatch, kernels, rule
+from . import dispatch, dtensor, kernels, rule
 from .fused_plan import FusedPlan
 from .state import tracked
 
@@ -358,6 +364,8 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         Returns:
             The closure's loss, or None.
         """
+        if closure is None and self._state_probe():
+            return None
         self._check_ready()
         skip_nonfinite = self._skip_nonfinite()
         loss = None
@@ -375,6 +383,30 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         self._advance()
         self._apply(plan, skip)
         return loss
+
+    def _state_probe(self) -> bool:
+        """Whether this step is torch.distributed.checkpoint's probe, and if so takes it: the
+        state is created (``z`` a copy of each param, ``v`` zeros) and nothing else changes.
+
+        ``get_state_dict``/``set_state_dict`` (``torch.distributed.checkpoint.state_dict``)
+        create the state of an optimizer that has none by a step with every lr 0 and every
+        gradient zero. The rule's step would count it (k = 1: the warmup and v's bias
+        correction one step on), or raise in eval mode; as a probe it counts nothing, in
+        either mode. Only a step without closure, before the optimizer has any state, with
+        every lr 0 and every gradient zero (on this rank's shards, for DTensors) is one."""
+        if self.state or not all(float(group["lr"]) == 0.0 for group in self.param_groups):
+            return False
+        params = [p for group in self.param_groups for p in group["params"]]
+        grads = [p.grad for p in params if p.requires_grad]
+        if not grads or any(g is None for g in grads):
+            return False
+        if any(bool(g.any()) for g in dtensor.local(grads)):
+            return False
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.init_state(p, group)
+        return True
 
     def advance_scalars(self) -> None:
         """Count one step in every param group (``k``, ``lr_max``, ``weight_sum``)."""
