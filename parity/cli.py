@@ -266,7 +266,8 @@ def parse_args(argv):
         "--plain-sgd",
         action="store_true",
         help="local_torch/local_optax: the workers step plain SGD (torch.optim.SGD, optax.sgd: "
-        "no momentum, not Schedule-Free) at the constant --lr; needs --optimizer sgd",
+        "no momentum, not Schedule-Free) at the constant --lr; needs --optimizer sgd "
+        "(default: the run's Schedule-Free optimizer)",
     )
     run.add_argument(
         "--baseline",
