@@ -7,9 +7,11 @@
     params = optax.apply_updates(params, updates)
     x = sf_optax.eval_params(state, params)             # evaluate here
 
-The update rule is in :mod:`sf_optax.transform`; the aliases in :mod:`sf_optax.alias`; the Flax
-helpers (``at_x``, ``eval_model``, ``recompute_batchnorm_stats``, ``ScheduleFreeTrainState``,
-``train_state_shardings``) in :mod:`sf_optax.flax`; the Orbax checkpoints
+The update rule is in :mod:`sf_optax.transform`; the aliases in :mod:`sf_optax.alias`; the
+AdamC/Polyak variant of upstream's ScheduleFree+ (``adamc_plus``, whose update takes the loss
+as ``value=``) in :mod:`sf_optax.plus`; the Flax helpers (``at_x``, ``eval_model``,
+``recompute_batchnorm_stats``, ``ScheduleFreeTrainState``, ``train_state_shardings``) in
+:mod:`sf_optax.flax`; the Orbax checkpoints
 (``save_checkpoint``/``restore_checkpoint``) in :mod:`sf_optax.checkpoint`; the adapter of
 ``sf_schedules`` schedules in :mod:`sf_optax.schedules`; local steps on a device mesh (workers
 averaging every few steps) in :mod:`sf_optax.local`.
@@ -22,6 +24,7 @@ flax nor orbax.
 import importlib
 
 from sf_optax.alias import (
+    ScaleByInnerMomentumState,
     ScaleBySecondMomentState,
     adamw,
     radam,
@@ -30,6 +33,7 @@ from sf_optax.alias import (
     sgd,
 )
 from sf_optax.packing import PackedState, unpacked_state
+from sf_optax.plus import AdamCPlusState, adamc_plus
 from sf_optax.sharding import state_shardings
 from sf_optax.transform import ScheduleFreeState, schedule_free
 from sf_optax.views import eval_params, find_state, train_params
@@ -48,9 +52,12 @@ _LAZY_EXPORTS = {
 }
 
 __all__ = [
+    "AdamCPlusState",
     "PackedState",
+    "ScaleByInnerMomentumState",
     "ScaleBySecondMomentState",
     "ScheduleFreeState",
+    "adamc_plus",
     "adamw",
     "eval_params",
     "find_state",
