@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from sf_optax._dtypes import compute_dtype
 from sf_optax.packing import PackedState
@@ -301,7 +301,18 @@ def worker(tree: Any, index: int) -> Any:
     n = jnp.shape(leaves[0])[0] if leaves and jnp.ndim(leaves[0]) else 0
     if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < n:
         raise ValueError(f"index must be an int in [0, {n}) (the workers), got {index!r}")
-    return jax.tree.map(lambda a: a[index], tree)
+    return jax.tree.map(lambda a: _take(a, index), tree)
+
+
+def _take(a: Any, index: int) -> Any:
+    """``a[index]``; on a mesh with explicit axes (``jax.make_mesh``'s default) the workers
+    axis is gathered first, as explicit sharding refuses a slice of a sharded dimension."""
+    sharding = getattr(jax.typeof(a), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or AxisType.Explicit not in tuple(getattr(mesh, "axis_types", ())):
+        return a[index]
+    spec = tuple(sharding.spec) + (None,) * (jnp.ndim(a) - len(sharding.spec))
+    return jax.sharding.reshard(a, NamedSharding(mesh, PartitionSpec(None, *spec[1:])))[index]
 
 
 def local_eval_params(
@@ -378,10 +389,23 @@ class LocalStep:
     shape ``(n_workers,)``: each worker's loss at its params before the step.
     """
 
-    def __init__(self, jitted, n_workers: int, axis_name: Any):
+    def __init__(self, jitted, n_workers: int, axis_name: Any, mesh: Mesh | None = None):
         self.jitted = jitted
         self.n_workers = n_workers
         self.axis_name = axis_name
+        # On a mesh with explicit axes (jax.make_mesh's default) shard_map takes arrays only
+        # as sharded as its in_specs say: a batch from the host is split over the workers here.
+        explicit = mesh is not None and AxisType.Explicit in tuple(mesh.axis_types)
+        self._batch_sharding = NamedSharding(mesh, PartitionSpec(axis_name)) if explicit else None
+
+    def _place(self, batch):
+        def put(a):
+            spec = getattr(getattr(jax.typeof(a), "sharding", None), "spec", ())
+            if len(spec) and spec[0] == self.axis_name:
+                return a
+            return jax.device_put(a, self._batch_sharding)
+
+        return jax.tree.map(put, batch)
 
     def _check_stacked(self, name: str, tree: Any) -> None:
         for leaf in jax.tree.leaves(tree):
@@ -398,6 +422,8 @@ class LocalStep:
         self._check_stacked("params", params)
         self._check_stacked("opt_state", opt_state)
         self._check_stacked("batch", batch)
+        if self._batch_sharding is not None:
+            batch = self._place(batch)
         return self.jitted(params, opt_state, batch, sync)
 
     def compilations(self) -> int:
@@ -478,7 +504,7 @@ def make_local_train_step(
         axis_names=frozenset({axis_name}),
     )
     jitted = jax.jit(sharded, donate_argnums=(0, 1) if donate else ())
-    return LocalStep(jitted, n, axis_name)
+    return LocalStep(jitted, n, axis_name, mesh)
 
 
 def resolve_sync_mask(sync: Any, total_steps: int | None = None) -> np.ndarray:

@@ -501,3 +501,30 @@ def test_errors_name_the_argument(mesh):
     _, _, loss, aux = aux_step(params, state, batch, False)
     np.testing.assert_array_equal(np.asarray(aux["n"]), [N] * K)
     np.testing.assert_allclose(np.asarray(loss), np.asarray(losses[0]), rtol=1e-6)
+
+
+def test_explicit_axes_mesh_matches_auto_mesh(mesh):
+    """jax.make_mesh gives explicit axes by default (jax >= 0.7): the same run on such a mesh
+    ends where the run on the plain Mesh does, and worker / local_eval_params read it (they
+    used to raise ShardingTypeError there: a slice of an explicitly sharded dimension)."""
+    from jax.sharding import AxisType
+
+    explicit = jax.make_mesh(
+        (K,), ("workers",), axis_types=(AxisType.Explicit,), devices=mesh.devices
+    )
+    tx = sf_optax.adamw(1e-2, warmup_steps=2)
+    mask = sync_mask(Constant(2), [1.0] * 6)
+    ends = []
+    for m in (mesh, explicit):
+        step = local.make_local_train_step(mlp_loss, tx, m)
+        params, state = local.local_init(tx, init_params(np.float32), m)
+        for t in range(6):
+            params, state, _ = step(params, state, as_jax(worker_batches(t, np.float32)), mask[t])
+        ends.append((params, state))
+    (p_auto, s_auto), (p_exp, s_exp) = ends
+    for i in (0, K - 1):
+        assert tree_rel(local.worker(p_exp, i), local.worker(p_auto, i)) < 1e-6
+    x_exp, x_auto = local.local_eval_params(p_exp, s_exp), local.local_eval_params(p_auto, s_auto)
+    assert tree_rel(x_exp, x_auto) < 1e-6
+    # worker's slice is the stacked array's row, read on the host
+    assert np.array_equal(np.asarray(local.worker(p_exp, 1)["w1"]), np.asarray(p_exp["w1"])[1])
