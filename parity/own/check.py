@@ -291,7 +291,10 @@ class _Setup:
             self.model, pair.flax_model, pair.variables, overrides=overrides
         )
         self.param_entries = self.mapping.params()
-        self.buffer_entries = self.mapping.buffers()
+        # torch buffers the port keeps among its parameters (transformers' Flax BART family:
+        # final_logits_bias): constants of the torch model, held fixed on the Flax side too
+        self.fixed_entries = tuple(e for e in self.mapping.buffers() if e.flax_path[0] == "params")
+        self.buffer_entries = tuple(e for e in self.mapping.buffers() if e.flax_path[0] != "params")
         # The initial torch state (a numpy copy), restored before each torch row.
         self.initial_state = {
             k: v.detach().clone() for k, v in self.model.state_dict(keep_vars=False).items()
@@ -368,8 +371,13 @@ class _JaxSetup:
         if missing:
             raise ValueError(f"the Flax params have no leaves {missing} (mapping paths)")
         mapped = {e.flax_path for e in setup.param_entries}
+        self.fixed0 = {
+            e.flax_path: jnp.asarray(values[e.flax_path], self.dtype) for e in setup.fixed_entries
+        }
         self.params0 = {}
         for path, leaf in self.flat.values.items():
+            if path in self.fixed0:
+                continue
             if path in mapped:
                 self.params0[path] = jnp.asarray(values[path], self.dtype)
             else:
@@ -427,11 +435,15 @@ class _JaxSetup:
             }
         return {p: np.asarray(v) for p, v in _Flat(rest, (), strip_value=False).values.items()}
 
+    def tree(self, params: dict):
+        """The params tree of the Flax model: the trained leaves and the fixed ones."""
+        return self.flat.tree({**params, **self.fixed0})
+
     # The model as the loss sees it (inside jit).
     def apply_loss(self, fn, params: dict, rest, batch, train: bool):
         import jax.numpy as jnp
 
-        tree = self.flat.tree(params)
+        tree = self.tree(params)
         if self.is_nnx:
             from flax import nnx
 
@@ -638,7 +650,7 @@ class _JaxRow:
 
             import sf_optax.flax as sf_flax
 
-            model = nnx.merge(js.graphdef, js.flat.tree(x), rest, copy=True)
+            model = nnx.merge(js.graphdef, js.tree(x), rest, copy=True)
             sf_flax.recompute_batchnorm_stats(model, js.recal, forward=_nnx_forward(js.loss))
             rest = nnx.split(model, nnx.Param, ...)[2]
         losses = np.asarray(self._eval(x, rest, js.evals), dtype=np.float64)
@@ -948,6 +960,11 @@ def check_pair(
     base_record = records.get(baseline)
     rows = []
     notes = []
+    if setup.fixed_entries:
+        notes.append(
+            "held fixed in Flax as torch does (a torch buffer, a Flax param): "
+            + ", ".join(e.torch_name for e in setup.fixed_entries)
+        )
     for n in names:
         role = ROLES[n]
         if n in skipped:

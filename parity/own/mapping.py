@@ -669,11 +669,14 @@ class _Matcher:
         self.skipped: set[int] = set()
         self.notes: dict[int, list[str]] = {}
         self.ambiguous: dict[int, list[_FlaxLeaf]] = {}
+        # square raw weights against a Flax kernel: (leaf, why the layout is unknown)
+        self.ambiguous_layout: dict[int, tuple[_FlaxLeaf, str]] = {}
 
     def take(self, i: int, leaf: _FlaxLeaf, layout: str, fns=(None, None)) -> None:
         self.pairs[i] = (leaf, layout, *fns)
         self.claimed.add(leaf.path)
         self.ambiguous.pop(i, None)
+        self.ambiguous_layout.pop(i, None)
 
     def open_tensors(self) -> list[int]:
         return [
@@ -690,13 +693,20 @@ class _Matcher:
         for f in self.open_leaves():
             for key in _name_keys(f.path[1:]):
                 index.setdefault(key, []).append(f)
+        self._raw_kernels(index)
         wanted: dict[Path, list[int]] = {}
         found: dict[int, _FlaxLeaf] = {}
         for i in self.open_tensors():
             t = self.tensors[i]
             key = tuple(p.lower() for p in t.module + (t.leaf,))
-            hits = [f for f in index.get(key, []) if _compatible(t, f)]
-            hits = list({f.path: f for f in hits}.values())
+            named = list(
+                {f.path: f for f in index.get(key, []) if f.path not in self.claimed}.values()
+            )
+            hits = [f for f in named if _compatible(t, f)]
+            if not hits and t.kind == "buffer":
+                # a torch buffer that the port keeps as a parameter (transformers' BART family:
+                # final_logits_bias), same name and shape: the same tensor; check holds it fixed
+                hits = [f for f in named if f.collection == "params" and f.shape == t.flax_shape]
             good = [f for f in hits if f.shape == t.flax_shape]
             if len(good) == 1:
                 found[i] = good[0]
@@ -711,6 +721,44 @@ class _Matcher:
                 self.take(i, f, self.tensors[i].layout)
             else:
                 self.ambiguous[i] = [f]
+
+    def _raw_kernels(self, index: dict[tuple[str, ...], list[_FlaxLeaf]]) -> None:
+        """A 2-D ``weight`` of a torch module that is neither Linear nor Conv (transformers'
+        ``Conv1D``, a user's own layer) against the Flax ``kernel`` of the module of the same
+        name: its layout is not known from its class. Where one of ``"same"`` and ``"linear"``
+        fits the shapes, the shapes decide; a square one takes the layout that every other
+        instance of its torch class (and Flax leaf name) was found to have; a class without
+        such instances, or with both, is an ambiguity that names the tensor."""
+        votes: dict[str, set[str]] = {}
+        square: list[tuple[int, _FlaxLeaf]] = []
+        for i in self.open_tensors():
+            t = self.tensors[i]
+            if t.layout != "same" or t.leaf != "weight" or len(t.shape) != 2:
+                continue
+            key = tuple(p.lower() for p in t.module + ("kernel",))
+            hits = [f for f in index.get(key, []) if _compatible(t, f) and len(f.shape) == 2]
+            hits = list({f.path: f for f in hits}.values())
+            if len(hits) != 1 or hits[0].path in self.claimed:
+                continue
+            f = hits[0]
+            fits = [lo for lo in ("same", "linear") if _layout_shape(lo, t.shape) == f.shape]
+            if len(fits) == 1:
+                self.take(i, f, fits[0])
+                votes.setdefault(t.module_type, set()).add(fits[0])
+            elif len(fits) == 2:
+                square.append((i, f))
+        for i, f in square:
+            t = self.tensors[i]
+            seen = votes.get(t.module_type, set())
+            if len(seen) == 1:
+                self.take(i, f, next(iter(seen)))
+                continue
+            why = (
+                f"its other instances fit both {sorted(seen)}"
+                if seen
+                else f"no other {t.module_type} weight has a non-square shape that tells"
+            )
+            self.ambiguous_layout[i] = (f, why)
 
     # structure ------------------------------------------------------------------------------
 
@@ -1041,8 +1089,30 @@ def infer(
 
 def _error(m: _Matcher, open_t: list[int], open_f: list[_FlaxLeaf]) -> str:
     lines = ["cannot pair every torch tensor with a Flax leaf."]
-    lonely = [i for i in open_t if not m.ambiguous.get(i)]
-    amb = [i for i in open_t if m.ambiguous.get(i)]
+    layout = [i for i in open_t if i in m.ambiguous_layout]
+    lonely = [i for i in open_t if not m.ambiguous.get(i) and i not in m.ambiguous_layout]
+    amb = [i for i in open_t if m.ambiguous.get(i) and i not in m.ambiguous_layout]
+    if layout:
+        lines.append(
+            "torch tensors whose layout is unknown (a square weight of a module that is neither "
+            "a torch Linear nor a Conv: as it is ('same') and transposed ('linear') both fit "
+            "the Flax kernel):"
+        )
+        for i in layout:
+            t, (f, why) = m.tensors[i], m.ambiguous_layout[i]
+            lines.append(
+                f"  {t.name} {_shape_s(t.shape)} [{t.module_type}] -> {_path_str(f.path)} "
+                f"{_shape_s(f.shape)}: {why}"
+            )
+        lines.append(
+            "  Say which: overrides={"
+            + ", ".join(
+                f"{m.tensors[i].name!r}: ({_path_str(m.ambiguous_layout[i][0].path)!r}, 'linear')"
+                for i in layout[:3]
+            )
+            + (", ..." if len(layout) > 3 else "")
+            + "} ('linear' when the Flax kernel is the torch weight transposed, 'same' when not)."
+        )
     if lonely:
         lines.append("torch tensors without a Flax counterpart:")
         for i in lonely:
@@ -1054,6 +1124,14 @@ def _error(m: _Matcher, open_t: list[int], open_f: list[_FlaxLeaf]) -> str:
                 f"'{t.leaf}' {want}, layout {t.layout!r}]"
             )
             lines += [f"      {note}" for note in m.notes.get(i, [])]
+            frozen = t.kind == "param" and not getattr(t.tensor, "requires_grad", True)
+            if frozen or (t.kind == "buffer" and t.leaf == t.name.rpartition(".")[2]):
+                what = "requires_grad=False" if frozen else "a buffer"
+                lines.append(
+                    f"      {what}: a constant of the torch model (a port may compute it "
+                    "instead of storing it, e.g. a sinusoidal position table); if so, leave it "
+                    "out with overrides={name: None}"
+                )
     if amb:
         lines.append("torch tensors with several Flax candidates (same shape, no telling name):")
         for i in amb:
@@ -1063,6 +1141,13 @@ def _error(m: _Matcher, open_t: list[int], open_f: list[_FlaxLeaf]) -> str:
                 for f in sorted(m.ambiguous[i], key=lambda f: _natural(f.path))
             )
             lines.append(f"  {t.name} {_shape_s(t.shape)}: candidates {cands}")
+    if lonely:
+        listed = ", ".join(f"{m.tensors[i].name!r}: None" for i in lonely[:6])
+        more = ", ..." if len(lonely) > 6 else ""
+        lines.append(
+            f"If the port has no such tensors on purpose: overrides={{{listed}{more}}} leaves "
+            "them unmapped (they are then neither copied nor compared)."
+        )
     if open_f:
         lines.append("Flax leaves without a torch counterpart:")
         for f in sorted(open_f, key=lambda f: _natural(f.path)):
