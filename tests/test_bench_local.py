@@ -287,3 +287,17 @@ def test_bad_combinations():
         cli.settings_from(
             cli.parser().parse_args(["--task", "digits", "--workers", "64", "--batch", "64"])
         )
+
+
+def test_schedule_free_default(results):
+    """The recommended Schedule-Free rule is the bench's ScheduleFreeQSR a=0.5 row; its late
+    rounds last floor((0.5 / (0.1 + 0.9 c_t))**2) steps, 24 once c_t < 1/2000 (25 in the
+    limit), written out here."""
+    rule = sync.schedule_free_default(LR, warmup_steps=W)
+    row = by_name(results, "sf", "ScheduleFreeQSR a=0.5")
+    assert row["sync_steps"] == list(sync.sync_steps(rule, constant_lrs()))
+    steps = np.array(sync.sync_steps(rule, [LR] * 4000))
+    late = np.diff(steps)[steps[:-1] > 2500][:-1]  # the last round is clamped to the end
+    assert set(late.tolist()) == {24}
+    with pytest.raises(ValueError, match="lr"):
+        sync.schedule_free_default(0.0)
