@@ -214,12 +214,15 @@ def schedule_free_default(
     until ``y``'s effective lr falls below ``alpha / sqrt(h_base)``; late rounds last
     ``(0.5 / (1 - b1))**2`` = 25 steps at ``b1 = 0.9``.
 
-    Measured by ``python -m bench.local`` (bench/RESULTS.md section 6, K = 4, T = 600, 3-5
-    seeds) against :class:`AveragingWindow` (fraction 0.1 and 0.25): at the same volume the two
-    land within 0.002 of each other in eval loss on the char LM, and on the digits MLP both stay
-    within the seed spread of data-parallel; ScheduleFreeQSR is kept as the default for
-    following QSR's reasoning on the rate ``y`` actually moves with. Neither reaches
-    data-parallel's final eval loss on the char LM at 600 steps (+0.16 at 12% of its volume).
+    Measured by ``python -m bench.local`` (bench/RESULTS.md section 6; K = 4, T = 600) against
+    :class:`AveragingWindow` (fraction 0.1 and 0.25): on the char LM (3 seeds) the two lie on
+    one loss-vs-volume curve (ScheduleFreeQSR at 70 units +0.159 over data-parallel's eval
+    loss, AveragingWindow interpolated to the same volume +0.158), both about 0.01 below
+    constant ``H`` at equal volume; on the digits MLP (5 seeds) ScheduleFreeQSR reaches the
+    smallest paired gap (+0.0046 at 5% of data-parallel's volume, AveragingWindow +0.0051 at
+    8.7%). ScheduleFreeQSR is kept as the default, with the smaller ``alpha`` of the two
+    measured (lr / 2 rather than lr), the better of them on the char LM. Neither reaches
+    data-parallel's final eval loss on the char LM at 600 steps.
     """
     return ScheduleFreeQSR(
         h_base,
