@@ -163,6 +163,34 @@ def test_sgd_syncing_every_step_is_data_parallel(tmp_path):
         assert c.worst(metric) <= F64, (metric, c.worst(metric))
 
 
+@pytest.mark.parametrize(
+    "optimizer, warmup, sgd_phase",
+    [("adamw", 7, False), ("sgd", 0, False), ("radam", 0, False), ("radam", 0, True)],
+)
+def test_sync_list_reads_the_optimizers_own_learning_rates(optimizer, warmup, sgd_phase):
+    # The learning rates the rules read are those sf_torch's step uses (its own helper).
+    from sf_torch import rule as sf_rule
+
+    config = RunConfig(
+        optimizer=optimizer,
+        steps=40,
+        warmup_steps=warmup,
+        silent_sgd_phase=not sgd_phase,
+        extra=local(2, "qsr:h_base=1,alpha=0.01"),
+    )
+    group = {
+        "lr": config.lr,
+        "betas": (config.b1, config.b2),
+        "warmup_steps": warmup,
+        "silent_sgd_phase": config.silent_sgd_phase,
+    }
+    own = [sf_rule._lr_of_step(group, optimizer, t) for t in range(config.steps)]
+    np.testing.assert_allclose(local_plan.run_lrs(config), own, rtol=1e-15, atol=0)
+    assert local_plan.sync_steps(config) == sync_rules.sync_steps(
+        sync_rules.QSR(1, 0.01, warmup_steps=warmup), own
+    )
+
+
 # -- the CLI --------------------------------------------------------------------------------------
 
 
