@@ -2,13 +2,19 @@
 
 Nothing here imports jax: the test and the report use it without a device mesh.
 
-The task: parity's digits MLP (64 pixels -> 64 ReLU -> 10, ``parity.models.canonical``,
-LeCun-normal weights drawn from the seed) on scikit-learn's 8x8 digits split 75/25 by
-``parity.data`` (1347 training images, 450 held out), float32. Step ``t``'s global batch is
-``parity.data``'s batch of ``workers * batch`` images (epoch ``t // steps_per_epoch``'s seeded
-permutation); worker ``k`` takes rows ``k * batch .. (k + 1) * batch`` of it. Data-parallel
-sees the whole global batch every step, so every row consumes the same images in the same
-order.
+The tasks (float32):
+
+- ``charlm`` (the default): parity's flax LM twin (pre-norm Transformer, width 32, 2 layers, 4
+  heads, context 32, MLP 128; ``bench.anytime.problems.lm_init`` weights) on the characters of
+  CPython's help topics (``bench.anytime.problems.char_tokens``), first 90% for training: step
+  ``t``'s global batch is ``workers * batch`` windows at offsets drawn from ``(seed, 21)``; the
+  eval set is 256 evenly spaced windows of the held-out 10%.
+- ``digits``: parity's digits MLP (64 pixels -> 64 ReLU -> 10, ``parity.models.canonical``) on
+  scikit-learn's 8x8 digits split 75/25 by ``parity.data`` (1347 training images, 450 held
+  out); step ``t``'s global batch is ``parity.data``'s batch of ``workers * batch`` images.
+
+Worker ``k`` takes rows ``k * batch .. (k + 1) * batch`` of the global batch; data-parallel
+sees the whole global batch every step, so every row consumes the same data in the same order.
 
 What is counted (``volume``, in model-size units): one all-reduce (mean) of a vector the size
 of the model is one unit, whatever its algorithm (a ring all-reduce sends ``2 (K - 1) / K``
