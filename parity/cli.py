@@ -274,7 +274,8 @@ def parse_args(argv):
         default=None,
         help="the row every other is compared to (default: sf_torch where it runs, else the "
         "first primary backend, else the first backend; a lone backend is its own baseline: "
-        "its losses are reported and nothing is compared)",
+        "its losses are reported and nothing is compared; local_torch where local backends "
+        "run another algorithm than data-parallel, the single-process rows then reported only)",
     )
     run.add_argument(
         "--out",
