@@ -443,7 +443,13 @@ def _local_baseline(names, registry, config) -> str | None:
     are then checked against each other (the single-process rows are reported only)."""
     if _local_gap(names, registry, config) is None:
         return None
-    local = [n for n in names if _is_local(registry[n])]
+    local = [
+        n
+        for n in names
+        if _is_local(registry[n])
+        and runners.unavailable(registry[n]) is None
+        and not registry[n].unsupported(config)
+    ] or [n for n in names if _is_local(registry[n])]
     return "local_torch" if "local_torch" in local else local[0]
 
 
