@@ -242,7 +242,8 @@ def parse_args(argv):
         "--backends",
         default=None,
         help="comma-separated (default: every backend this machine can run, see "
-        "`python -m parity backends`, except the opt-in local_torch and local_optax; "
+        "`python -m parity backends`, except those it marks opt-in (local_torch, local_optax, "
+        "...); "
         "DeepSpeed: deepspeed_z0 ... _z3, one row per ZeRO stage)",
     )
     run.add_argument(
