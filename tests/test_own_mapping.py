@@ -5,6 +5,8 @@ RoBERTa (tied decoder), ELECTRA and ViT (a conv patch embedding), and for hand-w
 forward pass of the other framework (float64, within 1e-12).
 """
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -451,3 +453,101 @@ def test_hf_tied_weights_are_aliases(hf_pair):
     assert set(arrays) == set(back)
     for name, array in back.items():
         assert np.array_equal(arrays[name], array), name
+
+
+# -- other transformers architectures, and raw (in, out) weights ---------------------------------
+
+
+class Proj(nn.Module):
+    """A layer of the user's own with a raw ``weight`` kept (in, out), as transformers' Conv1D."""
+
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_in, n_out, dtype=torch.float64))
+        self.bias = nn.Parameter(torch.randn(n_out, dtype=torch.float64))
+
+    def forward(self, x):
+        return x @ self.weight + self.bias
+
+
+class TorchProjNet(nn.Module):
+    def __init__(self, wide: bool):
+        super().__init__()
+        self.a, self.b = Proj(4, 4), Proj(4, 4)
+        self.c = Proj(4, 6) if wide else None
+
+    def forward(self, x):
+        h = self.b(torch.tanh(self.a(x)))
+        return h if self.c is None else self.c(h)
+
+
+class NnxProjNet(nnx.Module):
+    def __init__(self, wide: bool):
+        kw = dict(dtype=jnp.float64, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+        self.a, self.b = nnx.Linear(4, 4, **kw), nnx.Linear(4, 4, **kw)
+        self.c = nnx.Linear(4, 6, **kw) if wide else None
+
+    def __call__(self, x):
+        h = self.b(jnp.tanh(self.a(x)))
+        return h if self.c is None else self.c(h)
+
+
+@pytest.mark.usefixtures("x64")
+def test_square_raw_weights_take_the_layout_of_their_class():
+    torch.manual_seed(0)
+    with pytest.raises(ValueError) as err:
+        pm.infer(TorchProjNet(wide=False), NnxProjNet(wide=False))
+    msg = str(err.value)
+    assert "layout is unknown" in msg and "a.weight (4, 4) [Proj]" in msg
+    assert "no other Proj weight has a non-square shape" in msg
+    assert "overrides={'a.weight': ('params/a/kernel', 'linear')" in msg
+    # one non-square instance of the class says (in, out) is the Flax kernel as it is
+    tm, fm = TorchProjNet(wide=True), NnxProjNet(wide=True)
+    m = pm.infer(tm, fm)
+    assert {m.entry(f"{n}.weight").layout for n in "abc"} == {"same"}
+    pm.load_flax(m, fm, pm.torch_arrays(tm))
+    x = np.random.default_rng(0).normal(size=(3, 4))
+    with torch.no_grad():
+        expected = tm(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(np.asarray(fm(jnp.asarray(x))), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.fixture(scope="module", params=["gpt2", "bart", "resnet"])
+def hf_more(request):
+    pytest.importorskip("transformers")
+    from parity.own import hf
+
+    return request.param, getattr(hf, request.param)(dtype="float32")
+
+
+def test_more_hf_architectures_match_transformers(hf_more):
+    """GPT-2 (Conv1D weights (in, out) against Flax kernels (out, in)), BART (an encoder and a
+    decoder; ``final_logits_bias`` a torch buffer and a Flax param) and ResNet (BatchNorm
+    statistics in ``batch_stats``): every leaf as transformers' converter has it, bit for bit."""
+    from flax.traverse_util import flatten_dict
+    from transformers.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax
+
+    arch, pair = hf_more
+    tm, variables = pair.torch_model, pair.variables
+    m = pm.infer(tm, pair.flax_model, variables)
+    assert {e.flax_path for e in m.entries} == set(pm.flax_arrays(None, variables))
+    ours = m.to_flax(pm.torch_arrays(tm))
+    wrapper = SimpleNamespace(params=variables if arch == "resnet" else variables["params"],
+                              base_model_prefix=tm.base_model_prefix)  # fmt: skip
+    state = {k: v.detach().clone() for k, v in tm.state_dict().items()}
+    oracle = flatten_dict(convert_pytorch_state_dict_to_flax(state, wrapper))
+    for path, array in ours.items():
+        expected = np.asarray(oracle[path] if path in oracle else oracle[path[1:]])
+        assert np.array_equal(array, expected), path
+    _assert_round_trips(m, pm.torch_arrays(tm), pm.flax_arrays(None, variables))
+    if arch == "gpt2":
+        conv1d = [e for e in m.entries if "c_" in e.torch_name and e.torch_name.endswith("weight")]
+        assert len(conv1d) == 8 and {e.layout for e in conv1d} == {"linear"}
+        assert m.entry("transformer.h.0.attn.c_proj.weight").torch_shape == (32, 32)
+    if arch == "bart":
+        e = m.entry("final_logits_bias")
+        assert e.kind == "buffer" and e.flax_path == ("params", "final_logits_bias")
+    if arch == "resnet":
+        norms = [x for x in tm.modules() if isinstance(x, nn.BatchNorm2d)]
+        assert len(norms) >= 5 and len(m.buffers()) == 2 * len(norms)
+        assert {e.flax_path[0] for e in m.buffers()} == {"batch_stats"}

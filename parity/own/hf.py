@@ -25,6 +25,8 @@ import numpy as np
 
 from parity.own.spec import Pair
 
+SMALL = dict(vocab=64, seq=8, batch=2)  # the sequence models added for other architectures
+
 BUGS = (None, "layernorm_eps", "gelu")
 # Where each architecture gets the injected bug (torch module names).
 BUG_SITES = {
@@ -40,6 +42,11 @@ BUG_SITES = {
         "layernorm_eps": "electra.encoder.layer.0.output.LayerNorm",
         "gelu": "electra.encoder.layer.1.intermediate",
     },
+    # no "gelu" site: GPT-2 already uses the tanh GELU, BART's and ResNet's activations are
+    # functions or modules of other names
+    "gpt2": {"layernorm_eps": "transformer.h.1.ln_2"},
+    "bart": {"layernorm_eps": "model.decoder.layers.0.encoder_attn_layer_norm"},
+    "resnet": {},
 }
 TEXT = dict(vocab=64, seq=12, batch=4)
 IMAGE = dict(size=8, patch=4, channels=3, classes=5, batch=4)
@@ -60,6 +67,8 @@ def _inject(torch_model, arch: str, bug: str | None) -> None:
         raise ValueError(f"bug must be one of {BUGS}, got {bug!r}")
     if bug is None:
         return
+    if bug not in BUG_SITES[arch]:
+        raise ValueError(f"bug must be one of {(None, *BUG_SITES[arch])} for {arch}, got {bug!r}")
     module = torch_model.get_submodule(BUG_SITES[arch][bug])
     if bug == "layernorm_eps":
         module.eps = 1e-3
@@ -230,4 +239,171 @@ def vit(dtype: str = "float64", bug: str | None = None, seed: int = 0) -> Pair:
         eval_batches=images(seed + 1, 2),
         name=f"vit ({dtype}{', bug ' + bug if bug else ''})",
         notes={"bug_site": BUG_SITES["vit"].get(bug)} if bug else {},
+    )
+
+
+def _tokens(seed: int, n: int, decoder: bool):
+    """Token ids with right padding (the first row full), labels per position; with ``decoder``
+    also decoder ids (every label counts)."""
+    rng = np.random.default_rng(seed)
+    vocab, seq, batch = SMALL["vocab"], SMALL["seq"], SMALL["batch"]
+    out = []
+    for _ in range(n):
+        lengths = rng.integers(seq // 2, seq + 1, size=batch)
+        lengths[0] = seq
+        mask = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int64)
+        ids = np.where(mask == 1, rng.integers(4, vocab, size=(batch, seq)), 1)
+        labels = rng.integers(4, vocab, size=(batch, seq))
+        item = {"input_ids": ids, "attention_mask": mask}
+        if decoder:
+            item["decoder_input_ids"] = rng.integers(4, vocab, size=(batch, seq))
+        else:
+            labels = np.where(mask == 1, labels, -100)
+        item["labels"] = labels
+        out.append(item)
+    return out
+
+
+def _sequence_pair(arch, torch_model, flax_model, dtype, bug, seed, decoder):
+    def torch_loss(model, batch):
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return _torch_token_loss(model(**inputs).logits, batch["labels"])
+
+    def flax_loss(variables, batch):
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits = flax_model(**inputs, params=variables["params"], train=False).logits
+        return _jax_token_loss(logits, batch["labels"])
+
+    return Pair(
+        torch_model=torch_model,
+        flax_model=flax_model.module,
+        variables={"params": flax_model.params},
+        torch_loss=torch_loss,
+        flax_loss=flax_loss,
+        batches=_tokens(seed, 4, decoder),
+        eval_batches=_tokens(seed + 1, 1, decoder),
+        name=f"{arch} ({dtype}{', bug ' + bug if bug else ''})",
+        notes={"bug_site": BUG_SITES[arch].get(bug)} if bug else {},
+    )
+
+
+def gpt2(dtype: str = "float64", bug: str | None = None, seed: int = 0) -> Pair:
+    """GPT2LMHeadModel and FlaxGPT2LMHeadModel: 2 layers, width 32, tied head. torch's Conv1D
+    keeps its weight (in, out) and transformers' Flax Conv1D its kernel (out, in): the mapping
+    transposes them, a square one (``attn.c_proj``) by the layout of the non-square ones."""
+    from transformers import FlaxGPT2LMHeadModel, GPT2Config, GPT2LMHeadModel
+
+    torch, jnp, jdtype = _frameworks(dtype)
+    config = GPT2Config(
+        vocab_size=SMALL["vocab"],
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        n_positions=16,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    torch.manual_seed(seed)
+    torch_model = GPT2LMHeadModel(config).to(getattr(torch, dtype))
+    _inject(torch_model, "gpt2", bug)
+    flax_model = FlaxGPT2LMHeadModel(config, seed=seed, dtype=jdtype)
+    return _sequence_pair("gpt2", torch_model, flax_model, dtype, bug, seed, decoder=False)
+
+
+def bart(dtype: str = "float64", bug: str | None = None, seed: int = 0) -> Pair:
+    """BartForConditionalGeneration and its Flax twin: an encoder and a decoder of 2 layers
+    each, width 32, embeddings shared by both and the head. ``final_logits_bias`` is a torch
+    buffer and a Flax param: mapped by its name, held fixed in both (``parity.own.check``)."""
+    from transformers import (
+        BartConfig,
+        BartForConditionalGeneration,
+        FlaxBartForConditionalGeneration,
+    )
+
+    torch, jnp, jdtype = _frameworks(dtype)
+    config = BartConfig(
+        vocab_size=SMALL["vocab"],
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=16,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=0,
+    )
+    torch.manual_seed(seed)
+    torch_model = BartForConditionalGeneration(config).to(getattr(torch, dtype))
+    _inject(torch_model, "bart", bug)
+    flax_model = FlaxBartForConditionalGeneration(config, seed=seed, dtype=jdtype)
+    return _sequence_pair("bart", torch_model, flax_model, dtype, bug, seed, decoder=True)
+
+
+def resnet(dtype: str = "float64", bug: str | None = None, seed: int = 0) -> Pair:
+    """ResNetForImageClassification and its Flax twin: bottleneck blocks in 2 stages of width
+    8 and 16, BatchNorm throughout (linen ``batch_stats``; the training loss returns their
+    update, the eval loss uses the running statistics), 16x16 images."""
+    from transformers import (
+        FlaxResNetForImageClassification,
+        ResNetConfig,
+        ResNetForImageClassification,
+    )
+
+    torch, jnp, jdtype = _frameworks(dtype)
+    size, classes, batch = 16, 5, 4
+    config = ResNetConfig(
+        num_channels=3,
+        embedding_size=8,
+        hidden_sizes=[8, 16],
+        depths=[1, 1],
+        layer_type="bottleneck",
+        num_labels=classes,
+    )
+    torch.manual_seed(seed)
+    torch_model = ResNetForImageClassification(config).to(getattr(torch, dtype))
+    _inject(torch_model, "resnet", bug)
+    flax_model = FlaxResNetForImageClassification(config, seed=seed, dtype=jdtype)
+    module = flax_model.module
+
+    def torch_loss(model, batch):
+        return _torch_token_loss(model(pixel_values=batch["pixel_values"]).logits, batch["labels"])
+
+    def apply(variables, batch, train):
+        images = jnp.transpose(batch["pixel_values"], (0, 2, 3, 1))  # NCHW -> NHWC
+        if train:
+            out, updates = module.apply(
+                variables, images, deterministic=False, mutable=["batch_stats"]
+            )
+            return _jax_token_loss(out.logits, batch["labels"]), updates
+        out = module.apply(variables, images, deterministic=True)
+        return _jax_token_loss(out.logits, batch["labels"])
+
+    def images(seed, n):
+        rng = np.random.default_rng(seed)
+        return [
+            {
+                "pixel_values": rng.normal(size=(batch, 3, size, size)),
+                "labels": rng.integers(0, classes, size=batch),
+            }
+            for _ in range(n)
+        ]
+
+    return Pair(
+        torch_model=torch_model,
+        flax_model=module,
+        variables=dict(flax_model.params),
+        torch_loss=torch_loss,
+        flax_loss=lambda variables, batch: apply(variables, batch, True),
+        flax_eval_loss=lambda variables, batch: apply(variables, batch, False),
+        batches=images(seed, 4),
+        eval_batches=images(seed + 1, 1),
+        name=f"resnet ({dtype}{', bug ' + bug if bug else ''})",
     )
