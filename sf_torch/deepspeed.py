@@ -507,7 +507,12 @@ def _after_universal_load(engine: Any, load_dir: str, tag: str | None) -> None:
 #
 #     "local_steps": {"rule": "qsr", "h_base": 4, "alpha": 0.01, "power": 2, "h_warm": 1,
 #                     "warmup_steps": 0, "total_steps": 10000}
+#     "local_steps": {"total_steps": 10000}      # the default rule, below
 #
+# - Without "rule": the default measured by bench.local (sf_schedules.sync.schedule_free_default),
+#   "schedule_free_qsr" with h_base 4, alpha = lr / 2 (the optimizer's lr) and warmup_steps the
+#   optimizer's; any of that rule's keys given in the section override these. A named rule needs
+#   its constants.
 # - Rules and their keys: "constant" (period), "qsr" (h_base, alpha, power, h_warm,
 #   warmup_steps, h_max), "inverse_lr" (qsr's without power), "schedule_free_qsr" (qsr's; b1, r
 #   and weight_lr_power are the optimizer's), "averaging_window" (fraction, h_base, h_max,
@@ -587,7 +592,7 @@ class _LocalSteps:
                 f"local_steps must be a JSON object (rule, its constants, total_steps), got "
                 f"{type(section).__name__}"
             )
-        name = section.get("rule")
+        name = section.get("rule", "schedule_free_qsr")
         if name not in _LOCAL_RULES:
             raise ValueError(f"local_steps.rule must be in {tuple(_LOCAL_RULES)}, got {name!r}")
         kind, keys = _LOCAL_RULES[name]
@@ -612,6 +617,12 @@ class _LocalSteps:
             )
         kwargs = {key: section[key] for key in keys if key in section}
         group = client.param_groups[0]
+        if "rule" not in section:
+            # the measured default (sf_schedules.sync.schedule_free_default): ScheduleFreeQSR
+            # with alpha = lr / 2, h_base 4 and the optimizer's warmup; given keys override it
+            kwargs.setdefault("h_base", 4)
+            kwargs.setdefault("alpha", 0.5 * group["lr"])
+            kwargs.setdefault("warmup_steps", group.get("warmup_steps", 0))
         if name == "inverse_lr":
             kwargs["power"] = 1.0
         if name == "schedule_free_qsr":

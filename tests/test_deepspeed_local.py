@@ -190,3 +190,28 @@ def test_config_errors_about_the_optimizer_and_the_learning_rates():
 def test_timing(ranks):
     # both processes, fp32 and bf16 engines, resumes and the plain LocalSteps run, in seconds
     assert TIMINGS["deepspeed"] < 90.0, TIMINGS
+
+
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+def test_default_rule_without_a_rule_key(kind):
+    """A section with total_steps only takes ScheduleFreeQSR with h_base 4, alpha = lr / 2 and
+    the optimizer's warmup (bench.local's measured default); the sync steps against that rule
+    on learning rates written out here; a given key overrides the default."""
+    import sf_torch
+    from sf_schedules.sync import ScheduleFreeQSR, sync_steps
+
+    lr, warmup, total, b1 = (2e-3, 10, 400, 0.9) if kind == "adamw" else (0.5, 0, 300, 0.8)
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    if kind == "adamw":
+        client = sf_torch.AdamWScheduleFree(params, lr=lr, warmup_steps=warmup, betas=(b1, 0.99))
+    else:
+        client = sf_torch.SGDScheduleFree(params, lr=lr, momentum=b1)
+    lrs = [lr * min(1.0, (t + 1) / warmup) if warmup else lr for t in range(total)]
+    for extra, h_base in (({}, 4), ({"h_base": 2}, 2)):
+        got = sfds._LocalSteps.from_config({"total_steps": total, **extra}, client, None, False)
+        rule = ScheduleFreeQSR(h_base, lr / 2, b1=b1, warmup_steps=warmup)
+        assert got.sync_steps == sync_steps(rule, lrs, total)
+        assert got.rule["type"] == "ScheduleFreeQSR"
+    # the default's rounds are not constant: short ones while c_t is large, longer ones later
+    gaps = set(b - a for a, b in zip(got.sync_steps, got.sync_steps[1:]))
+    assert len(gaps) > 1
