@@ -38,6 +38,13 @@ and may define:
     framework gets (JAX: ``JAX_PLATFORMS`` from ``config.device``).
 ``note(config) -> str | None``
     a remark for the row of the report (e.g. that it runs on CPU devices whatever ``--device``).
+``OPT_IN``
+    True: the backend runs only when ``--backends`` names it (it is left out of a plain
+    ``python -m parity run`` and of ``make demo``; ``python -m parity backends`` marks it).
+``LOCAL``
+    True: a local-steps backend (K workers, ``--workers`` / ``--sync``; see
+    ``parity.training.local_plan``), compared with the other local rows, and with the
+    single-process rows only where its run is data-parallel (``H = 1``).
 ``VARIANTS``
     ``{row name: {key: value}}``: the module runs as several rows (``deepspeed_z1``,
     ``deepspeed_z2``, ...), each with its entries merged into ``RunConfig.extra``
