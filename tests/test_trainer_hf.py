@@ -196,3 +196,25 @@ def test_trainer_at_x_and_resume_bitwise(runs, plain, config):
     )
     # The peer, on the same checks: the README's table.
     assert verdicts(folder, results, "peer", plain) == PEER[config]
+
+
+def test_example_publishes_x(tmp_path):
+    """examples/trainers/hf_trainer.py: its last checkpoint's model file, loaded into a fresh
+    model and evaluated in plain torch, gives the eval loss the Trainer reported at x after
+    training. Step 6 saves without an evaluation at that step: a model file at y (the callback's
+    switches taken out) gives an eval loss 1.7e-4 relative away here; the tolerance is 1e-6."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    args = ["--output-dir", str(tmp_path), "--steps", "6", "--eval-steps", "4", "--save-steps", "3"]
+    args += ["--warmup-steps", "0"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "examples.trainers.hf_trainer", *args],
+        cwd=HERE.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout[proc.stdout.rindex("{\n") :])
+    assert result["checkpoint"].endswith("checkpoint-6")
+    assert abs(result["published_eval_loss"] - result["eval_loss"]) <= 1e-6 * result["eval_loss"]

@@ -76,18 +76,30 @@ def make_data(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
     ]
 
 
-def ds_config(stage: int) -> dict:
-    return {
+def ds_config(opts: dict) -> dict:
+    cfg = {
         "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": "auto",
         "gradient_clipping": 0.0,
-        "zero_optimization": {"stage": stage, "stage3_gather_16bit_weights_on_model_save": True},
+        "zero_optimization": {
+            "stage": opts["stage"],
+            "stage3_gather_16bit_weights_on_model_save": True,
+        },
+        "bf16": {"enabled": "auto"},
     }
+    if opts.get("config_optimizer"):  # the optimizer named in the config, not by the Trainer
+        cfg["optimizer"] = {
+            "type": "AdamWScheduleFree",
+            "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"},
+        }
+        cfg["optimizer"]["params"]["warmup_steps"] = WARMUP
+    return cfg
 
 
-def training_args(out_dir: str, world: int, stage: int | None):
+def training_args(out_dir: str, opts: dict):
     from transformers import TrainingArguments
 
+    world, ga = opts["world"], opts.get("ga", 1)
     return TrainingArguments(
         output_dir=out_dir,
         optim="schedule_free_adamw",
@@ -95,7 +107,9 @@ def training_args(out_dir: str, world: int, stage: int | None):
         warmup_steps=WARMUP,
         max_grad_norm=0.0,
         max_steps=STEPS,
-        per_device_train_batch_size=N_TRAIN // world,
+        per_device_train_batch_size=N_TRAIN // world // ga,
+        gradient_accumulation_steps=ga,
+        bf16=bool(opts.get("bf16")),
         per_device_eval_batch_size=N_EVAL // world,
         eval_strategy="steps",
         eval_steps=EVAL_STEPS,
@@ -108,7 +122,7 @@ def training_args(out_dir: str, world: int, stage: int | None):
         dataloader_num_workers=0,
         use_cpu=True,
         seed=0,
-        deepspeed=ds_config(stage) if stage is not None else None,
+        deepspeed=ds_config(opts) if opts.get("stage") is not None else None,
         **HPARAMS,
     )
 
@@ -132,7 +146,6 @@ def one_run(name: str, out_dir: str, opts: dict) -> dict:
 
     from sf_torch.integrations.transformers import ScheduleFreeTrainer
 
-    world, stage = opts["world"], opts.get("stage")
     model = make_model()
     model.load_state_dict(torch.load(opts["init"]))
     ours = name.startswith("ours")
@@ -140,7 +153,7 @@ def one_run(name: str, out_dir: str, opts: dict) -> dict:
     run_dir = os.path.join(out_dir, name)
     trainer = cls(
         model=model,
-        args=training_args(run_dir, world, stage),
+        args=training_args(run_dir, opts),
         train_dataset=make_data(N_TRAIN, 1),
         eval_dataset=make_data(N_EVAL, 2),
     )
@@ -169,7 +182,8 @@ def one_run(name: str, out_dir: str, opts: dict) -> dict:
 
 def run_all(out_dir: str, opts: dict) -> dict:
     results = {}
-    for name in ("ours", "ours_resumed", "peer", "peer_resumed"):
+    names = ("ours", "ours_resumed", "peer", "peer_resumed")
+    for name in names if opts.get("peer", True) else names[:2]:
         if name == "peer_resumed" and results["peer"]["error"] is not None:
             results[name] = {"error": "not run: the peer's first run failed", "eval_loss": {}}
             continue
