@@ -236,7 +236,7 @@ def parse_args(argv):
         "--ranks",
         type=int,
         default=2,
-        help="DeepSpeed ranks, >= 1 (cuda: at most the GPUs there are)",
+        help="DeepSpeed and fsdp2 ranks, >= 1 (cuda: at most the GPUs there are)",
     )
     run.add_argument(
         "--backends",
