@@ -78,6 +78,7 @@ def _find_vit(pair):
         ("vit", "layernorm_eps"),
         ("vit", "gelu"),
         ("electra", "layernorm_eps"),
+        ("gpt2", "layernorm_eps"),
     ],
 )
 def test_names_the_injected_layer(arch, bug):
@@ -443,3 +444,73 @@ def test_errors_name_the_argument():
     torch_model.extra = torch.nn.Linear(7, 9).double()
     with pytest.raises(ValueError, match="cannot pair"):
         divergence.find(*args, batch)
+
+
+def test_gpt2_clean_port_agrees():
+    """GPT-2: torch's Conv1D modules against transformers' Flax Conv1D (kernel (out, in)), one
+    batch in float64: every module and gradient agrees, and the Flax loss equals the one with
+    the weights transformers' own converter loads (independent of parity.own.mapping)."""
+    from transformers.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax
+
+    pair, found = _found("gpt2", None)
+    assert found.kind is None, str(found)
+    compared = [r for r in found.rows if r.output is not None]
+    assert len(compared) >= 20 and max(r.output for r in compared) < 1e-12
+    assert found.row("transformer.h.0.attn.c_proj").output < 1e-12
+    graded = [r for r in found.rows if r.gradient is not None]
+    assert len(graded) >= 14 and max(r.gradient for r in graded) <= F64
+    state = {k: v.detach().clone() for k, v in pair.torch_model.state_dict().items()}
+    wrapper = SimpleNamespace(params=pair.variables["params"], base_model_prefix="transformer")
+    with jax.enable_x64(True):
+        params = convert_pytorch_state_dict_to_flax(state, wrapper)
+        jb = {k: jnp.asarray(v) for k, v in pair.batches[0].items()}
+        converted = float(pair.flax_loss({"params": params}, jb))
+    assert abs(converted - found.losses["flax"]) <= 1e-12 * abs(converted)
+    assert abs(converted - found.losses["torch"]) <= 1e-12 * abs(converted)
+
+
+def test_a_module_called_twice_is_judged_call_by_call():
+    """One dropout after the first layer and again after the norm (as T5's stack does): the
+    port's norm has another epsilon, so the dropout's first call agrees and its second does
+    not; the first divergence is the norm, which fires between the two calls."""
+    from torch import nn
+
+    class TorchTwice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(6, 8, dtype=torch.float64)
+            self.drop = nn.Dropout(0.0)
+            self.norm = nn.LayerNorm(8, dtype=torch.float64)
+            self.head = nn.Linear(8, 3, dtype=torch.float64)
+
+        def forward(self, x):
+            return self.head(self.drop(self.norm(self.drop(self.lin(x)))))
+
+    class NnxTwice(nnx.Module):
+        def __init__(self, rngs):
+            kw = dict(dtype=jnp.float64, param_dtype=jnp.float64, rngs=rngs)
+            self.lin = nnx.Linear(6, 8, **kw)
+            self.drop = nnx.Dropout(0.0, rngs=rngs)
+            self.norm = nnx.LayerNorm(8, **kw)  # epsilon 1e-6 where torch has 1e-5
+            self.head = nnx.Linear(8, 3, **kw)
+
+        def __call__(self, x):
+            return self.head(self.drop(self.norm(self.drop(self.lin(x)))))
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    batch = {"x": rng.normal(size=(4, 6)) * 1e-3}  # small activations: the epsilon shows
+    with jax.enable_x64(True):
+        found = divergence.find(
+            TorchTwice(),
+            NnxTwice(nnx.Rngs(0)),
+            lambda m, b: m(b["x"]).square().mean(),
+            lambda m, b: jnp.mean(m(b["x"]) ** 2),
+            batch,
+        )
+    assert found.kind == "output" and found.first == "norm", str(found)
+    assert (
+        found.row("drop").output > F64
+        and "first differs at call 2 of 2" not in found.row("drop").note
+    )
+    assert found.row("lin").output < 1e-12

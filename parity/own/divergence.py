@@ -255,12 +255,14 @@ def _leaves(output, is_tensor, to_numpy) -> dict[str, np.ndarray]:
     return {}
 
 
-def _compare_outputs(torch_calls, flax_calls) -> tuple[float | None, str]:
-    """The worst relative difference over calls and common keys, and a note."""
-    worst, notes = None, []
+def _compare_outputs(torch_calls, flax_calls) -> tuple[float | None, str, list]:
+    """The worst relative difference over calls and common keys, a note, and the figure of
+    each call (None: not comparable)."""
+    worst, notes, per_call = None, [], []
     if len(torch_calls) != len(flax_calls):
         notes.append(f"called {len(torch_calls)}x in torch, {len(flax_calls)}x in flax")
     for t_out, f_out in zip(torch_calls, flax_calls):
+        call = None
         keys = [(k, k) for k in t_out if k in f_out]
         if not keys and t_out and f_out:
             keys = [(next(iter(t_out)), next(iter(f_out)))]
@@ -280,9 +282,11 @@ def _compare_outputs(torch_calls, flax_calls) -> tuple[float | None, str]:
                 continue
             diff = min(_relative(o, t) for o in options)
             worst = diff if worst is None else max(worst, diff)
+            call = diff if call is None else max(call, diff)
+        per_call.append(call)
     if worst is None and not notes:
         notes.append("not comparable: no tensor output on both sides")
-    return worst, "; ".join(dict.fromkeys(notes))
+    return worst, "; ".join(dict.fromkeys(notes)), per_call
 
 
 def _norm(parts) -> tuple[str, ...]:
@@ -338,10 +342,12 @@ def _torch_run(torch_model, torch_loss, batch, dtype, train):
     params = dict(torch_model.named_parameters())
     old_grads = {n: p.grad for n, p in params.items()}
     outputs: dict[str, list] = {}
+    fired: list[tuple[str, int]] = []  # (module, its call number), in firing order
 
     def hook(module, _inputs, output):
         name = names[id(module)]
         outputs.setdefault(name, []).append(_leaves(output, _is_torch_tensor, _torch_numpy))
+        fired.append((name, len(outputs[name]) - 1))
 
     handles = [m.register_forward_hook(hook) for m in torch_model.modules()]
     try:
@@ -376,7 +382,7 @@ def _torch_run(torch_model, torch_loss, batch, dtype, train):
                     live[n].copy_(b)
         for n, p in params.items():
             p.grad = old_grads[n]
-    return outputs, loss_value, grads
+    return outputs, loss_value, grads, fired
 
 
 # -- flax side ----------------------------------------------------------------------------------
@@ -693,7 +699,7 @@ def _find(torch_model, flax_model, torch_loss, flax_loss, batch, variables, mapp
         return x.astype(jdtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
 
     # torch
-    t_outputs, t_loss, t_grads = _torch_run(torch_model, torch_loss, batch, dtype, train)
+    t_outputs, t_loss, t_grads, fired = _torch_run(torch_model, torch_loss, batch, dtype, train)
 
     # flax, with the torch weights
     jb = _jax_batch(batch, jdtype)
@@ -727,10 +733,11 @@ def _find(torch_model, flax_model, torch_loss, flax_loss, batch, variables, mapp
     torch_order = list(t_outputs)  # firing order: a child before its parent
     pairs, taken = _pair_modules(mapping, torch_order, list(f_outputs))
     rows: dict[str, Row] = {}
+    per_call: dict[str, list] = {}
     for name in torch_order:
         if name not in pairs:
             continue
-        diff, note = _compare_outputs(t_outputs[name], f_outputs[pairs[name]])
+        diff, note, per_call[name] = _compare_outputs(t_outputs[name], f_outputs[pairs[name]])
         rows[name] = Row(name, _path_str(pairs[name]), output=diff, note=note)
     owners: dict[str, list[str]] = {}
     for pname in t_grads:
@@ -774,9 +781,22 @@ def _find(torch_model, flax_model, torch_loss, flax_loss, batch, variables, mapp
 
     loss_diff = _relative(np.asarray(f_loss), np.asarray(t_loss))
     first = kind_ = figure = None
-    over = [r for r in ordered if r.output is not None and not r.output <= rtol]
+    # the first call, in firing order, whose output differs: a module called several times (a
+    # dropout after the embeddings and again after the last norm) is judged call by call
+    over = [
+        (name, k, per_call[name][k])
+        for name, k in fired
+        if k < len(per_call.get(name, ()))
+        and per_call[name][k] is not None
+        and not per_call[name][k] <= rtol
+    ]
     if over:
-        first, kind_, figure = over[0].torch_name, "output", over[0].output
+        first, kind_, figure = over[0][0], "output", over[0][2]
+        calls = len(per_call[first])
+        if calls > 1:
+            extra = f"first differs at call {over[0][1] + 1} of {calls}"
+            row = rows[first]
+            row.note = f"{row.note}; {extra}" if row.note else extra
     elif not loss_diff <= rtol:
         kind_, figure = "loss", loss_diff
     else:
