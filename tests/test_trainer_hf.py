@@ -218,3 +218,40 @@ def test_example_publishes_x(tmp_path):
     result = json.loads(proc.stdout[proc.stdout.rindex("{\n") :])
     assert result["checkpoint"].endswith("checkpoint-6")
     assert abs(result["published_eval_loss"] - result["eval_loss"]) <= 1e-6 * result["eval_loss"]
+
+
+@pytest.mark.parametrize(
+    "optim", ["schedule_free_adamw", "schedule_free_sgd", "schedule_free_radam"]
+)
+def test_optim_names_match_transformers(tmp_path, optim):
+    """The sf_torch class for each schedule_free optim name gets the arguments transformers
+    gives the schedulefree class of the same name (transformers' own mapping, read here)."""
+    import schedulefree
+    from transformers import Trainer, TrainingArguments
+
+    from sf_torch.integrations.transformers import ScheduleFreeTrainer
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        optim=optim,
+        learning_rate=0.03,
+        adam_beta1=0.8,
+        adam_beta2=0.99,
+        adam_epsilon=1e-7,
+        weight_decay=0.05,
+        warmup_steps=7,
+        optim_args="r=0.5,weight_lr_power=1.5",
+        report_to="none",
+        use_cpu=True,
+    )
+    ref_cls, ref_kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+    cls, kwargs = ScheduleFreeTrainer.get_optimizer_cls_and_kwargs(args)
+    assert ref_cls.__module__.startswith("schedulefree")
+    assert cls is getattr(sf_torch, ref_cls.__name__)
+    assert getattr(schedulefree, ref_cls.__name__) is ref_cls
+    assert kwargs == ref_kwargs
+    cls(make_model().parameters(), **kwargs)  # the sf_torch class accepts them
+
+    args.optim_args = "r=0.5,momentum=0.8"
+    with pytest.raises(ValueError, match="optim_args: \\['momentum'\\] not accepted"):
+        ScheduleFreeTrainer.get_optimizer_cls_and_kwargs(args)
