@@ -40,6 +40,7 @@ from trainer_hf_worker import (  # noqa: E402
     WARMUP,
     make_data,
     make_model,
+    training_args,
 )
 
 import sf_torch  # noqa: E402
@@ -255,3 +256,25 @@ def test_optim_names_match_transformers(tmp_path, optim):
     args.optim_args = "r=0.5,momentum=0.8"
     with pytest.raises(ValueError, match="optim_args: \\['momentum'\\] not accepted"):
         ScheduleFreeTrainer.get_optimizer_cls_and_kwargs(args)
+
+
+def test_callback_refuses_another_optimizer(tmp_path):
+    """ScheduleFreeCallback on a Trainer whose optimizer is not sf_torch's (here transformers'
+    default AdamW, and schedulefree's own) stops at the start of training, naming the class."""
+    from transformers import Trainer
+
+    from sf_torch.integrations.transformers import ScheduleFreeCallback
+
+    for optim, name in [("adamw_torch", "torch.optim.adamw.AdamW"), (None, "schedulefree")]:
+        args = training_args(str(tmp_path), {"world": 1})
+        if optim:
+            args.optim = optim
+        trainer = Trainer(
+            model=make_model(),
+            args=args,
+            train_dataset=make_data(N_TRAIN, 1),
+            eval_dataset=make_data(N_EVAL, 2),
+            callbacks=[ScheduleFreeCallback()],
+        )
+        with pytest.raises(ValueError, match=f"optimizer is {name}.*not an sf_torch"):
+            trainer.train()

@@ -170,8 +170,13 @@ def deepspeed_routed() -> Iterator[None]:
     Accelerate (1.15.0) builds the engine with ``deepspeed.initialize`` looked up when
     ``accelerator.prepare`` runs, which is why a scoped replacement reaches it;
     :class:`ScheduleFreeTrainerMixin` wraps ``train()`` in it. A loop written with Accelerate
-    can wrap its own ``accelerator.prepare(...)`` call."""
-    import deepspeed
+    can wrap its own ``accelerator.prepare(...)`` call. Without DeepSpeed installed it does
+    nothing."""
+    try:
+        import deepspeed
+    except ImportError:
+        yield
+        return
 
     from .. import deepspeed as sfds
 
@@ -216,9 +221,13 @@ class ScheduleFreeCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         client = schedule_free_optimizer(optimizer)
         if client is None:
+            inner = optimizer
+            while hasattr(inner, "optimizer"):  # Accelerate's and DeepSpeed's wrappers
+                inner = inner.optimizer
             raise ValueError(
                 "ScheduleFreeCallback: the Trainer's optimizer is "
-                f"{type(optimizer).__name__}, not an sf_torch schedule-free optimizer (use "
+                f"{type(inner).__module__}.{type(inner).__name__}, not an sf_torch schedule-free "
+                "optimizer (use "
                 "ScheduleFreeTrainer with optim='schedule_free_adamw' or pass "
                 "optimizer_cls_and_kwargs=(sf_torch.AdamWScheduleFree, {...}))"
             )
