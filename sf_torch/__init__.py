@@ -2,9 +2,14 @@
 
 ``AdamWScheduleFree``, ``SGDScheduleFree`` and ``RAdamScheduleFree`` are drop-in replacements
 for the ``schedulefree`` classes of the same names (plus ``fused``, ``state_dtype`` and
-``eval_params()``); ``ScheduleFreeWrapper`` makes any momentum-free torch optimizer
-Schedule-Free. The update rule is stated and implemented in ``sf_torch.rule``;
-``recompute_batchnorm_stats`` gives BatchNorm statistics at x.
+``eval_params()``; AdamW's ``inner_momentum`` of upstream's main branch); ``ScheduleFreeWrapper``
+makes any momentum-free torch optimizer Schedule-Free. The rest of schedulefree 1.4.1's surface
+has the same names: the closure classes (``*Closure``, params at x between steps,
+``sf_torch.closure``) and the ``*Reference`` / ``*Paper`` classes (``sf_torch.reference``).
+``AdamCScheduleFreePlus`` is upstream main's ``AdamCScheduleFreePlusPaper`` (AdamC decay,
+annealed Schedule-Free momentum, a Polyak step size from the loss: ``sf_torch.plus``). The
+update rule is stated and implemented in ``sf_torch.rule``; ``recompute_batchnorm_stats`` gives
+BatchNorm statistics at x.
 
 ``sf_torch.schedules`` (the adapter of ``sf_schedules`` schedules), ``sf_torch.deepspeed``
 (DeepSpeed ZeRO), ``sf_torch.local`` (local steps: ``LocalSteps``) and ``sf_torch.integrations``
@@ -15,11 +20,18 @@ Schedule-Free. The update rule is stated and implemented in ``sf_torch.rule``;
 import importlib
 
 from .batchnorm import batchnorm_stats_at_current_weights, recompute_batchnorm_stats
+from .closure import AdamWScheduleFreeClosure, RAdamScheduleFreeClosure, SGDScheduleFreeClosure
 from .optimizers import (
     AdamWScheduleFree,
     RAdamScheduleFree,
     ScheduleFreeOptimizer,
     SGDScheduleFree,
+)
+from .reference import (
+    AdamWScheduleFreePaper,
+    AdamWScheduleFreeReference,
+    ScheduleFreeWrapperReference,
+    SGDScheduleFreeReference,
 )
 from .wrapper import ScheduleFreeWrapper
 
@@ -28,10 +40,17 @@ _LAZY_SUBMODULES = ("deepspeed", "integrations", "local", "schedules")
 
 __all__ = [
     "AdamWScheduleFree",
+    "AdamWScheduleFreeClosure",
+    "AdamWScheduleFreePaper",
+    "AdamWScheduleFreeReference",
     "RAdamScheduleFree",
+    "RAdamScheduleFreeClosure",
     "SGDScheduleFree",
+    "SGDScheduleFreeClosure",
+    "SGDScheduleFreeReference",
     "ScheduleFreeOptimizer",
     "ScheduleFreeWrapper",
+    "ScheduleFreeWrapperReference",
     "batchnorm_stats_at_current_weights",
     "recompute_batchnorm_stats",
 ]

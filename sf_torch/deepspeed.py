@@ -187,7 +187,7 @@ def _own_steps(client: ScheduleFreeOptimizer) -> None:
         plan = self.plan_update()  # every check before anything is counted or moved
         for group in self.param_groups:
             if id(group) not in self._sf_counted:
-                group.update(rule.advance(group, self.kind))
+                group.update(rule.advance(group, self._rule_kind))
                 self._sf_counted.add(id(group))
         self.apply_planned(plan)
         return None
@@ -413,6 +413,13 @@ def _stage_for_converter(optim_file: str) -> tuple[bool, bool]:
     inner = outer["optimizer_state_dict"] if zero3 else outer["base_optimizer_state"]
     sgd = False
     for state in inner["state"].values():
+        if "z" in state and "exp_avg" in state:
+            raise ValueError(
+                "to_universal: this checkpoint holds AdamWScheduleFree's inner-momentum buffer "
+                "(exp_avg, inner_momentum != 0) besides z and v, and DeepSpeed's converter "
+                "carries two state tensors per param (exp_avg, exp_avg_sq); convert runs "
+                "with inner_momentum=0 only, or resume this one from its ZeRO checkpoint"
+            )
         if "z" in state:
             state["exp_avg"] = state.pop("z")
         if "exp_avg_sq" not in state and "exp_avg" in state:

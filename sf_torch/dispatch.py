@@ -144,6 +144,8 @@ def choose_step(
         raise RuntimeError(_CAPTURE_STALE.format(index=index))
     params, grads = _with_grads(group["params"], owner)
     states = [state_map.get(p) for p in params]
+    if float(group.get("inner_momentum", 0.0)) != 0.0:
+        _check_inner_momentum_state(index, params, states)
     if group["capturable"]:
         if dtensor.any_dtensor(params):
             raise RuntimeError(_CAPTURABLE_DTENSOR)
@@ -152,10 +154,33 @@ def choose_step(
             raise RuntimeError(problem)
         impl = "capturable"
     elif params:
-        impl = choose_impl(params, grads, states, group["foreach"], group["fused"])
+        fused = group["fused"]
+        if group.get("decay_at_z"):
+            if fused:
+                raise RuntimeError(
+                    "fused=True does not step decay_at_z=True (AdamWScheduleFreeReference's "
+                    "weight decay at z): pass fused=False (foreach or the loop step it)"
+                )
+            fused = False
+        impl = choose_impl(params, grads, states, group["foreach"], fused)
     else:
         impl = None
     return GroupStep(group, params, grads, states, impl, None)
+
+
+def _check_inner_momentum_state(index: int, params, states) -> None:
+    """A RuntimeError where a param of a group with ``inner_momentum != 0`` has a state
+    without the inner-momentum buffer ``exp_avg`` (made while ``inner_momentum`` was 0, or
+    loaded from a checkpoint of such a run): its EMA and bias correction would start from
+    nothing in the middle of the run."""
+    for p, st in zip(params, states):
+        if st and "z" in st and "exp_avg" not in st:
+            raise RuntimeError(
+                f"param group {index} has inner_momentum != 0, but a param of shape "
+                f"{tuple(p.shape)} has a state without exp_avg (the inner-momentum buffer): it "
+                "was created, or loaded from a checkpoint, with inner_momentum=0. Keep "
+                "inner_momentum=0 for this run, or start a new one with it set"
+            )
 
 
 def _with_grads(group_params, owner: str) -> tuple[list, list]:
@@ -212,26 +237,29 @@ def choose_impl(params, grads, states, foreach: bool | None, fused: bool | None)
     return "foreach" if foreach else "loop"
 
 
-def update(impl: str, ys, gs, zs, vs, s: rule.StepScalars) -> None:
-    """Moves ``y``, ``z`` and ``v`` (None without v) of one group by one step with ``s``, with
-    the general step ``impl`` that ``choose_impl`` picked (on the local tensors of DTensors
-    that ``dtensor.step_problem`` lets through, as ``choose_impl`` checked them)."""
-    if dtensor.any_dtensor(ys) and _locally(ys, gs, zs, vs):
-        ys, gs, zs, vs = map(dtensor.local, (ys, gs, zs, vs))
+def update(impl: str, ys, gs, zs, vs, s: rule.StepScalars, ms=None) -> None:
+    """Moves ``y``, ``z``, ``v`` (None without v) and ``m`` (None, or omitted, without m) of
+    one group by one step with ``s``, with the general step ``impl`` that ``choose_impl``
+    picked (on the local tensors of DTensors that ``dtensor.step_problem`` lets through, as
+    ``choose_impl`` checked them)."""
+    if ms is None:
+        ms = [None] * len(ys)
+    if dtensor.any_dtensor(ys) and _locally(ys, gs, zs, vs, ms):
+        ys, gs, zs, vs, ms = map(dtensor.local, (ys, gs, zs, vs, ms))
     if impl == "fused":
-        kernels.update_fused(ys, gs, zs, vs, s)
+        kernels.update_fused(ys, gs, zs, vs, s, ms)
     elif impl == "foreach":
-        rule.update_foreach(ys, gs, zs, vs, s)
+        rule.update_foreach(ys, gs, zs, vs, s, ms)
     else:
-        rule.update_loop(ys, gs, zs, vs, s)
+        rule.update_loop(ys, gs, zs, vs, s, ms)
 
 
-def _locally(ys, gs, zs, vs) -> bool:
-    states = [{"z": z, "exp_avg_sq": v} for z, v in zip(zs, vs)]
+def _locally(ys, gs, zs, vs, ms) -> bool:
+    states = [{"z": z, "exp_avg_sq": v, "exp_avg": m} for z, v, m in zip(zs, vs, ms)]
     return dtensor.step_problem(ys, gs, states) is None
 
 
-def plans_after(impl: str, ys, gs, zs, vs, has_v: bool) -> bool:
+def plans_after(impl: str, ys, gs, zs, vs, has_v: bool, ms=None) -> bool:
     """Whether the general step ``impl`` just taken leaves a plan for the next steps: a fused
     step over one bucket, everything contiguous. (The kernel also steps other dense layouts,
     e.g. channels_last, but a plan's check would find those stale at every step and a plan
@@ -240,6 +268,8 @@ def plans_after(impl: str, ys, gs, zs, vs, has_v: bool) -> bool:
         return False
     contiguous = torch.Tensor.is_contiguous
     tensors = (ys, gs, zs, vs) if has_v else (ys, gs, zs)
+    if ms is not None:
+        tensors += (ms,)
     if not all(all(map(contiguous, ts)) for ts in tensors):
         return False
     return len(rule.buckets(ys, gs, zs, vs if has_v else zs)) == 1

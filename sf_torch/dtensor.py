@@ -80,8 +80,9 @@ def pair_problem(p, named) -> str | None:
 def step_problem(params, grads, states) -> str | None:
     """``pair_problem`` of the first param (with its gradient and state) that has one."""
     for p, g, st in zip(params, grads, states):
-        z, v = (st.get("z"), st.get("exp_avg_sq")) if st else (None, None)
-        problem = pair_problem(p, (("gradient", g), ("z", z), ("exp_avg_sq (v)", v)))
+        z, v, m = (st.get("z"), st.get("exp_avg_sq"), st.get("exp_avg")) if st else (None,) * 3
+        named = (("gradient", g), ("z", z), ("exp_avg_sq (v)", v), ("exp_avg (m)", m))
+        problem = pair_problem(p, named)
         if problem is not None:
             return problem
     return None

@@ -199,7 +199,7 @@ class FusedPlan:
     dtype each for y/g and for the state), all contiguous.
     """
 
-    def __init__(self, group, stepped, states, zs, vs, state_map, has_v: bool):
+    def __init__(self, group, stepped, states, zs, vs, state_map, has_v: bool, ms=None):
         params = group["params"]
         ys = [p for p, s in zip(params, stepped) if s]
         self.device = ys[0].device
@@ -216,12 +216,16 @@ class FusedPlan:
         self.tables = kernels.block_tables(self.device, numels, kernels.block_size(ys[0].dtype))
         data_ptr = torch.Tensor.data_ptr
         v_addrs = list(map(data_ptr, vs)) if has_v else [0] * n
+        # AdamW's inner momentum m: planned with it or without it (the group's inner_momentum
+        # moving between 0 and not 0 makes the plan stale).
+        self.has_m = ms is not None
+        m_addrs = list(map(data_ptr, ms)) if self.has_m else [0] * n
         # The coefficients, the capturable step's hyperparameters and g's addresses come per
-        # step; y's, z's and v's are fixed.
+        # step; y's, z's, v's and m's are fixed.
         host = [0] * (_HEAD + n)
-        host += [*map(data_ptr, ys), *map(data_ptr, zs), *v_addrs]
+        host += [*map(data_ptr, ys), *map(data_ptr, zs), *v_addrs, *m_addrs]
         self.meta = torch.tensor(host, dtype=torch.int64).to(self.device)
-        self.addresses = kernels.address_slices(self.meta, _HEAD, n, 4)
+        self.addresses = kernels.address_slices(self.meta, _HEAD, n, 5)
         self.head = self.meta[: _HEAD + n]
         self.scalars = self.meta[: kernels.N_SCALARS]
         self.hyper = self.meta[kernels.N_SCALARS : _HEAD]
@@ -229,6 +233,8 @@ class FusedPlan:
         self.captured = False  # a CUDA graph holds this plan's buffers (the optimizer keeps it)
         self._captures: list[torch.Tensor] = []  # host buffers that captured copies read
         keys = ("z", "exp_avg_sq") if has_v else ("z",)
+        if self.has_m:
+            keys += ("exp_avg",)
         # State dicts whose changes count in state_map's version need no look inside.
         checked = [not is_tracked(st, state_map) for st in states]
         self.snapshot = make_snapshot(params, stepped, states, checked, keys)
@@ -243,6 +249,8 @@ class FusedPlan:
             and state_map is self.state_map
             and state_map.version == self.version
             and (any_stream or _current_stream(self.device) == self.stream)
+            and (float(group.get("inner_momentum", 0.0)) != 0.0) == self.has_m
+            and not group.get("decay_at_z", False)
         )
 
     def _host_buffer(self):

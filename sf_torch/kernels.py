@@ -45,11 +45,13 @@ except Exception:  # noqa: BLE001  (only the capturable step's float64 pow needs
     libdevice = None
 
 # lr, c, y_coef, b2, 1 - b2, bias_correction2, eps, weight_decay, normalize (1.0 or 0.0),
-# skip (1.0: store nothing), inv_scale (the gradients' unscaling factor, float32's value)
-N_SCALARS = 11
+# skip (1.0: store nothing), inv_scale (the gradients' unscaling factor, float32's value),
+# inner_momentum, 1 - inner_momentum, bias_correction1 (AdamW's inner momentum m)
+N_SCALARS = 14
 # The capturable step's hyperparameters, on the device: lr, b1, b2, eps, weight_decay,
-# warmup_steps, r, weight_lr_power (float64 bit patterns, like the coefficients).
-N_HYPER = 8
+# warmup_steps, r, weight_lr_power, inner_momentum (float64 bit patterns, like the
+# coefficients).
+N_HYPER = 9
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _DTYPE_SET = frozenset(_DTYPES)
@@ -147,7 +149,11 @@ def group_problem(params, grads, states) -> str | None:
     dtype = operator.attrgetter("dtype")
     contiguous = torch.Tensor.is_contiguous
     buffers = [
-        t for st in states if st for t in (st.get("z"), st.get("exp_avg_sq")) if t is not None
+        t
+        for st in states
+        if st
+        for t in (st.get("z"), st.get("exp_avg_sq"), st.get("exp_avg"))
+        if t is not None
     ]
     if (
         all(map(on_device, params))
@@ -160,10 +166,11 @@ def group_problem(params, grads, states) -> str | None:
         return None
     for p, g, st in zip(params, grads, states):
         z, v = (st.get("z"), st.get("exp_avg_sq")) if st else (None, None)
+        m = st.get("exp_avg") if st else None
         ok_device = (p.is_cpu and g.is_cpu) if INTERPRET else (p.is_cuda and g.is_cuda)
         if not (ok_device and p.dtype in _DTYPES and g.dtype in _DTYPES):
             return _device_problem(p) or _device_problem(g)
-        if not _same_dense_layout(p, g, z, v):
+        if not _same_dense_layout(p, g, z, v) or (m is not None and _layout(m) != _layout(p)):
             return (
                 "fused=True needs each param, its grad and its state to share one dense "
                 "layout (no gaps or overlaps, same strides); pass fused=False for params such "
@@ -308,6 +315,7 @@ if triton is not None:
         y_addr_ptr,
         z_addr_ptr,
         v_addr_ptr,
+        m_addr_ptr,
         block_tensor_ptr,
         block_start_ptr,
         numel_ptr,
@@ -316,6 +324,7 @@ if triton is not None:
         S_DTYPE: tl.constexpr,
         F64: tl.constexpr,
         HAS_V: tl.constexpr,
+        HAS_M: tl.constexpr,
         NORMALIZE: tl.constexpr,
         DECAY: tl.constexpr,
         UNSCALE: tl.constexpr,
@@ -355,9 +364,29 @@ if triton is not None:
             # IEEE-rounded sqrt and division in float32, as torch computes them.
             bc2 = tl.zeros_like(v) + bias_correction2
             if F64:
-                gn = g / (tl.sqrt(v / bc2) + eps)
+                denom = tl.sqrt(v / bc2) + eps
             else:
-                gn = tl.div_rn(g, tl.sqrt_rn(tl.div_rn(v, bc2)) + eps)
+                denom = tl.sqrt_rn(tl.div_rn(v, bc2)) + eps
+            num = g
+            if HAS_M:
+                # AdamW's inner momentum: m = im m + (1 - im) g; the numerator is m / bc1.
+                im = tl.load(scalars_ptr + 11).to(tl.float64, bitcast=True).to(ct)
+                one_minus_im = tl.load(scalars_ptr + 12).to(tl.float64, bitcast=True).to(ct)
+                bc1 = tl.zeros_like(v) + tl.load(scalars_ptr + 13).to(tl.float64, bitcast=True).to(
+                    ct
+                )
+                m_ptr = tl.load(m_addr_ptr + t).to(tl.pointer_type(S_DTYPE)) + offs
+                m = tl.load(m_ptr, mask=mask).to(ct)
+                m = m * im + one_minus_im * g
+                _store(m_ptr, m, S_DTYPE, mask)
+                if F64:
+                    num = m / bc1
+                else:
+                    num = tl.div_rn(m, bc1)
+            if F64:
+                gn = num / denom
+            else:
+                gn = tl.div_rn(num, denom)
             if NORMALIZE == 2:  # RAdam's capturable step: the advance kernel decided
                 flag = tl.load(scalars_ptr + 8).to(tl.float64, bitcast=True)
                 gn = tl.where(flag != 0.0, gn, g)
@@ -373,10 +402,11 @@ if triton is not None:
     @triton.jit
     def _fused_update_kernel(
         scalars_ptr,  # int64: the N_SCALARS coefficients as float64 bit patterns
-        g_addr_ptr,  # int64 per tensor: the addresses of g, y, z and v
+        g_addr_ptr,  # int64 per tensor: the addresses of g, y, z, v and m
         y_addr_ptr,
         z_addr_ptr,
         v_addr_ptr,
+        m_addr_ptr,
         block_tensor_ptr,  # int32 per program: which tensor it steps
         block_start_ptr,  # int64 per program: first element of its block
         numel_ptr,  # int64 per tensor
@@ -385,6 +415,7 @@ if triton is not None:
         S_DTYPE: tl.constexpr,
         F64: tl.constexpr,  # compute in float64 (else float32)
         HAS_V: tl.constexpr,
+        HAS_M: tl.constexpr,  # the numerator is AdamW's inner momentum m / bc1 (scalars 11-13)
         NORMALIZE: tl.constexpr,  # 0: gn = g; 1: g / (sqrt(v / bc2) + eps); 2: as scalar 8 says
         DECAY: tl.constexpr,
         SKIP: tl.constexpr,  # scalar 9 (the advance kernel's) nonzero: the step is skipped
@@ -403,6 +434,7 @@ if triton is not None:
                     y_addr_ptr,
                     z_addr_ptr,
                     v_addr_ptr,
+                    m_addr_ptr,
                     block_tensor_ptr,
                     block_start_ptr,
                     numel_ptr,
@@ -411,6 +443,7 @@ if triton is not None:
                     S_DTYPE,
                     F64,
                     HAS_V,
+                    HAS_M,
                     NORMALIZE,
                     DECAY,
                     UNSCALE,
@@ -424,6 +457,7 @@ if triton is not None:
                 y_addr_ptr,
                 z_addr_ptr,
                 v_addr_ptr,
+                m_addr_ptr,
                 block_tensor_ptr,
                 block_start_ptr,
                 numel_ptr,
@@ -432,6 +466,7 @@ if triton is not None:
                 S_DTYPE,
                 F64,
                 HAS_V,
+                HAS_M,
                 NORMALIZE,
                 DECAY,
                 UNSCALE,
@@ -548,6 +583,10 @@ if triton is not None:
             # GradScaler's inv_scale: float32(1 / float64(scale)).
             inv_scale = (1.0 / tl.load(scale_ptr).to(tl.float64)).to(tl.float32).to(tl.float64)
         _put_f64(scalars_ptr, 10, inv_scale)
+        im = _f64_at(hyper_ptr, 8)
+        _put_f64(scalars_ptr, 11, im)
+        _put_f64(scalars_ptr, 12, 1.0 - im)
+        _put_f64(scalars_ptr, 13, 1.0 - _pow(im, k + 1.0, INTERPRET))
         tl.store(counters_ptr + 0, step)
         tl.store(counters_ptr + 1, lr_max)
         tl.store(counters_ptr + 2, weight_sum)
@@ -609,6 +648,9 @@ def step_coefficients(s: StepScalars) -> tuple[float, ...]:
         1.0 if s.normalize else 0.0,
         0.0,  # skip: a host-scalar step that is skipped is never launched
         1.0,  # inv_scale: unused (UNSCALE is off)
+        s.inner_momentum,
+        1.0 - s.inner_momentum,
+        s.bias_correction1,
     )
 
 
@@ -626,6 +668,7 @@ def hyperparameters(group: dict, kind: str) -> tuple[float, ...]:
         warmup,
         float(group["r"]),
         float(group["weight_lr_power"]),
+        float(group.get("inner_momentum", 0.0)) if kind == "adamw" else 0.0,
     )
 
 
@@ -634,6 +677,7 @@ def scalar_flags(s: StepScalars) -> dict:
     scalars ``s``."""
     return dict(
         HAS_V=s.has_v,
+        HAS_M=s.has_m,
         NORMALIZE=int(s.normalize),
         DECAY=s.weight_decay != 0,
         SKIP=False,
@@ -648,6 +692,7 @@ def capturable_flags(kind: str, group: dict, skip: bool = False, unscale: bool =
     GradScaler's scale."""
     return dict(
         HAS_V=kind != "sgd",
+        HAS_M=kind == "adamw" and float(group.get("inner_momentum", 0.0)) != 0.0,
         NORMALIZE={"adamw": 1, "sgd": 0, "radam": 2}[kind],
         DECAY=float(group["weight_decay"]) != 0,
         SKIP=skip,
@@ -707,10 +752,10 @@ def launch_update(
     tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int],
 ) -> None:
     """One launch of the update kernel: ``scalars`` holds the step's coefficients (float64
-    bits, on the device), ``addresses`` the g, y, z and v address tables (v's unused without
-    v), ``tables`` the bucket's ``block_tables``; ``dtypes`` are y's, g's and the state's;
-    ``flags`` the kernel's HAS_V, NORMALIZE and DECAY (``scalar_flags`` or
-    ``capturable_flags``)."""
+    bits, on the device), ``addresses`` the g, y, z, v and m address tables (v's unused
+    without v, m's without m), ``tables`` the bucket's ``block_tables``; ``dtypes`` are y's,
+    g's and the state's; ``flags`` the kernel's HAS_V, HAS_M, NORMALIZE and DECAY
+    (``scalar_flags`` or ``capturable_flags``)."""
     y_dtype, g_dtype, s_dtype = dtypes
     _launch_blocks(
         _fused_update_kernel,
@@ -786,20 +831,23 @@ def launch_lerp(
 # The general (unplanned) fused step and switch, and a capturable group's lone advance
 
 
-def update_fused(ys, gs, zs, vs, s: StepScalars) -> None:
+def update_fused(ys, gs, zs, vs, s: StepScalars, ms=None) -> None:
     """``rule.update_loop``'s step, one update-kernel launch per bucket."""
     bits = float_bits(step_coefficients(s))
     data_ptr = torch.Tensor.data_ptr
-    bucketed = rule.buckets(ys, gs, zs, vs)
-    for (_, y_dtype, g_dtype, s_dtype), (ys_, gs_, zs_, vs_) in bucketed.items():
+    if ms is None:
+        ms = [None] * len(ys)
+    bucketed = rule.buckets(ys, gs, zs, vs, ms)
+    for (_, y_dtype, g_dtype, s_dtype), (ys_, gs_, zs_, vs_, ms_) in bucketed.items():
         device = ys_[0].device
         tables = block_tables(device, tuple(map(torch.Tensor.numel, ys_)), block_size(y_dtype))
         if tables[0].numel() == 0:
             continue
         addrs = [*map(data_ptr, gs_), *map(data_ptr, ys_), *map(data_ptr, zs_)]
         addrs += list(map(data_ptr, vs_)) if s.has_v else [0] * len(vs_)
+        addrs += list(map(data_ptr, ms_)) if s.has_m else [0] * len(ms_)
         meta = device_meta(bits, addrs, device)
-        addresses = address_slices(meta, N_SCALARS, len(ys_), 4)
+        addresses = address_slices(meta, N_SCALARS, len(ys_), 5)
         launch_update(device, (y_dtype, g_dtype, s_dtype), scalar_flags(s), meta, addresses, tables)
 
 

@@ -71,6 +71,7 @@ from sf_schedules.validation import (
     check_count,
     check_nonnegative,
     check_pair,
+    check_real,
 )
 
 from . import dispatch, dtensor, kernels, rule
@@ -177,6 +178,13 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
     """
 
     kind: str
+    # The variant of the rule the steps follow (``rule.PAPER`` for AdamWScheduleFreePaper);
+    # ``kind`` tells the state and checkpoints.
+    rule_kind: str | None = None
+
+    @property
+    def _rule_kind(self) -> str:
+        return self.rule_kind or self.kind
 
     def __init__(
         self,
@@ -238,6 +246,12 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
             check_b2("betas[1]", b2, required=True)
             check_nonnegative("eps", group["eps"], required=True)
         check_nonnegative("weight_decay", group["weight_decay"], required=True)
+        if "inner_momentum" in group:
+            check_real(
+                "inner_momentum", group["inner_momentum"], 0.0, 1.0, high_open=True, required=True
+            )
+        if "decay_at_z" in group:
+            check_choice("decay_at_z", group["decay_at_z"], (True, False))
         if self.kind != "radam":
             check_count("warmup_steps", group["warmup_steps"], required=True)
         check_nonnegative("r", group["r"], required=True)
@@ -462,7 +476,7 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         # Every group's new counters first, then all stored: an error leaves none counted.
         # Capturable groups count on the device, in _apply.
         groups = [group for group in self.param_groups if not group["capturable"]]
-        counters = [rule.advance(group, self.kind) for group in groups]
+        counters = [rule.advance(group, self._rule_kind) for group in groups]
         for group, new in zip(groups, counters):
             group.update(new)
 
@@ -471,7 +485,9 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
             if step.planned is None:
                 self._drop_plan(index)
             if step.impl == "planned":
-                step.planned.plan.step(step.planned.prepared, rule.scalars(step.group, self.kind))
+                step.planned.plan.step(
+                    step.planned.prepared, rule.scalars(step.group, self._rule_kind)
+                )
             elif step.impl == "capturable":
                 self._capturable_step(index, step, skip)
             elif step.impl is not None:
@@ -479,11 +495,11 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
 
     def _general_step(self, index: int, step: dispatch.GroupStep) -> None:
         group, params, grads = step.group, step.params, step.grads
-        s = rule.scalars(group, self.kind)
-        dicts, zs, vs = self._buffers(group, params, step.states, s.has_v)
-        dispatch.update(step.impl, params, grads, zs, vs, s)
-        if dispatch.plans_after(step.impl, params, grads, zs, vs, s.has_v):
-            self._plans[index] = self._new_plan(group, params, dicts, zs, vs, s.has_v)
+        s = rule.scalars(group, self._rule_kind)
+        dicts, zs, vs, ms = self._buffers(group, params, step.states, s.has_v, s.has_m)
+        dispatch.update(step.impl, params, grads, zs, vs, s, ms)
+        if dispatch.plans_after(step.impl, params, grads, zs, vs, s.has_v, ms):
+            self._plans[index] = self._new_plan(group, params, dicts, zs, vs, s.has_v, ms)
 
     def _capturable_step(self, index: int, step: dispatch.GroupStep, skip: dispatch.Skip) -> None:
         """A capturable group's step: its counters advance on the device, by the plan's
@@ -499,8 +515,9 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
                 kernels.advance_counters(self.kind, group, counters, found)
                 return
             has_v = self.kind != "sgd"
-            dicts, zs, vs = self._buffers(group, step.params, step.states, has_v)
-            plan = self._new_plan(group, step.params, dicts, zs, vs, has_v)
+            has_m = self.kind == "adamw" and float(group.get("inner_momentum", 0.0)) != 0.0
+            dicts, zs, vs, ms = self._buffers(group, step.params, step.states, has_v, has_m)
+            plan = self._new_plan(group, step.params, dicts, zs, vs, has_v, ms)
             prepared = plan.prepare_step(group, self.state)
             if prepared is None:  # cannot happen right after planning: it would be a bug here
                 raise AssertionError("a new capturable plan found itself stale")
@@ -508,31 +525,37 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
         planned.plan.step_capturable(planned.prepared, group, self.kind, counters, found, scale)
         self._plans[index] = planned.plan
 
-    def _buffers(self, group, params, states, has_v: bool):
-        """The state dicts of ``params`` (created where missing), their z and their v (None
-        without v)."""
+    def _buffers(self, group, params, states, has_v: bool, has_m: bool = False):
+        """The state dicts of ``params`` (created where missing), their z, their v (None
+        without v) and their m (None without AdamW's inner momentum; the list itself None)."""
         dicts = [
             st if st and "z" in st else self.init_state(p, group) for p, st in zip(params, states)
         ]
         zs = [st["z"] for st in dicts]
         vs = [st["exp_avg_sq"] for st in dicts] if has_v else [None] * len(dicts)
-        return dicts, zs, vs
+        ms = [st["exp_avg"] for st in dicts] if has_m else None
+        return dicts, zs, vs, ms
 
-    def _new_plan(self, group, params, dicts, zs, vs, has_v: bool) -> FusedPlan:
+    def _new_plan(self, group, params, dicts, zs, vs, has_v: bool, ms=None) -> FusedPlan:
         """A ``FusedPlan`` of ``group`` for the step that just found ``params`` with gradients."""
         stepped_ids = set(map(id, params))
         stepped = [id(p) in stepped_ids for p in group["params"]]
-        return FusedPlan(group, stepped, dicts, zs, vs, self.state, has_v)
+        return FusedPlan(group, stepped, dicts, zs, vs, self.state, has_v, ms)
 
     def init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
         """``p``'s state, created as the first step finds it if missing: ``z`` a copy of the
-        param, ``v`` zeros (AdamW, RAdam), both in the group's ``state_dtype``. Moves nothing."""
+        param, ``v`` zeros (AdamW, RAdam), ``m`` zeros (AdamW with ``inner_momentum != 0``
+        only), all in the group's ``state_dtype``. Moves nothing."""
         state = self.state[p]
         if "z" not in state:
             dtype = group["state_dtype"] or p.dtype
             state["z"] = p.detach().to(dtype=dtype, copy=True, memory_format=torch.preserve_format)
             if self.kind != "sgd":
                 state["exp_avg_sq"] = torch.zeros_like(
+                    p, dtype=dtype, memory_format=torch.preserve_format
+                )
+            if self.kind == "adamw" and float(group.get("inner_momentum", 0.0)) != 0.0:
+                state["exp_avg"] = torch.zeros_like(
                     p, dtype=dtype, memory_format=torch.preserve_format
                 )
         return state
@@ -625,7 +648,7 @@ class ScheduleFreeOptimizer(torch.optim.Optimizer):
                 if not saved:
                     continue
                 dtype = group["state_dtype"] or p.dtype
-                for key in ("z", "exp_avg_sq"):
+                for key in ("z", "exp_avg_sq", "exp_avg"):
                     if key in saved:
                         self.state[p][key] = saved[key].to(device=p.device, dtype=dtype, copy=True)
 
@@ -655,6 +678,14 @@ class AdamWScheduleFree(ScheduleFreeOptimizer):
         warmup_steps: linear warmup of the lr over this many steps, >= 0.
         r: the average weighs step k by ``(k+1)**r``, >= 0.
         weight_lr_power: ... and by ``lr_max**weight_lr_power``, >= 0.
+        inner_momentum: in [0, 1), as in upstream schedulefree's main branch (unreleased on
+            PyPI; 0.9 is its suggestion when used): an EMA ``m`` of the gradient, divided by
+            its bias correction ``1 - inner_momentum**(k+1)``, replaces the gradient in the
+            numerator of the AdamW direction (``rule.py``). 0 (default): no EMA, and no
+            buffer for it; otherwise a third state buffer ``exp_avg`` per param, created at
+            the first step. Every implementation (loop, foreach, fused, capturable) steps it.
+            A param whose state was made with 0 (or loaded from such a checkpoint) cannot
+            step with another value (RuntimeError at the step).
         foreach: True: torch's multi-tensor ops; False: one tensor at a time; None: the
             multi-tensor ops for CUDA params, one tensor at a time on the CPU (as torch does).
         fused: True: one Triton kernel per group (CUDA; CPU under TRITON_INTERPRET=1), an error
@@ -694,6 +725,7 @@ class AdamWScheduleFree(ScheduleFreeOptimizer):
         warmup_steps: int = 0,
         r: float = 0.0,
         weight_lr_power: float = 2.0,
+        inner_momentum: float = 0.0,
         foreach: bool | None = None,
         *,
         fused: bool | None = None,
@@ -709,6 +741,7 @@ class AdamWScheduleFree(ScheduleFreeOptimizer):
             warmup_steps=warmup_steps,
             r=r,
             weight_lr_power=weight_lr_power,
+            inner_momentum=inner_momentum,
         )
         super().__init__(
             params, hyperparameters, foreach, fused, state_dtype, capturable, skip_nonfinite

@@ -22,6 +22,14 @@ gradient ``g`` taken at ``y``::
     z           = z - lr gn
     k          += 1
 
+With ``inner_momentum`` (AdamW only; upstream schedulefree's main branch) a third buffer ``m``
+(``state['exp_avg']``, zeros at the first step, only where ``inner_momentum != 0``) replaces
+``g`` in the numerator::
+
+    m           = inner_momentum m + (1-inner_momentum) g
+    gn          = (m / (1 - inner_momentum**(k+1))) / (sqrt(v / (1 - b2**(k+1))) + eps)
+                  +  weight_decay * y
+
 SGD has no ``v``: ``gn = g + weight_decay * y``. RAdam has no warmup: ``sched`` is the
 rectification ``rect`` of RAdam, computed from ``k`` and ``b2``; while the variance estimate is
 too short (``rho_k <= 4``) the step is an SGD step (``gn = g + weight_decay * y``, ``v`` still
@@ -51,6 +59,10 @@ import torch
 from sf_schedules.radam import radam_rho
 
 KINDS = ("adamw", "sgd", "radam")
+# Rule variants that are no optimizer kind of their own (their optimizer's ``kind`` is "adamw"):
+# "adamw_paper" is schedulefree's AdamWScheduleFreePaper, whose lr carries
+# sqrt(1 - b2**(k+1)) and whose denominator is sqrt(v) + eps (no bias correction inside).
+PAPER = "adamw_paper"
 
 # ---------------------------------------------------------------------------------------------
 # Scalars
@@ -68,6 +80,14 @@ class StepScalars(NamedTuple):
     weight_decay: float
     has_v: bool  # AdamW and RAdam keep v
     normalize: bool  # gn divides g by sqrt(v / bias_correction2) + eps
+    inner_momentum: float = 0.0  # AdamW's EMA of g in the numerator (0: none, no m buffer)
+    bias_correction1: float = 1.0  # 1 - inner_momentum**(k+1)
+    decay_at_z: bool = False  # AdamWScheduleFreeReference(decay_at_z=True): decay at z, not y
+
+    @property
+    def has_m(self) -> bool:
+        """Whether the step reads and writes the inner-momentum buffer ``m``."""
+        return self.inner_momentum != 0.0
 
 
 def b1_of(group: dict, kind: str) -> float:
@@ -88,6 +108,8 @@ def _lr_of_step(group: dict, kind: str, k: int) -> float:
         return base_lr * rect
     warmup_steps = group["warmup_steps"]
     sched = (k + 1) / warmup_steps if k < warmup_steps else 1.0
+    if kind == PAPER:
+        return base_lr * sched * math.sqrt(1.0 - float(group["betas"][1]) ** (k + 1))
     return base_lr * sched
 
 
@@ -127,17 +149,21 @@ def scalars(group: dict, kind: str) -> StepScalars:
         b2, eps, normalize = 0.0, 0.0, False
     else:
         b2, eps = float(group["betas"][1]), float(group["eps"])
-        normalize = kind == "adamw" or radam_rho(k + 1, b2)[0] > 4.0
+        normalize = kind != "radam" or radam_rho(k + 1, b2)[0] > 4.0
+    inner = float(group.get("inner_momentum", 0.0)) if kind in ("adamw", PAPER) else 0.0
     return StepScalars(
         lr=lr,
         c=c,
         y_coef=lr * (b1 * (1.0 - c) - 1.0),
         b2=b2,
-        bias_correction2=1.0 - b2 ** (k + 1),
+        bias_correction2=1.0 if kind == PAPER else 1.0 - b2 ** (k + 1),
         eps=eps,
         weight_decay=float(group["weight_decay"]),
         has_v=kind != "sgd",
         normalize=normalize,
+        inner_momentum=inner,
+        bias_correction1=1.0 - inner ** (k + 1) if inner != 0.0 else 1.0,
+        decay_at_z=bool(group.get("decay_at_z", False)),
     )
 
 
@@ -182,23 +208,32 @@ def x_of(p: torch.Tensor, z: torch.Tensor, b1: float) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Tensor updates: y, z and v (None without v) of one group, by one step with ``s``
+# Tensor updates: y, z, v (None without v) and m (None without m; omitted: none) of one group,
+# by one step with ``s``
 
 
-def update_loop(ys, gs, zs, vs, s: StepScalars) -> None:
+def update_loop(ys, gs, zs, vs, s: StepScalars, ms=None) -> None:
     """One tensor at a time: the definition the other implementations are tested against."""
-    for y, g, z, v in zip(ys, gs, zs, vs):
+    if ms is None:
+        ms = [None] * len(ys)
+    for y, g, z, v, m in zip(ys, gs, zs, vs, ms):
         # Work in the state's dtype (float32 state for bf16 params computes in float32).
         yw = y if y.dtype == z.dtype else y.to(z.dtype)
         gw = g if g.dtype == z.dtype else g.to(z.dtype)
+        at = z if s.decay_at_z else yw  # where the weight decay is evaluated
         if s.has_v:
             v.mul_(s.b2).addcmul_(gw, gw, value=1.0 - s.b2)
         if s.normalize:
-            gn = gw.div(v.div(s.bias_correction2).sqrt_().add_(s.eps))
+            denom = v.div(s.bias_correction2).sqrt_().add_(s.eps)
+            if s.has_m:
+                m.mul_(s.inner_momentum).add_(gw, alpha=1.0 - s.inner_momentum)
+                gn = m.div(s.bias_correction1).div_(denom)
+            else:
+                gn = gw.div(denom)
             if s.weight_decay != 0:
-                gn.add_(yw, alpha=s.weight_decay)
+                gn.add_(at, alpha=s.weight_decay)
         else:
-            gn = gw.add(yw, alpha=s.weight_decay) if s.weight_decay != 0 else gw
+            gn = gw.add(at, alpha=s.weight_decay) if s.weight_decay != 0 else gw
         yw.lerp_(z, s.c)
         yw.add_(gn, alpha=s.y_coef)
         z.sub_(gn, alpha=s.lr)
@@ -209,19 +244,22 @@ def update_loop(ys, gs, zs, vs, s: StepScalars) -> None:
 FOREACH_CHUNK = 1 << 25  # elements per multi-tensor call: bounds its temporaries (gn, ...)
 
 
-def update_foreach(ys, gs, zs, vs, s: StepScalars) -> None:
+def update_foreach(ys, gs, zs, vs, s: StepScalars, ms=None) -> None:
     """torch's multi-tensor ops, one call per bucket (``buckets``) and chunk of at most
     ``FOREACH_CHUNK`` elements: the loop's numbers."""
-    for bucket in buckets(ys, gs, zs, vs).values():
-        for chunk in _chunks(*bucket, FOREACH_CHUNK):
+    if ms is None:
+        ms = [None] * len(ys)
+    for bucket in buckets(ys, gs, zs, vs, ms).values():
+        for chunk in _chunks(*bucket, limit=FOREACH_CHUNK):
             update_foreach_chunk(*chunk, s)
 
 
-def update_foreach_chunk(ys_, gs_, zs_, vs_, s: StepScalars) -> None:
+def update_foreach_chunk(ys_, gs_, zs_, vs_, ms_, s: StepScalars) -> None:
     """The multi-tensor step of one chunk: one device, one dtype each for y, g and the state."""
     work = zs_[0].dtype
     yw = ys_ if ys_[0].dtype == work else [y.to(work) for y in ys_]
     gw = gs_ if gs_[0].dtype == work else [g.to(work) for g in gs_]
+    at = zs_ if s.decay_at_z else yw  # where the weight decay is evaluated
     if s.has_v:
         torch._foreach_mul_(vs_, s.b2)
         torch._foreach_addcmul_(vs_, gw, gw, value=1.0 - s.b2)
@@ -229,12 +267,18 @@ def update_foreach_chunk(ys_, gs_, zs_, vs_, s: StepScalars) -> None:
         denom = torch._foreach_div(vs_, s.bias_correction2)
         torch._foreach_sqrt_(denom)
         torch._foreach_add_(denom, s.eps)
-        gn = torch._foreach_div(gw, denom)
+        if s.has_m:
+            torch._foreach_mul_(ms_, s.inner_momentum)
+            torch._foreach_add_(ms_, gw, alpha=1.0 - s.inner_momentum)
+            gn = torch._foreach_div(ms_, s.bias_correction1)
+            torch._foreach_div_(gn, denom)
+        else:
+            gn = torch._foreach_div(gw, denom)
         del denom
         if s.weight_decay != 0:
-            torch._foreach_add_(gn, yw, alpha=s.weight_decay)
+            torch._foreach_add_(gn, at, alpha=s.weight_decay)
     else:
-        gn = torch._foreach_add(gw, yw, alpha=s.weight_decay) if s.weight_decay != 0 else gw
+        gn = torch._foreach_add(gw, at, alpha=s.weight_decay) if s.weight_decay != 0 else gw
     torch._foreach_lerp_(yw, zs_, weight=s.c)
     torch._foreach_add_(yw, gn, alpha=s.y_coef)
     torch._foreach_sub_(zs_, gn, alpha=s.lr)
@@ -242,36 +286,38 @@ def update_foreach_chunk(ys_, gs_, zs_, vs_, s: StepScalars) -> None:
         torch._foreach_copy_(ys_, yw)
 
 
-def _chunks(ys, gs, zs, vs, limit: int):
+def _chunks(ys, *rest, limit: int):
     """The bucket's lists cut into runs of at most ``limit`` elements (a larger tensor alone)."""
+    lists = (ys, *rest)
     start, total = 0, 0
     for i, n in enumerate(map(torch.Tensor.numel, ys)):
         if total and total + n > limit:
-            yield ys[start:i], gs[start:i], zs[start:i], vs[start:i]
+            yield tuple(lst[start:i] for lst in lists)
             start, total = i, 0
         total += n
     if start < len(ys):
-        yield ys[start:], gs[start:], zs[start:], vs[start:]
+        yield tuple(lst[start:] for lst in lists)
 
 
-def buckets(ys, gs, zs, vs) -> dict:
-    """The lists split by ``(device index, y dtype, g dtype, state dtype)``: one multi-tensor
-    call (or kernel launch) each."""
+def buckets(ys, gs, zs, *rest) -> dict:
+    """The lists (y, g, z and any more aligned with them: v, m) split by ``(device index,
+    y dtype, g dtype, state dtype)``: one multi-tensor call (or kernel launch) each."""
     dtype = operator.attrgetter("dtype")
     devices = set(map(torch.Tensor.get_device, ys))
     y_dtypes, g_dtypes, s_dtypes = set(map(dtype, ys)), set(map(dtype, gs)), set(map(dtype, zs))
     if len(devices) == len(y_dtypes) == len(g_dtypes) == len(s_dtypes) == 1:
         # The common case, without a key per tensor (many small tensors make this add up).
         key = (devices.pop(), y_dtypes.pop(), g_dtypes.pop(), s_dtypes.pop())
-        return {key: (ys, gs, zs, vs)}
+        return {key: (ys, gs, zs, *rest)}
     out: dict = {}
-    for y, g, z, v in zip(ys, gs, zs, vs):
+    for i, (y, g, z) in enumerate(zip(ys, gs, zs)):
         key = (y.get_device(), y.dtype, g.dtype, z.dtype)
         lists = out.get(key)
         if lists is None:
-            lists = out[key] = ([], [], [], [])
+            lists = out[key] = tuple([] for _ in range(3 + len(rest)))
         lists[0].append(y)
         lists[1].append(g)
         lists[2].append(z)
-        lists[3].append(v)
+        for lst, values in zip(lists[3:], rest):
+            lst.append(values[i])
     return out

@@ -77,20 +77,25 @@ class ScheduleFreeWrapper:
             RMSprop ``momentum=0``, no ``nesterov``; Adam, AdamW, NAdam, RAdam, Adamax
             ``betas=(0.0, b2)``); one with momentum is refused (ValueError), at construction
             and in ``add_param_group``.
-        momentum: the wrapper's b1, in (0, 1].
         weight_decay_at_y: weight decay evaluated at y and applied to z, >= 0 (weight decay set
             on the base optimizer is evaluated at z instead).
-        r: the average weighs step k by ``(k+1)**r``, >= 0.
-        weight_lr_power: ... and by ``lr_max**weight_lr_power``, >= 0.
+        momentum: the wrapper's b1, in (0, 1].
+        weight_lr_power: the average weighs step k by ``lr_max**weight_lr_power``, >= 0 ...
+        r: ... and by ``(k+1)**r``, >= 0.
+
+    The positional order is ``schedulefree.ScheduleFreeWrapper``'s (1.4.1).
     """
+
+    # Refuse a base optimizer with a momentum of its own (ScheduleFreeWrapperReference: no).
+    _momentum_free_base = True
 
     def __init__(
         self,
         base_optimizer: torch.optim.Optimizer,
-        momentum: float = 0.9,
         weight_decay_at_y: float = 0.0,
-        r: float = 0.0,
+        momentum: float = 0.9,
         weight_lr_power: float = 2.0,
+        r: float = 0.0,
     ):
         if not isinstance(base_optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -103,8 +108,9 @@ class ScheduleFreeWrapper:
         )
         self.r = check_nonnegative("r", r, required=True)
         self.weight_lr_power = check_nonnegative("weight_lr_power", weight_lr_power, required=True)
-        for index, group in enumerate(base_optimizer.param_groups):
-            _check_momentum_free(base_optimizer, group, index)
+        if self._momentum_free_base:
+            for index, group in enumerate(base_optimizer.param_groups):
+                _check_momentum_free(base_optimizer, group, index)
         self.base = base_optimizer
         self.train_mode = True
         self.sf_state: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
@@ -126,7 +132,8 @@ class ScheduleFreeWrapper:
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         # The group as the base will complete it (its defaults), checked before it is added.
         completed = {**self.base.defaults, **param_group}
-        _check_momentum_free(self.base, completed, len(self.base.param_groups))
+        if self._momentum_free_base:
+            _check_momentum_free(self.base, completed, len(self.base.param_groups))
         self.base.add_param_group(param_group)
         for key, value in _COUNTERS.items():
             self.base.param_groups[-1].setdefault(key, value)
