@@ -122,10 +122,15 @@ class DigitsModule(pl.LightningModule):
         return self.sf_optimizer
 
 
-def loaders(batch_size: int, world: int = 1, seed: int = 0):
+def loaders(batch_size: int, world: int = 1, rank: int | None = None, seed: int = 0):
     """Train and validation loaders, in a fixed order (no shuffling: resumes see the same
-    batches); ``batch_size`` is the global batch, split over ``world`` ranks."""
+    batches); ``batch_size`` is the global batch, split over ``world`` ranks. With ``rank``
+    the loaders hold that rank's rows (``rank::world``: the ranks' batches together are the
+    single-process batch) for ``Trainer(use_distributed_sampler=False)``; without it Lightning's
+    sampler splits (and shuffles) the training rows itself."""
     xt, yt, xv, yv = digits(seed=seed)
+    if rank is not None:
+        xt, yt, xv, yv = (t[rank::world] for t in (xt, yt, xv, yv))
     per_rank = batch_size // world
     train = torch.utils.data.TensorDataset(xt, yt)
     val = torch.utils.data.TensorDataset(xv, yv)
@@ -136,6 +141,11 @@ def loaders(batch_size: int, world: int = 1, seed: int = 0):
 class CPUDeepSpeedStrategy(DeepSpeedStrategy):
     """Lightning's DeepSpeedStrategy without its CUDA-only check (DeepSpeed on CPU needs
     ``DS_ACCELERATOR=cpu``; the process group is gloo) and its check of GPU indices."""
+
+    @property
+    def root_device(self) -> torch.device:
+        # DeepSpeed reads the rank from the device index (Lightning's CPU devices have none)
+        return torch.device("cpu", self.local_rank)
 
     def setup_environment(self) -> None:
         super(DeepSpeedStrategy, self).setup_environment()
@@ -156,7 +166,13 @@ def make_strategy(name: str, accelerator: str):
         raise ValueError(f"strategy must be auto, ddp or one of {sorted(stage)}, got {name!r}")
     if accelerator != "cpu":
         return name
-    return CPUDeepSpeedStrategy(stage=stage[name], process_group_backend="gloo")
+    # Lightning's default buckets hold 2e8 elements, zeroed every step: slow on CPU
+    return CPUDeepSpeedStrategy(
+        stage=stage[name],
+        process_group_backend="gloo",
+        allgather_bucket_size=1_000_000,
+        reduce_bucket_size=1_000_000,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -179,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
 
     pl.seed_everything(args.seed, verbose=False)
     module = DigitsModule(args.optimizer, args.lr, args.warmup_steps, args.seed)
-    train, val = loaders(args.batch_size, args.devices, args.seed)
+    train, val = loaders(args.batch_size, args.devices, seed=args.seed)
     callbacks = [ScheduleFreeCallback()]
     if args.ckpt_dir:
         callbacks.append(
