@@ -2,7 +2,8 @@
 
 Add the callback to the ``Trainer`` and return a schedule-free optimizer from
 ``configure_optimizers`` (``sf_torch``'s ``AdamWScheduleFree``, ``SGDScheduleFree``,
-``RAdamScheduleFree``, ``ScheduleFreeWrapper``, or the ``schedulefree`` package's classes)::
+``RAdamScheduleFree``, or the ``schedulefree`` package's classes; Lightning itself refuses
+``ScheduleFreeWrapper``, which is not a ``torch.optim.Optimizer``)::
 
     trainer = lightning.pytorch.Trainer(callbacks=[ScheduleFreeCallback()], ...)
 
@@ -31,6 +32,9 @@ optimizer shards hold ``y`` (the fp32 masters), ``z`` and ``v``; ``engine.load_c
 restores that mode. With separate fp32 masters (ZeRO 1-2, bf16/fp16, offload) the switches never
 move ``y``; under fp32 ZeRO-3 without offload, whose masters are the weights, ``x -> y`` rounds
 as ``optimizer.train()`` does. Lightning's DeepSpeed strategy itself requires CUDA.
+DeepSpeed's ``zero_to_fp32`` (Lightning's ``convert_zero_checkpoint_to_fp32_state_dict``)
+rebuilds the masters, i.e. ``y``: under ZeRO-3, which writes no module weights, a checkpoint
+holds ``x`` nowhere (measured in tests/test_trainer_lightning.py).
 
 Lightning 2.x (tested with 2.6.6). Import cost: Lightning, not DeepSpeed (imported only when the
 strategy is a DeepSpeed one).
@@ -249,18 +253,14 @@ class ScheduleFreeCallback(Callback):
         return self._views
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if isinstance(trainer.strategy, DeepSpeedStrategy):
-            views = self._find(trainer)
-        else:
-            views = self._find(trainer)
-            if self.strict and not views:
-                kinds = [type(opt).__name__ for opt in trainer.optimizers]
-                raise ValueError(
-                    "ScheduleFreeCallback: none of the trainer's optimizers is schedule-free "
-                    f"(got {kinds}); return one (e.g. sf_torch.AdamWScheduleFree) from "
-                    "configure_optimizers, or ScheduleFreeCallback(strict=False)"
-                )
-        del views
+        views = self._find(trainer)
+        if self.strict and not views and not isinstance(trainer.strategy, DeepSpeedStrategy):
+            kinds = [type(opt).__name__ for opt in trainer.optimizers]
+            raise ValueError(
+                "ScheduleFreeCallback: none of the trainer's optimizers is schedule-free "
+                f"(got {kinds}); return one (e.g. sf_torch.AdamWScheduleFree) from "
+                "configure_optimizers, or ScheduleFreeCallback(strict=False)"
+            )
 
     # -- modes ---------------------------------------------------------------------------------
 
