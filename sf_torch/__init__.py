@@ -27,6 +27,7 @@ from .optimizers import (
     ScheduleFreeOptimizer,
     SGDScheduleFree,
 )
+from .plus import AdamCScheduleFreePlus
 from .reference import (
     AdamWScheduleFreePaper,
     AdamWScheduleFreeReference,
@@ -39,6 +40,7 @@ from .wrapper import ScheduleFreeWrapper
 _LAZY_SUBMODULES = ("deepspeed", "integrations", "local", "schedules")
 
 __all__ = [
+    "AdamCScheduleFreePlus",
     "AdamWScheduleFree",
     "AdamWScheduleFreeClosure",
     "AdamWScheduleFreePaper",

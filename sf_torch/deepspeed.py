@@ -130,6 +130,20 @@ def initialize(
         params = model_parameters if model_parameters is not None else model.parameters()
         optimizer = _build_optimizer(opt_config, params)
         del cfg["optimizer"]
+    named = opt_config.get("type") if opt_config else None
+    if "AdamCScheduleFreePlus" in (type(optimizer).__name__, named):
+        raise ValueError(
+            "optimizer: AdamCScheduleFreePlus is not supported under sf_torch.deepspeed: its "
+            "Polyak step size needs the loss at every step, and DeepSpeed's engine.step() "
+            "passes none (use it with FSDP2 or DDP, which step the optimizer directly)"
+        )
+    if hasattr(optimizer, "_hold_x"):  # sf_torch.closure's classes
+        raise ValueError(
+            f"optimizer: {type(optimizer).__name__} (params at x between steps, the step runs "
+            "the closure) is not supported under sf_torch.deepspeed, whose engine.step() "
+            "takes no closure: use the class without Closure, with sf_torch.deepspeed.eval / "
+            "train"
+        )
     if not isinstance(optimizer, ScheduleFreeOptimizer):
         raise ValueError(
             "optimizer must be an sf_torch schedule-free optimizer, or the config's optimizer "
