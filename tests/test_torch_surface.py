@@ -479,6 +479,38 @@ def test_paper_refuses_inner_momentum_and_reference_fused_decay_at_z():
         sf_torch.AdamWScheduleFreeReference(params, decay_at_z=True, fused=True)
 
 
+# ------------------------------------------------------------ inner_momentum under DeepSpeed
+
+
+@pytest.mark.parametrize("stage", [3])
+def test_inner_momentum_under_deepspeed(tmp_path, stage):
+    """ZeRO-3 on 2 CPU ranks (tests/ds_worker.py): the trajectory of a single-process run,
+    exp_avg in the client's state, and resume from a checkpoint bitwise."""
+    pytest.importorskip("deepspeed")
+    import test_deepspeed as tds
+
+    opt = dict(tds.OPT, inner_momentum=0.9)
+    results = tds.run_deepspeed(tmp_path, stage=stage, dtype="fp32", optimizer=opt)
+    n1, n2 = tds.STEPS
+    model = tds.make_model()
+    kwargs = {k: v for k, v in opt.items() if k != "weight_decay"}
+    kwargs["betas"] = tuple(kwargs["betas"])
+    ref = sf_torch.AdamWScheduleFree(tds.param_groups(model, opt["weight_decay"]), **kwargs)
+    for step in range(n1 + n2):
+        ref.zero_grad()
+        xb, yb = tds.batch(step, 0, 1)
+        torch.nn.functional.mse_loss(model(xb), yb).backward()
+        ref.step()
+    final = [p.detach().clone() for p in model.parameters()]
+    # The same run without inner momentum ends elsewhere: the option reaches the engine.
+    assert tds.max_diff(tds.reference(n1 + n2)[0][-1], final) > 1e-3
+    for r in results:
+        assert set(r["state_keys"]) == {3}  # z, exp_avg_sq, exp_avg
+        assert tds.max_diff(r["final_uninterrupted"], final) <= 2e-5  # float32, reduction order
+        assert tds.max_diff(r["final_resumed"], r["final_uninterrupted"]) == 0.0
+        assert tds.max_diff(r["final_resumed_from_train_mode"], r["final_uninterrupted"]) == 0.0
+
+
 # ------------------------------------------------ fused and capturable, Triton's interpreter
 
 
