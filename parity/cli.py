@@ -35,7 +35,15 @@ from pathlib import Path
 
 from parity import data, devices, launch, report, runners, tolerances
 from parity.compare import compare
-from parity.config import DEFAULT_LR, DEVICES, DTYPES, FIELD_CHECKS, OPTIMIZERS, RunConfig
+from parity.config import (
+    DEFAULT_LR,
+    DEVICES,
+    DTYPES,
+    FIELD_CHECKS,
+    OPTIMIZERS,
+    SCHEDULE_FREE_OPTIMIZERS,
+    RunConfig,
+)
 from parity.models.canonical import MODELS
 from parity.training import local_plan
 from parity.training.record import Record
@@ -66,7 +74,11 @@ def _add_run_options(p: argparse.ArgumentParser, default_dtype: str, dtypes=DTYP
         help="mlp: digits MLP; cnn: digits CNN with BatchNorm; lm: tiny causal LM",
     )
     p.add_argument(
-        "--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="the Schedule-Free optimizer"
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default=d.optimizer,
+        help="the Schedule-Free optimizer (adamc_plus: Schedule-Free AdamC with a Polyak step "
+        "size from the loss, upstream main's ScheduleFree+; sf_optax and sf_torch only)",
     )
     p.add_argument("--steps", type=int, default=d.steps, help="training steps, >= 1")
     dtype_help = "float64: parity to 1e-10; float32: eval loss to 1e-4"
@@ -123,6 +135,42 @@ def _add_run_options(p: argparse.ArgumentParser, default_dtype: str, dtypes=DTYP
         action="store_true",
         help="RAdam: take SGD steps while rectification is off (silent_sgd_phase=False)",
     )
+    p.add_argument(
+        "--inner-momentum",
+        type=float,
+        default=d.inner_momentum,
+        help="AdamW: EMA of the gradient inside the direction (upstream main), in [0, 1)",
+    )
+    p.add_argument(
+        "--sf-b1",
+        type=float,
+        default=d.sf_b1,
+        help="adamc_plus: Schedule-Free interpolation y = b x + (1 - b) z, in [0, 1]",
+    )
+    p.add_argument(
+        "--sf-b1-max",
+        type=float,
+        default=d.sf_b1_max,
+        help="adamc_plus: the interpolation at the end of its annealing, in [0, 1)",
+    )
+    p.add_argument(
+        "--sf-b1-anneal-steps",
+        type=int,
+        default=d.sf_b1_anneal_steps,
+        help="adamc_plus: steps over which 1 - sf_b1 moves to 1 - sf_b1_max (0: none), >= 0",
+    )
+    p.add_argument(
+        "--polyak-b",
+        type=float,
+        default=d.polyak_b,
+        help="adamc_plus: EMA decay of the gradient's L1 norm in the Polyak step, in [0, 1)",
+    )
+    p.add_argument(
+        "--c-warmup",
+        type=int,
+        default=d.c_warmup,
+        help="adamc_plus: steps during which x = z (no averaging yet), >= 0",
+    )
     p.add_argument("--jobs", type=int, default=2, help="backends run at the same time, >= 1")
     p.add_argument(
         "--no-progress",
@@ -171,6 +219,17 @@ def _check_flags(parser: argparse.ArgumentParser, args) -> None:
             local_plan.check_sync(args.sync)
         except ValueError as error:
             _flag_error(parser, "--sync", error)
+    inner = getattr(args, "inner_momentum", 0.0)
+    if inner and args.optimizer != "adamw":
+        parser.error(
+            f"argument --inner-momentum: AdamW's (--optimizer adamw), got {inner} with "
+            f"--optimizer {args.optimizer}"
+        )
+    if args.command == "handoff" and (args.optimizer == "adamc_plus" or inner):
+        parser.error(
+            "handoff moves z and v between frameworks (parity/handoff.py), not the x and m that "
+            "--optimizer adamc_plus and --inner-momentum keep: use `run`"
+        )
     if getattr(args, "plain_sgd", False) and (args.optimizer != "sgd" or args.warmup_steps):
         parser.error(
             "argument --plain-sgd: needs --optimizer sgd and --warmup-steps 0 (plain SGD at a "
@@ -208,6 +267,12 @@ def _config(args, **extra) -> RunConfig:
         r=args.r,
         weight_lr_power=args.weight_lr_power,
         silent_sgd_phase=not args.sgd_phase,
+        inner_momentum=args.inner_momentum,
+        sf_b1=args.sf_b1,
+        sf_b1_max=args.sf_b1_max,
+        sf_b1_anneal_steps=args.sf_b1_anneal_steps,
+        polyak_b=args.polyak_b,
+        c_warmup=args.c_warmup,
         **extra,
     )
 
@@ -723,7 +788,10 @@ def _add_check_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--steps", type=int, default=200, help="training steps, >= 1")
     p.add_argument(
-        "--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="the Schedule-Free optimizer"
+        "--optimizer",
+        choices=SCHEDULE_FREE_OPTIMIZERS,
+        default=d.optimizer,
+        help="the Schedule-Free optimizer",
     )
     p.add_argument(
         "--lr",

@@ -3,6 +3,12 @@
 A ``RunConfig`` is written to JSON by the parent and read by every runner's child process, so
 all backends train from the same description. Hyperparameters use the names of DESIGN.md
 (``b1``, ``b2``); each runner maps them to its framework's names (``betas``, ``momentum``).
+
+Beyond schedulefree 1.4.1 (upstream main's ScheduleFree+): ``inner_momentum`` (AdamW's EMA of
+the gradient inside its direction) and the optimizer ``adamc_plus`` (Schedule-Free AdamC with
+a Polyak step size from the loss: ``sf_optax.adamc_plus``, ``sf_torch.AdamCScheduleFreePlus``),
+whose own fields are ``sf_b1``, ``sf_b1_max``, ``sf_b1_anneal_steps``, ``polyak_b`` and
+``c_warmup`` (``b1``, ``b2`` are Adam's moments there; ``lr`` multiplies the Polyak step size).
 """
 
 from __future__ import annotations
@@ -14,14 +20,17 @@ from dataclasses import dataclass, field
 from parity.models.canonical import MODELS
 from sf_schedules import validation
 
-OPTIMIZERS = ("adamw", "sgd", "radam")
+OPTIMIZERS = ("adamw", "sgd", "radam", "adamc_plus")
+# The optimizers of schedulefree 1.4.1's rule (every backend's; adamc_plus is sf_optax's and
+# sf_torch's only).
+SCHEDULE_FREE_OPTIMIZERS = ("adamw", "sgd", "radam")
 # bfloat16 is mixed precision: bf16 params and compute, float32 optimizer state and loss.
 DTYPES = ("float64", "float32", "bfloat16")
 DEVICES = ("cpu", "cuda")
 
 # Learning rates that train the twin models well in a few hundred steps. The other defaults
 # are those of the `schedulefree` reference classes.
-DEFAULT_LR = {"adamw": 0.005, "sgd": 0.2, "radam": 0.005}
+DEFAULT_LR = {"adamw": 0.005, "sgd": 0.2, "radam": 0.005, "adamc_plus": 1.0}
 
 
 def _count(minimum: int):
@@ -45,6 +54,18 @@ FIELD_CHECKS = {
     "warmup_steps": _count(0),
     "r": validation.check_nonnegative,
     "weight_lr_power": validation.check_nonnegative,
+    "inner_momentum": lambda name, value: validation.check_real(
+        name, value, 0.0, 1.0, high_open=True, required=True
+    ),
+    "sf_b1": lambda name, value: validation.check_real(name, value, 0.0, 1.0, required=True),
+    "sf_b1_max": lambda name, value: validation.check_real(
+        name, value, 0.0, 1.0, high_open=True, required=True
+    ),
+    "sf_b1_anneal_steps": _count(0),
+    "polyak_b": lambda name, value: validation.check_real(
+        name, value, 0.0, 1.0, high_open=True, required=True
+    ),
+    "c_warmup": _count(0),
 }
 
 
@@ -68,6 +89,13 @@ class RunConfig:
     r: float = 0.0
     weight_lr_power: float = 2.0
     silent_sgd_phase: bool = True  # RAdam only
+    inner_momentum: float = 0.0  # AdamW only: upstream main's EMA of g in the direction
+    # adamc_plus only (upstream's sf_beta1, sf_beta1_max, sf_beta1_anneal_steps, polyak_beta)
+    sf_b1: float = 0.9
+    sf_b1_max: float = 0.965
+    sf_b1_anneal_steps: int = 0
+    polyak_b: float = 0.0
+    c_warmup: int = 0
     # A segment of a longer run (the handoff): start at `first_step` from the snapshot file
     # `resume_from` and, at the end, write the state to `save_to` (parity/handoff.py's format).
     first_step: int = 0
@@ -90,6 +118,13 @@ class RunConfig:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         for name, check in FIELD_CHECKS.items():
             check(name, getattr(self, name))
+        if self.inner_momentum != 0 and self.optimizer != "adamw":
+            raise ValueError(
+                f"inner_momentum is AdamW's (optimizer adamw), got {self.inner_momentum} with "
+                f"optimizer {self.optimizer!r}"
+            )
+        if self.optimizer == "adamc_plus" and self.sf_b1_anneal_steps and self.sf_b1 == 1:
+            raise ValueError("sf_b1 must be in [0, 1) when sf_b1_anneal_steps > 0, got 1")
         if not 0 <= self.first_step < self.steps:
             raise ValueError(
                 f"need 0 <= first_step < steps, got first_step {self.first_step}, "

@@ -36,6 +36,8 @@ def ranks(config) -> int:
 
 
 def unsupported(config) -> str | None:
+    if config.optimizer == "adamc_plus":
+        return "adamc_plus's step needs the loss, and DeepSpeed's engine.step() passes none"
     if config.dtype == "float64":
         return "DeepSpeed reduces float32/bf16/fp16 gradients only (and ZeRO keeps float32 masters)"
     if config.batch_size % ranks(config):

@@ -15,6 +15,10 @@ HANDOFF = False
 
 
 def unsupported(config) -> str | None:
+    if config.optimizer == "adamc_plus":
+        return "optax.contrib has no schedule-free AdamC with a Polyak step size"
+    if config.inner_momentum:
+        return "optax.contrib's schedule_free_adamw has no inner momentum"
     if config.optimizer == "radam":
         return "optax.contrib has no schedule-free RAdam"
     if config.r != 0:

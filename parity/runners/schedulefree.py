@@ -15,6 +15,10 @@ HANDOFF = False
 
 
 def unsupported(config) -> str | None:
+    if config.optimizer == "adamc_plus":
+        return "schedulefree 1.4.1 has no AdamC/Polyak optimizer (upstream main's, unreleased)"
+    if config.inner_momentum:
+        return "schedulefree 1.4.1 has no inner_momentum (upstream main's, unreleased)"
     return None
 
 

@@ -31,9 +31,32 @@ def make_tx(config):
         weight_lr_power=config.weight_lr_power,
         state_dtype=state_dtype,
     )
+    if config.optimizer == "adamc_plus":
+        # Its update takes the loss: jax_loop passes update(..., value=loss).
+        return sf_optax.adamc_plus(
+            config.lr,
+            config.b1,
+            config.b2,
+            config.eps,
+            config.weight_decay,
+            sf_b1=config.sf_b1,
+            sf_b1_max=config.sf_b1_max,
+            sf_b1_anneal_steps=config.sf_b1_anneal_steps,
+            polyak_b=config.polyak_b,
+            c_warmup=config.c_warmup,
+            r=config.r,
+            weight_lr_power=config.weight_lr_power,
+            state_dtype=state_dtype,
+        )
     if config.optimizer == "adamw":
         return sf_optax.adamw(
-            config.lr, config.b1, config.b2, config.eps, config.weight_decay, **common
+            config.lr,
+            config.b1,
+            config.b2,
+            config.eps,
+            config.weight_decay,
+            inner_momentum=config.inner_momentum,
+            **common,
         )
     if config.optimizer == "sgd":
         return sf_optax.sgd(config.lr, config.b1, config.weight_decay, **common)

@@ -19,7 +19,26 @@ def expected_difference(config) -> str | None:
 
 def build(classes, config, params, **extra):
     """``config``'s optimizer from ``classes`` (sf_torch, or the drop-in-compatible reference
-    package ``schedulefree``): one mapping of the parity config to the shared constructors."""
+    package ``schedulefree``): one mapping of the parity config to the shared constructors.
+    ``inner_momentum`` is passed only where it is not 0 (schedulefree 1.4.1 has none)."""
+    if config.optimizer == "adamc_plus":
+        return classes.AdamCScheduleFreePlus(
+            params,
+            lr=config.lr,
+            betas=(config.b1, config.b2),
+            sf_beta1=config.sf_b1,
+            eps=config.eps,
+            weight_decay=config.weight_decay,
+            r=config.r,
+            polyak_beta=config.polyak_b,
+            c_warmup=config.c_warmup,
+            sf_beta1_anneal_steps=config.sf_b1_anneal_steps,
+            sf_beta1_max=config.sf_b1_max,
+            weight_lr_power=config.weight_lr_power,
+            **extra,
+        )
+    if config.inner_momentum:
+        extra = dict(extra, inner_momentum=config.inner_momentum)
     common = dict(
         weight_decay=config.weight_decay,
         r=config.r,
@@ -63,6 +82,7 @@ def make_optimizer(config, params):
 def train(config, progress=None):
     from parity.training import torch_loop
 
+    # adamc_plus's step takes the loss (torch_loop passes it: step(loss)).
     return torch_loop.run(
         config, make_optimizer, eval_params=lambda opt: opt.eval_params(), progress=progress
     )

@@ -152,7 +152,10 @@ def _run(config, make_optimizer, progress):
         optimizer.zero_grad(set_to_none=True)
         loss = torch_models.loss(model(tensor(inputs[mine], in_dtype)), tensor(labels[mine]))
         loss.backward()
-        optimizer.step()
+        if config.optimizer == "adamc_plus":  # this rank's loss; the optimizer averages them
+            optimizer.step(loss.detach())
+        else:
+            optimizer.step()
         losses[step - config.first_step] = loss.detach().double()
         observe(step + 1)
         if rank == 0:

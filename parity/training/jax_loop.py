@@ -110,7 +110,10 @@ def _run(config, make_tx, eval_params, mesh, progress) -> Record:
             return loss, nnx.split(model, nnx.Param, ...)[2]
 
         (loss, new_rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest)
-        updates, opt_state = tx.update(grads, opt_state, params)
+        if config.optimizer == "adamc_plus":  # its Polyak step size needs the loss at y
+            updates, opt_state = tx.update(grads, opt_state, params, value=loss)
+        else:
+            updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, new_rest, loss
 
     def eval_loss(params, opt_state, rest, recal_inputs, inputs, labels):

@@ -98,7 +98,10 @@ def run(
         optimizer.zero_grad(set_to_none=True)
         loss = torch_models.loss(model(tensor(inputs)), tensor(labels))
         loss.backward()
-        optimizer.step()
+        if config.optimizer == "adamc_plus":  # its Polyak step size needs the loss at y
+            optimizer.step(loss.detach())
+        else:
+            optimizer.step()
         record.train_loss[step - config.first_step] = loss.item()
         observe(step + 1)
         progress(step + 1)
