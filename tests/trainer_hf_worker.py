@@ -1,9 +1,12 @@
 """transformers' Trainer runs for tests/test_trainer_hf.py: ours and the peer's, fresh and resumed.
 
 Run as ``python tests/trainer_hf_worker.py OUT_DIR '<json options>'``. Options: ``world`` (1: one
-process, no DeepSpeed; 2: two CPU ranks, gloo), ``stage`` (ZeRO stage, with world 2) and
-``init`` (a file with the model's initial state dict, written by the test). In each process,
-four Trainer runs of ``STEPS`` steps on the same data from the same initial weights:
+process, no DeepSpeed; 2: two CPU ranks, gloo), ``stage`` (ZeRO stage, with world 2), ``init``
+(a file with the model's initial state dict, written by the test), ``peer`` (default true: also
+the peer's runs), and for trying other configurations by hand ``offload`` (optimizer offload),
+``bf16``, ``ga`` (gradient accumulation steps) and ``config_optimizer`` (the optimizer named in
+the DeepSpeed config). In each process, four Trainer runs of ``STEPS`` steps on the same data
+from the same initial weights:
 
 - ``ours``: ``ScheduleFreeTrainer`` with ``optim="schedule_free_adamw"`` (sf_torch);
 - ``ours_resumed``: the same, resumed from ``ours``' checkpoint at step ``RESUME_AT``;
@@ -87,6 +90,8 @@ def ds_config(opts: dict) -> dict:
         },
         "bf16": {"enabled": "auto"},
     }
+    if opts.get("offload"):
+        cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
     if opts.get("config_optimizer"):  # the optimizer named in the config, not by the Trainer
         cfg["optimizer"] = {
             "type": "AdamWScheduleFree",

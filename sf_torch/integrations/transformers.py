@@ -258,6 +258,22 @@ class ScheduleFreeCallback(TrainerCallback):
         _switch_to_x(optimizer)
 
 
+def _keep_optimizer_under_offload(config: dict) -> None:
+    """With optimizer offload, Accelerate replaces a torch optimizer by DeepSpeed's CPU Adam
+    unless the config says ``zero_force_ds_cpu_optimizer: false``; say it (ValueError if the
+    config itself says true)."""
+    zero = config.get("zero_optimization") or {}
+    offload = zero.get("offload_optimizer") or {}
+    if offload.get("device", "none") in (None, "none"):
+        return
+    if config.get("zero_force_ds_cpu_optimizer") is True:
+        raise ValueError(
+            "DeepSpeed config: zero_force_ds_cpu_optimizer is true with optimizer offload, which "
+            "replaces the schedule-free optimizer by DeepSpeed's CPU Adam; set it to false"
+        )
+    config["zero_force_ds_cpu_optimizer"] = False
+
+
 class ScheduleFreeTrainerMixin:
     """Mix in before ``transformers.Trainer`` (or a subclass of it): the ``schedule_free_*``
     ``optim`` names give sf_torch optimizers, :class:`ScheduleFreeCallback` is added, and
@@ -276,6 +292,8 @@ class ScheduleFreeTrainerMixin:
         return Trainer.get_optimizer_cls_and_kwargs(args, model)
 
     def train(self, *args: Any, **kwargs: Any):
+        if getattr(self, "is_deepspeed_enabled", False):
+            _keep_optimizer_under_offload(self.accelerator.state.deepspeed_plugin.deepspeed_config)
         with deepspeed_routed():
             return super().train(*args, **kwargs)
 
