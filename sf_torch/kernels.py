@@ -3,8 +3,9 @@
 Three kernels, each over many tensors at once (one launch per bucket of one device and one
 dtype each, ``rule.buckets``), walking flat memory block by block:
 
-- the update kernel: ``rule.update_loop``'s step, reading y, g, z, v once and writing y, z, v
-  once, from the step's ``N_SCALARS`` coefficients (float64 bit patterns on the device);
+- the update kernel: ``rule.update_loop``'s step, reading y, g, z, v (and AdamW's inner
+  momentum m, where it is on: ``HAS_M``) once and writing them once, from the step's
+  ``N_SCALARS`` coefficients (float64 bit patterns on the device);
   capturable steps can also unscale g (GradScaler's scale) and skip the step (store nothing)
   where the advance kernel says so;
 - the lerp kernel: ``p <- lerp(p, z, weight)``, the eval()/train() switch;

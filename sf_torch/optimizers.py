@@ -8,7 +8,9 @@ Drop-in for the ``schedulefree`` classes of the same names: same constructor arg
 defaults, same per-group keys (``k``, ``weight_sum``, ``lr_max``, ``scheduled_lr``,
 ``train_mode``, ...), same state keys (``z``, ``exp_avg_sq``), closures as in torch. Added:
 ``fused``, ``state_dtype``, ``capturable`` and ``skip_nonfinite`` (keyword-only), and
-``eval_params()``.
+``eval_params()``; AdamW's ``inner_momentum`` of upstream's main branch (state key
+``exp_avg``, only when not 0). Variants of these classes under schedulefree's other names:
+``closure.py`` (``*Closure``) and ``reference.py`` (``*Reference``, ``*Paper``).
 
 What differs on purpose: the optimizers start in train mode (at step 0, ``y = x = z``, so this
 changes no number), ``step()`` in eval mode raises RuntimeError, gradients are never written,
