@@ -290,3 +290,21 @@ def test_callback_refuses_another_optimizer(tmp_path):
         )
         with pytest.raises(ValueError, match=f"optimizer is {name}.*not an sf_torch"):
             trainer.train()
+
+
+def test_integrations_are_lazy():
+    """``import sf_torch`` and ``import sf_torch.integrations`` import no trainer library and no
+    DeepSpeed; ``sf_torch.integrations.transformers`` imports transformers, not DeepSpeed."""
+    code = (
+        "import sys, sf_torch, sf_torch.integrations\n"
+        "heavy = ('transformers', 'lightning', 'accelerate', 'deepspeed')\n"
+        "loaded = [m for m in heavy if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+        "t = sf_torch.integrations.transformers\n"
+        "assert 'transformers' in sys.modules and 'deepspeed' not in sys.modules\n"
+        "assert t.ScheduleFreeTrainer.__mro__[2].__name__ == 'Trainer'\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=HERE.parent, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
