@@ -10,16 +10,19 @@ back. For code that cannot call ``train()``/``eval()`` (trainer loops that own t
 Each is the sf_torch optimizer of the same rule with that step around it, so every
 implementation (loop, foreach, fused Triton kernel, the planned step) and option
 (``state_dtype``, ``skip_nonfinite``, ...) works as there; the switches to ``y`` and back cost
-two passes over the params per step (one kernel launch each on CUDA).
+two passes over the params per step (one kernel launch each on CUDA; the loop and foreach
+need only the first).
 
 What differs from schedulefree 1.4.1's closure classes:
 
 - 1.4.1 extrapolates every param to ``y`` but puts back ``x`` only for params with a gradient:
   a param without one stays at ``y`` after the step, and the next step extrapolates it again
   (it drifts toward ``z``). Here every param with a state is back at ``x`` after each step.
-- 1.4.1 computes ``x`` directly (``x = lerp(x, z, c)``); here ``y`` is stepped and ``x`` derived
-  from ``y`` and ``z``: the same numbers up to round-off (measured in float64 over 200 steps:
-  tests/test_torch_surface.py).
+- The loop and foreach take 1.4.1's order of operations (``y -> x`` with the old ``z``, the
+  ``z`` step, ``x = lerp(x, z, c)``: ``rule.StepScalars.x_weight``), so they give 1.4.1's
+  numbers bit for bit (measured in float64 over 200 steps, also on problems that amplify
+  round-off: tests/test_torch_surface.py). The fused kernel steps ``y`` and switches back to
+  ``x``: within 1e-12 of them in float64.
 - ``step()`` without a closure raises TypeError (1.4.1: its closure argument is required),
   except the state probe of ``torch.distributed.checkpoint`` (lr 0, zero gradients, no state
   yet), which creates the state and moves nothing, as in the other sf_torch optimizers.
@@ -40,6 +43,7 @@ from typing import Any
 
 import torch
 
+from . import dispatch, rule
 from .optimizers import (
     AdamWScheduleFree,
     ParamsT,
@@ -84,10 +88,35 @@ class _ClosureStep:
             self._check_group(group)
         self._skip_nonfinite()
         self._switch("y")
+        self.__dict__["_closure_step"] = True
         try:
             return ScheduleFreeOptimizer.step(self, closure)
         finally:
-            self._switch("x")
+            self.__dict__["_closure_step"] = False
+            self._switch("x")  # the groups that the x-form step did not leave at x
+
+    def _general_step(self: Any, index: int, step: dispatch.GroupStep) -> None:
+        """In a closure step, the loop and foreach take schedulefree's order and leave ``x``
+        in the params (``rule.StepScalars.x_weight``): the numbers of 1.4.1's closure classes
+        bit for bit. The fused kernel steps ``y``, switched back to ``x`` after the step."""
+        if not self.__dict__.get("_closure_step") or step.impl not in ("loop", "foreach"):
+            ScheduleFreeOptimizer._general_step(self, index, step)
+            return
+        group, params = step.group, step.params
+        b1 = rule.b1_of(group, self.kind)
+        s = rule.scalars(group, self._rule_kind)._replace(x_weight=rule.view_weight("x", b1))
+        _, zs, vs, ms = self._buffers(group, params, step.states, s.has_v, s.has_m)
+        dispatch.update(step.impl, params, step.grads, zs, vs, s, ms)
+        # The group's params without a gradient hold y: x for them too, then the group is
+        # at x (the switch after the step leaves it).
+        stepped = set(map(id, params))
+        rest = [p for p in group["params"] if id(p) not in stepped]
+        rest = [(p, self.state[p]["z"]) for p in rest if "z" in self.state.get(p, ())]
+        if rest:
+            ps, zs_rest = zip(*rest)
+            impl = dispatch.switch_impl(list(ps), list(zs_rest), False)
+            dispatch.switch_(impl, list(ps), list(zs_rest), rule.view_weight("x", b1))
+        group["train_mode"] = False
 
     def train(self: Any) -> None:
         """Does nothing: the params hold ``x`` between steps (kept for code written for the

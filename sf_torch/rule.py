@@ -83,6 +83,9 @@ class StepScalars(NamedTuple):
     inner_momentum: float = 0.0  # AdamW's EMA of g in the numerator (0: none, no m buffer)
     bias_correction1: float = 1.0  # 1 - inner_momentum**(k+1)
     decay_at_z: bool = False  # AdamWScheduleFreeReference(decay_at_z=True): decay at z, not y
+    # Not None: the step leaves x in the params (the closure classes, schedulefree's order):
+    # p = lerp(y, z, x_weight) (x_weight = 1 - 1/b1), z -= lr gn, p = lerp(p, z, c).
+    x_weight: float | None = None
 
     @property
     def has_m(self) -> bool:
@@ -234,9 +237,14 @@ def update_loop(ys, gs, zs, vs, s: StepScalars, ms=None) -> None:
                 gn.add_(at, alpha=s.weight_decay)
         else:
             gn = gw.add(at, alpha=s.weight_decay) if s.weight_decay != 0 else gw
-        yw.lerp_(z, s.c)
-        yw.add_(gn, alpha=s.y_coef)
-        z.sub_(gn, alpha=s.lr)
+        if s.x_weight is None:
+            yw.lerp_(z, s.c)
+            yw.add_(gn, alpha=s.y_coef)
+            z.sub_(gn, alpha=s.lr)
+        else:  # leaves x: y -> x with the old z, z steps, x averages the new z in
+            yw.lerp_(z, s.x_weight)
+            z.sub_(gn, alpha=s.lr)
+            yw.lerp_(z, s.c)
         if yw is not y:
             y.copy_(yw)
 
@@ -279,9 +287,14 @@ def update_foreach_chunk(ys_, gs_, zs_, vs_, ms_, s: StepScalars) -> None:
             torch._foreach_add_(gn, at, alpha=s.weight_decay)
     else:
         gn = torch._foreach_add(gw, at, alpha=s.weight_decay) if s.weight_decay != 0 else gw
-    torch._foreach_lerp_(yw, zs_, weight=s.c)
-    torch._foreach_add_(yw, gn, alpha=s.y_coef)
-    torch._foreach_sub_(zs_, gn, alpha=s.lr)
+    if s.x_weight is None:
+        torch._foreach_lerp_(yw, zs_, weight=s.c)
+        torch._foreach_add_(yw, gn, alpha=s.y_coef)
+        torch._foreach_sub_(zs_, gn, alpha=s.lr)
+    else:  # leaves x (update_loop)
+        torch._foreach_lerp_(yw, zs_, weight=s.x_weight)
+        torch._foreach_sub_(zs_, gn, alpha=s.lr)
+        torch._foreach_lerp_(yw, zs_, weight=s.c)
     if yw is not ys_:
         torch._foreach_copy_(ys_, yw)
 

@@ -2,8 +2,9 @@
 
 - Every public class of schedulefree 1.4.1 has its name in sf_torch, with 1.4.1's constructor
   arguments in 1.4.1's order.
-- The closure classes (params at x between steps) and the ``*Reference`` / ``*Paper`` classes
-  against 1.4.1's classes of the same names: max relative difference <= 1e-12 after 200 steps.
+- The closure classes (params at x between steps): the same bits as 1.4.1's (loop, foreach)
+  and <= 1e-12 (fused, in Triton's interpreter) after 200 steps; the ``*Reference`` /
+  ``*Paper`` classes against 1.4.1's of the same names: <= 1e-12 after 200 steps.
 - ``AdamWScheduleFree(inner_momentum=...)`` against upstream main's ``AdamWScheduleFree`` and
   ``AdamWScheduleFreeReference`` (``../shared/reference/schedulefree_main/``, loaded by path,
   skipped when absent) over a hyperparameter grid, loop and foreach, and against a float64
@@ -96,14 +97,11 @@ def _run_closure(make_opt, problem: Problem, steps: int, skip_grad_of=None):
 
 CLOSURE_CASES = {
     "adamw": ("AdamWScheduleFreeClosure", dict(lr=0.02, warmup_steps=10, weight_decay=0.1, r=1)),
-    "adamw_b": ("AdamWScheduleFreeClosure", dict(lr=0.01, betas=(0.8, 0.99), weight_lr_power=1)),
+    "adamw_b": ("AdamWScheduleFreeClosure", dict(lr=0.01, betas=(0.7, 0.95), weight_lr_power=0)),
     "sgd": ("SGDScheduleFreeClosure", dict(lr=0.05, momentum=0.8, warmup_steps=5)),
     "sgd_wd": ("SGDScheduleFreeClosure", dict(lr=0.02, weight_decay=0.2, r=2.0)),
     "radam": ("RAdamScheduleFreeClosure", dict(lr=0.02, silent_sgd_phase=False, r=1.0)),
-    "radam_silent": (
-        "RAdamScheduleFreeClosure",
-        dict(lr=0.02, betas=(0.9, 0.99), weight_decay=0.05),
-    ),
+    "radam_silent": ("RAdamScheduleFreeClosure", dict(lr=0.01, weight_decay=0.05)),
 }
 
 
@@ -118,8 +116,10 @@ def test_closure_classes_match_schedulefree(case):
         x, losses, opt = _run_closure(
             lambda ps, flags=flags: getattr(sf_torch, name)(ps, **kw, **flags), problem, STEPS
         )
-        assert max_rel_diff(x, x_ref) <= TOL, (case, flags)
-        assert np.max(np.abs(np.array(losses) - loss_ref) / np.abs(loss_ref)) <= TOL
+        # The loop and foreach take 1.4.1's order of operations: the same bits (also where the
+        # problem amplifies round-off: adamw_b, radam_silent).
+        assert max_rel_diff(x, x_ref) == 0.0, (case, flags)
+        assert losses == loss_ref
         # The params hold x: eval_params() is a copy of them, and eval()/train() change nothing.
         assert all(torch.equal(a, b) for a, b in zip(opt.eval_params(), x))
         opt.train()
@@ -530,6 +530,17 @@ def _checks() -> dict:
         )
         out[f"oracle/{name}/y"] = max_rel_diff(y, y_np)
         out[f"oracle/{name}/x"] = max_rel_diff(x, x_np)
+    # The closure class with the fused kernel (y stepped, then switched to x) against 1.4.1.
+    import schedulefree
+
+    kw = dict(lr=0.02, warmup_steps=10, weight_decay=0.1, r=1)
+    x_ref, _, _ = _run_closure(
+        lambda ps: schedulefree.AdamWScheduleFreeClosure(ps, **kw), problem, STEPS
+    )
+    x, _, _ = _run_closure(
+        lambda ps: sf_torch.AdamWScheduleFreeClosure(ps, **kw, fused=True), problem, STEPS
+    )
+    out["closure/fused"] = max_rel_diff(x, x_ref)
     # loop == fused in float32 and with float32 state for bf16 params, tensors over blocks.
     big = Problem(seed=5, shapes=[(50, 61), (1100,), (7,)], rows=30)
     for setup, dtype, state_dtype in (
@@ -582,6 +593,7 @@ def report() -> dict:
 def test_fused_and_capturable_inner_momentum(report):
     oracle = {k: v for k, v in report.items() if k.startswith("oracle/")}
     assert len(oracle) == 4 and max(oracle.values()) <= TOL, oracle
+    assert report["closure/fused"] <= TOL
     assert report["plan/float32"] and report["plan/bf16_f32state"]
     # float32: a few ulps per step over 12 steps; bf16 params: one bf16 ulp moves y (as in
     # test_torch_fused_interpreter.py's IMPL_TOL).
