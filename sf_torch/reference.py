@@ -2,20 +2,28 @@
 
 schedulefree 1.4.1 exports, besides its main classes, ``AdamWScheduleFreeReference``,
 ``SGDScheduleFreeReference`` and ``ScheduleFreeWrapperReference`` (the same rules written with
-``x``, ``y`` and ``z`` all stored: readable, and three buffers per param) and
-``AdamWScheduleFreePaper`` (the rule as first published: the bias correction of ``v`` moved
-from the denominator into the learning rate). Here each takes the same constructor arguments
-(same order and defaults) and computes the same numbers, measured in float64 against 1.4.1 in
-tests/test_torch_surface.py, through sf_torch's rule (``rule.py``): ``x`` is not stored (the
-params hold ``y`` while training, ``x = (y - (1 - b1) z) / b1``), so a step reads and writes
-fewer buffers and every implementation of that rule (loop, foreach, fused) runs it.
+``x``, ``y`` and ``z`` all stored) and ``AdamWScheduleFreePaper`` (the rule as first published:
+the bias correction of ``v`` moved from the denominator into the learning rate). Here each
+takes the same constructor arguments (same order and defaults) and computes the same numbers,
+measured in float64 against 1.4.1 in tests/test_torch_surface.py:
+
+- ``AdamWScheduleFreePaper`` is sf_torch's rule (``rule.py``) with the paper's learning rate
+  and denominator (``rule.PAPER``), in every implementation (loop, foreach, fused): the same
+  bits as 1.4.1's in float64 (the same order of operations).
+- ``AdamWScheduleFreeReference`` and ``SGDScheduleFreeReference`` keep ``x`` as 1.4.1's do
+  (state ``z``, ``x``, ``exp_avg_sq``; the params hold ``y`` while training) and step it in
+  1.4.1's order, one tensor at a time (``foreach`` is accepted and ignored, as there; no fused
+  kernel): the same bits as 1.4.1's. The scalars (lr, warmup, the averaging weight) are
+  ``rule.py``'s. ``eval()`` copies ``x`` into the params and keeps ``y`` (``state['y']``, only
+  while in eval mode) for ``train()``; 1.4.1 keeps ``y`` always. 1.4.1 Reference checkpoints
+  load.
+- ``ScheduleFreeWrapperReference`` is :class:`sf_torch.ScheduleFreeWrapper` (equal to 1.4.1's
+  within float64 round-off).
 
 What differs from 1.4.1's classes, for all of them: they start in train mode (at step 0
-``x = y = z``, so no number changes; ``train()`` before the first step is still right); the
-per-param state is ``z`` and ``exp_avg_sq`` (a 1.4.1 Reference checkpoint loads: its stored
-``x`` and ``y`` are dropped, as the params hold the view of the mode it was saved in); and the
-keyword-only options of the sf_torch class they build on (``fused``, ``state_dtype``,
-``skip_nonfinite``) are there too.
+``x = y = z``, so no number changes; ``train()`` before the first step is still right), and
+the keyword-only options of the sf_torch class they build on (``state_dtype``,
+``skip_nonfinite``, and ``fused`` for the Paper class) are there too.
 """
 
 from __future__ import annotations
@@ -26,22 +34,130 @@ import torch
 
 from sf_schedules.validation import check_choice
 
-from . import rule
+from . import dispatch, dtensor, rule
 from .optimizers import AdamWScheduleFree, ParamsT, ScheduleFreeOptimizer, SGDScheduleFree
 from .wrapper import ScheduleFreeWrapper
 
 
-class AdamWScheduleFreeReference(AdamWScheduleFree):
+class _StoredX:
+    """The Reference classes' step and views: ``x`` stored, 1.4.1's order of operations."""
+
+    def init_state(self: Any, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        state = ScheduleFreeOptimizer.init_state(self, p, group)
+        if "x" not in state:
+            state["x"] = state["z"].clone(memory_format=torch.preserve_format)
+        return state
+
+    def _general_step(self: Any, index: int, step: dispatch.GroupStep) -> None:
+        group, params = step.group, step.params
+        s = rule.scalars(group, self._rule_kind)
+        b1 = rule.b1_of(group, self.kind)
+        dicts, zs, vs, ms = self._buffers(group, params, step.states, s.has_v, s.has_m)
+        xs = [st["x"] for st in dicts]
+        if ms is None:
+            ms = [None] * len(params)
+        lists = [params, step.grads, zs, xs, vs, ms]
+        if dtensor.any_dtensor(params):
+            lists = [dtensor.local(lst) for lst in lists]
+        for y, g, z, x, v, m in zip(*lists):
+            yw = y if y.dtype == z.dtype else y.to(z.dtype)
+            gw = g if g.dtype == z.dtype else g.to(z.dtype)
+            if s.has_v:  # AdamW: decay, then the Adam step on z
+                if s.weight_decay != 0:
+                    z.sub_(z if s.decay_at_z else yw, alpha=s.lr * s.weight_decay)
+                v.mul_(s.b2).addcmul_(gw, gw, value=1 - s.b2)
+                denom = v.div(s.bias_correction2).sqrt_().add_(s.eps)
+                if s.has_m:
+                    m.mul_(s.inner_momentum).add_(gw, alpha=1 - s.inner_momentum)
+                    num = m.div(s.bias_correction1)
+                else:
+                    num = gw
+                z.addcdiv_(num, denom, value=-s.lr)
+            else:  # SGD: the decay joins the gradient
+                gn = gw.add(yw, alpha=s.weight_decay) if s.weight_decay != 0 else gw
+                z.sub_(gn, alpha=s.lr)
+            x.mul_(1 - s.c).add_(z, alpha=s.c)
+            y.copy_(x.mul(b1).add_(z, alpha=1 - b1))
+
+    @torch.no_grad()
+    def eval(self: Any) -> None:
+        """Put ``x`` into the params (``y`` kept for ``train()``). Idempotent."""
+        for group in self.param_groups:
+            if not group["train_mode"]:
+                continue
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state and "x" in state:
+                    state["y"] = p.detach().clone(memory_format=torch.preserve_format)
+                    p.copy_(state["x"])
+            group["train_mode"] = False
+
+    @torch.no_grad()
+    def train(self: Any) -> None:
+        """Put ``y`` back into the params, bit for bit. Idempotent."""
+        for group in self.param_groups:
+            if group["train_mode"]:
+                continue
+            b1 = rule.b1_of(group, self.kind)
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state and "y" in state:
+                    p.copy_(state.pop("y"))
+                elif state and "x" in state:
+                    p.copy_(torch.lerp(state["x"], state["z"], 1 - b1))
+            group["train_mode"] = True
+
+    @torch.no_grad()
+    def eval_params(self: Any) -> list[torch.Tensor]:
+        """``x`` of every param as new tensors (order of the param groups); a param without
+        state gives a copy of itself."""
+        out = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state and "x" in state:
+                    out.append(state["x"].to(p.dtype, copy=True))
+                else:
+                    out.append(p.detach().clone())
+        return out
+
+    def _check_group(self: Any, group: dict[str, Any]) -> None:
+        ScheduleFreeOptimizer._check_group(self, group)
+        if group["capturable"] or group["fused"]:
+            raise ValueError(
+                f"{type(self).__name__} steps one tensor at a time, as schedulefree's "
+                "Reference classes: fused and capturable must be off"
+            )
+
+    def load_state_dict(self: Any, state_dict: dict[str, Any]) -> None:
+        """As the sf_torch class's (this class's or 1.4.1's Reference state dicts); ``x``
+        (a copy of ``z`` where missing) in ``state_dtype``, and ``y`` only in eval mode."""
+        ScheduleFreeOptimizer.load_state_dict(self, state_dict)
+        for group in self.param_groups:
+            dtype = group["state_dtype"]
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state or "z" not in state:
+                    continue
+                x = state.get("x", state["z"])
+                state["x"] = x.to(device=p.device, dtype=dtype or p.dtype, copy=True)
+                if group["train_mode"]:
+                    state.pop("y", None)
+                elif "y" in state:
+                    state["y"] = state["y"].to(device=p.device, dtype=p.dtype, copy=True)
+
+
+class AdamWScheduleFreeReference(_StoredX, AdamWScheduleFree):
     """``schedulefree.AdamWScheduleFreeReference``: Schedule-Free AdamW, as
     :class:`sf_torch.AdamWScheduleFree`, plus ``decay_at_z``.
 
     Args as :class:`sf_torch.AdamWScheduleFree`, in upstream main's order (``decay_at_z`` and
     ``inner_momentum`` before ``foreach``; 1.4.1 has no ``inner_momentum``), and:
         decay_at_z: True evaluates the weight decay at ``z`` (``z -= lr * weight_decay * z``)
-            instead of at ``y``. The loop and foreach step it; ``fused=True`` is refused with
-            it (``fused=None`` takes foreach or the loop).
+            instead of at ``y``.
 
-    ``foreach`` is honoured (1.4.1's Reference ignores it); ``capturable`` is not offered.
+    ``x`` is stored and stepped in 1.4.1's order, one tensor at a time (module docstring);
+    ``foreach`` is accepted and ignored, as in 1.4.1; no ``fused``, no ``capturable``.
     """
 
     def __init__(
@@ -56,18 +172,12 @@ class AdamWScheduleFreeReference(AdamWScheduleFree):
         weight_lr_power: float = 2,
         decay_at_z: bool = False,
         inner_momentum: float = 0.0,
-        foreach: bool | None = None,
+        foreach: bool | None = False,
         *,
-        fused: bool | None = None,
         state_dtype: torch.dtype | None = None,
         skip_nonfinite: bool = False,
     ):
         check_choice("decay_at_z", decay_at_z, (True, False))
-        if decay_at_z and fused:
-            raise ValueError(
-                "fused=True does not step decay_at_z=True: pass fused=None or False (foreach or "
-                "the loop step it)"
-            )
         hyperparameters = dict(
             lr=lr,
             betas=betas,
@@ -80,19 +190,8 @@ class AdamWScheduleFreeReference(AdamWScheduleFree):
             decay_at_z=decay_at_z,
         )
         ScheduleFreeOptimizer.__init__(
-            self, params, hyperparameters, foreach, fused, state_dtype, False, skip_nonfinite
+            self, params, hyperparameters, foreach, False, state_dtype, False, skip_nonfinite
         )
-
-    def _check_group(self, group: dict[str, Any]) -> None:
-        super()._check_group(group)
-        if group["capturable"]:
-            raise ValueError(f"{type(self).__name__} does not offer capturable=True")
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As :class:`sf_torch.AdamWScheduleFree`'s; the ``x`` and ``y`` that schedulefree's
-        Reference class stores per param are dropped (the params hold the view)."""
-        super().load_state_dict(state_dict)
-        _drop_views(self)
 
 
 class AdamWScheduleFreePaper(AdamWScheduleFree):
@@ -148,23 +247,39 @@ class AdamWScheduleFreePaper(AdamWScheduleFree):
             )
 
 
-class SGDScheduleFreeReference(SGDScheduleFree):
-    """``schedulefree.SGDScheduleFreeReference``: Schedule-Free SGD, as
-    :class:`sf_torch.SGDScheduleFree` (same arguments in the same order). 1.4.1's class adds
+class SGDScheduleFreeReference(_StoredX, SGDScheduleFree):
+    """``schedulefree.SGDScheduleFreeReference``: Schedule-Free SGD with ``x`` stored, stepped
+    in 1.4.1's order (module docstring); same arguments in the same order. 1.4.1's class adds
     the weight decay into ``p.grad`` in place; here gradients are never written. ``momentum``
-    may be 1 (1.4.1's Reference refuses it: (0, 1) there)."""
+    may be 1 (1.4.1's Reference refuses it: (0, 1) there). No ``fused``, no ``capturable``."""
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As :class:`sf_torch.SGDScheduleFree`'s; a Reference checkpoint's stored ``x`` and
-        ``y`` are dropped (the params hold the view)."""
-        super().load_state_dict(state_dict)
-        _drop_views(self)
-
-
-def _drop_views(optimizer: torch.optim.Optimizer) -> None:
-    for state in optimizer.state.values():
-        state.pop("x", None)
-        state.pop("y", None)
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | torch.Tensor = 1.0,
+        momentum: float = 0.9,
+        weight_decay: float = 0,
+        warmup_steps: int = 0,
+        r: float = 0.0,
+        weight_lr_power: float = 2,
+        foreach: bool | None = None,
+        *,
+        state_dtype: torch.dtype | None = None,
+        skip_nonfinite: bool = False,
+    ):
+        super().__init__(
+            params,
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            warmup_steps=warmup_steps,
+            r=r,
+            weight_lr_power=weight_lr_power,
+            foreach=foreach,
+            fused=False,
+            state_dtype=state_dtype,
+            skip_nonfinite=skip_nonfinite,
+        )
 
 
 class ScheduleFreeWrapperReference(ScheduleFreeWrapper):

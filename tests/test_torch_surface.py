@@ -198,6 +198,12 @@ def test_closure_class_errors_and_checkpoint():
 REFERENCE_CASES = {
     "adamw_reference": (dict(lr=0.02, warmup_steps=10, weight_decay=0.1, r=1.0), {}),
     "adamw_reference_decay_at_z": (dict(lr=0.02, weight_decay=0.3, decay_at_z=True), {}),
+    # b2 = 0.9 and a small lr: round-off grows by ~1e8 over the run here (1.4.1's Reference
+    # against 1.4.1's AdamWScheduleFree differ by 1e-4), so only the same operations agree.
+    "adamw_reference_amplifying": (
+        dict(lr=0.003, betas=(0.9, 0.9), weight_decay=0.01, warmup_steps=7, r=2.0),
+        {},
+    ),
     "adamw_paper": (dict(lr=0.02, warmup_steps=10, weight_decay=0.1, r=1.0), {}),
     "adamw_paper_b": (dict(lr=0.01, betas=(0.8, 0.99), eps=1e-3, weight_lr_power=1.0), {}),
     "sgd_reference": (dict(lr=0.05, momentum=0.8, warmup_steps=5, weight_decay=0.1), {}),
@@ -205,6 +211,7 @@ REFERENCE_CASES = {
 _REF_CLASS = {
     "adamw_reference": "AdamWScheduleFreeReference",
     "adamw_reference_decay_at_z": "AdamWScheduleFreeReference",
+    "adamw_reference_amplifying": "AdamWScheduleFreeReference",
     "adamw_paper": "AdamWScheduleFreePaper",
     "adamw_paper_b": "AdamWScheduleFreePaper",
     "sgd_reference": "SGDScheduleFreeReference",
@@ -223,8 +230,10 @@ def test_reference_and_paper_classes_match_schedulefree(case):
         y, x = run(
             lambda ps, flags=flags: getattr(sf_torch, name)(ps, **kw, **flags), problem, STEPS
         )
-        assert max_rel_diff(y, y_ref) <= TOL, (case, flags, "y")
-        assert max_rel_diff(x, x_ref) <= TOL, (case, flags, "x")
+        # The same operations in the same order as 1.4.1 (module docstring of
+        # sf_torch.reference): the same bits.
+        assert max_rel_diff(y, y_ref) == 0.0, (case, flags, "y")
+        assert max_rel_diff(x, x_ref) == 0.0, (case, flags, "x")
 
 
 def test_reference_checkpoint_of_schedulefree_loads():
@@ -239,14 +248,15 @@ def test_reference_checkpoint_of_schedulefree_loads():
     mine_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
     mine = sf_torch.AdamWScheduleFreeReference(mine_params, lr=0.02, weight_decay=0.1)
     mine.load_state_dict(ref.state_dict())
-    assert sorted(mine.state[mine_params[0]]) == ["exp_avg_sq", "z"]
+    assert sorted(mine.state[mine_params[0]]) == ["exp_avg_sq", "x", "y", "z"]  # eval mode
     for opt, ps in ((ref, params), (mine, mine_params)):
         opt.train()
         for _ in range(10):
             backward(problem, ps)
             opt.step()
         opt.eval()
-    assert max_rel_diff(mine_params, params) <= TOL
+    assert max_rel_diff(mine_params, params) == 0.0
+    assert "y" not in mine.state[mine_params[0]] or not mine.param_groups[0]["train_mode"]
 
 
 @pytest.mark.parametrize("base", ["sgd_momentum", "adagrad"])
@@ -374,8 +384,8 @@ def test_reference_inner_momentum_matches_upstream_main(decay_at_z):
         lambda ps: main.AdamWScheduleFreeReference(ps, **kw), problem, STEPS, reference=True
     )
     y, x = run(lambda ps: sf_torch.AdamWScheduleFreeReference(ps, **kw), problem, STEPS)
-    assert max_rel_diff(y, y_ref) <= TOL
-    assert max_rel_diff(x, x_ref) <= TOL
+    assert max_rel_diff(y, y_ref) == 0.0
+    assert max_rel_diff(x, x_ref) == 0.0
 
 
 # -------------------------------------------------- inner_momentum: state and checkpoints
@@ -468,15 +478,17 @@ def test_inner_momentum_out_of_range(bad):
         opt.step()
 
 
-def test_paper_refuses_inner_momentum_and_reference_fused_decay_at_z():
+def test_paper_refuses_inner_momentum_and_reference_fused():
     params = Problem(seed=0).params()
     opt = sf_torch.AdamWScheduleFreePaper(params)
     opt.param_groups[0]["inner_momentum"] = 0.9
     backward(Problem(seed=0), params)
     with pytest.raises(ValueError, match="inner_momentum"):
         opt.step()
-    with pytest.raises(ValueError, match="decay_at_z"):
-        sf_torch.AdamWScheduleFreeReference(params, decay_at_z=True, fused=True)
+    ref = sf_torch.AdamWScheduleFreeReference(params, decay_at_z=True)
+    ref.param_groups[0]["fused"] = True
+    with pytest.raises(ValueError, match="fused"):
+        ref.step()
 
 
 # ------------------------------------------------------------ inner_momentum under DeepSpeed
