@@ -17,8 +17,8 @@ measured in float64 against 1.4.1 in tests/test_torch_surface.py:
   ``rule.py``'s. ``eval()`` copies ``x`` into the params and keeps ``y`` (``state['y']``, only
   while in eval mode) for ``train()``; 1.4.1 keeps ``y`` always. 1.4.1 Reference checkpoints
   load.
-- ``ScheduleFreeWrapperReference`` is :class:`sf_torch.ScheduleFreeWrapper` (equal to 1.4.1's
-  within float64 round-off).
+- ``ScheduleFreeWrapperReference`` is :class:`sf_torch.ScheduleFreeWrapper` with ``x`` stored
+  beside ``z`` and stepped in 1.4.1's order: the same bits as 1.4.1's.
 
 What differs from 1.4.1's classes, for all of them: they start in train mode (at step 0
 ``x = y = z``, so no number changes; ``train()`` before the first step is still right), and
@@ -285,10 +285,16 @@ class SGDScheduleFreeReference(_StoredX, SGDScheduleFree):
 class ScheduleFreeWrapperReference(ScheduleFreeWrapper):
     """``schedulefree.ScheduleFreeWrapperReference``: :class:`sf_torch.ScheduleFreeWrapper`
     under 1.4.1's argument names (``base``, ``momentum``, ``weight_decay_at_y``, ``r``,
-    ``weight_lr_power``) and, as 1.4.1's, with no check on the base optimizer's own momentum
+    ``weight_lr_power``), with ``x`` stored beside ``z`` and stepped in 1.4.1's order (the same
+    bits), and, as 1.4.1's, with no check on the base optimizer's own momentum
     (:class:`sf_torch.ScheduleFreeWrapper` refuses a base with momentum: with both, the result
-    is no Schedule-Free method). The state dict is :class:`sf_torch.ScheduleFreeWrapper`'s
-    (``z`` under ``schedule_free``), not 1.4.1's (``x``, ``y``, ``z`` in the base's state)."""
+    is no Schedule-Free method).
+
+    What differs from 1.4.1's: ``x`` and ``z`` live in ``sf_state`` (1.4.1 puts ``x``, ``y``,
+    ``z`` into the base optimizer's state, which breaks bases that create their state when it
+    is empty, e.g. Adam, RMSprop), so the state dict is :class:`sf_torch.ScheduleFreeWrapper`'s
+    layout with ``x`` (and ``y`` in eval mode) added; only params with a gradient are stepped
+    (1.4.1 also decays and re-averages the others); it starts in train mode."""
 
     _momentum_free_base = False
 
@@ -307,3 +313,113 @@ class ScheduleFreeWrapperReference(ScheduleFreeWrapper):
             r=r,
             weight_lr_power=weight_lr_power,
         )
+
+    # -- 1.4.1's order: x stored -------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        if not self.train_mode:
+            raise RuntimeError(
+                "step() was called in eval mode: call optimizer.train() before training steps "
+                "(and optimizer.eval() before evaluating or saving a checkpoint)"
+            )
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        active = [p for p in self._params() if p.grad is not None]
+        for p in active:
+            if p.grad.layout != torch.strided:
+                raise RuntimeError(
+                    "ScheduleFreeWrapperReference does not support sparse gradients (got a "
+                    f"{p.grad.layout} gradient for a param of shape {tuple(p.shape)})"
+                )
+        stepped = []
+        for group in self.param_groups:
+            alpha = float(group["lr"]) * self.weight_decay_at_y
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.sf_state.setdefault(p, {})
+                if "z" not in st:
+                    st["z"] = p.detach().clone(memory_format=torch.preserve_format)
+                    st["x"] = p.detach().clone(memory_format=torch.preserve_format)
+                if alpha != 0:
+                    st["z"].sub_(p, alpha=alpha)  # at y, which the params hold
+                p.copy_(st["z"])
+                stepped.append(p)
+        self.base.step()
+        stepped_ids = set(map(id, stepped))
+        for group in self.param_groups:
+            k = int(group["k"])
+            lr = float(group["lr"]) * float(group.get("d", 1.0))
+            lr_max = max(float(group["lr_max"]), lr)
+            weight = rule.averaging_weight(k, lr_max, self.r, self.weight_lr_power)
+            weight_sum = float(group["weight_sum"]) + weight
+            c = weight / weight_sum if weight_sum != 0 else 0.0
+            group.update(k=k + 1, lr_max=lr_max, weight_sum=weight_sum)
+            for p in group["params"]:
+                if id(p) not in stepped_ids:
+                    continue
+                st = self.sf_state[p]
+                z, x = st["z"], st["x"]
+                z.copy_(p)
+                x.lerp_(z, c)
+                p.copy_(x.clone().lerp_(z, 1 - self.momentum))
+        return loss
+
+    @torch.no_grad()
+    def eval(self) -> None:
+        """Put ``x`` into the params (``y`` kept for ``train()``). Idempotent."""
+        if self.train_mode:
+            for p, st in self.sf_state.items():
+                st["y"] = p.detach().clone(memory_format=torch.preserve_format)
+                p.copy_(st["x"])
+        self.train_mode = False
+
+    @torch.no_grad()
+    def train(self) -> None:
+        """Put ``y`` back into the params, bit for bit. Idempotent."""
+        if not self.train_mode:
+            for p, st in self.sf_state.items():
+                if "y" in st:
+                    p.copy_(st.pop("y"))
+                else:
+                    p.copy_(torch.lerp(st["x"], st["z"], 1 - self.momentum))
+        self.train_mode = True
+
+    @torch.no_grad()
+    def eval_params(self) -> list[torch.Tensor]:
+        out = []
+        for p in self._params():
+            st = self.sf_state.get(p)
+            out.append(st["x"].clone() if st is not None else p.detach().clone())
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base's state dict, plus ``z``, ``x`` (and ``y`` in eval mode) by param index,
+        and the mode."""
+        out = super().state_dict()
+        index = {p: i for i, p in enumerate(self._params())}
+        for key in ("x", "y"):
+            out["schedule_free"][key] = {
+                index[p]: st[key] for p, st in self.sf_state.items() if p in index and key in st
+            }
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        params = self._params()
+        saved = state_dict["schedule_free"]
+        for key in ("x", "y"):
+            for i, t in saved.get(key, {}).items():
+                p = params[i]
+                self.sf_state[p][key] = t.to(device=p.device, dtype=p.dtype, copy=True)
+        for p, st in self.sf_state.items():
+            if "x" not in st:  # a ScheduleFreeWrapper's state dict: x from the params' view
+                held = p.detach()
+                st["x"] = (
+                    rule.x_of(held, st["z"], self.momentum) if self.train_mode else held.clone()
+                )
+            if self.train_mode:
+                st.pop("y", None)
