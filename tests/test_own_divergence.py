@@ -368,12 +368,13 @@ def test_conv_outputs_compared_across_layouts():
 
 class LinenBatchNormNet(linen.Module):
     epsilon: float = 1e-5
+    running: bool = False  # use_running_average
 
     @linen.compact
     def __call__(self, x):  # x: NHWC; auto-named submodules (Conv_0, BatchNorm_0, Dense_0)
         kw = dict(dtype=jnp.float64, param_dtype=jnp.float64)
         h = linen.Conv(6, (3, 3), padding="SAME", **kw)(x)
-        h = linen.BatchNorm(use_running_average=False, epsilon=self.epsilon, **kw)(h)
+        h = linen.BatchNorm(use_running_average=self.running, epsilon=self.epsilon, **kw)(h)
         return linen.Dense(3, **kw)(linen.relu(h).mean((1, 2)))
 
 
@@ -416,6 +417,40 @@ def test_plain_linen_twin_with_batch_stats(epsilon, site):
     assert found.row("conv").output < 1e-13  # (4, 6, 5, 5) against (4, 5, 5, 6)
     # the torch model's running statistics are its own again
     assert torch.equal(torch_model.bn.running_mean, torch.zeros(6, dtype=torch.float64))
+    assert found.explanation == ""
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_batch_norm_in_the_other_mode_is_explained(train):
+    """A linen BatchNorm on running averages while torch trains on batch statistics (the
+    mistake of transformers' Flax RegNet), and the reverse in eval mode: the finder stops at
+    the BatchNorm and says which statistics the Flax side used."""
+    rng = np.random.default_rng(3)
+    batch = {"x": rng.normal(size=(4, 5, 5, 2)), "y": rng.integers(0, 3, size=4)}
+    model = LinenBatchNormNet(running=train)  # the wrong mode for the torch side's
+    with jax.enable_x64(True):
+        variables = model.init(jax.random.key(0), jnp.zeros((1, 5, 5, 2)))
+
+    def flax_loss(variables, b):
+        logits, _ = model.apply(variables, b["x"], mutable=["batch_stats"])
+        logp = jax.nn.log_softmax(logits)
+        return -jnp.take_along_axis(logp, b["y"][:, None], 1).mean()
+
+    def torch_loss(m, b):
+        return torch.nn.functional.cross_entropy(m(b["x"].permute(0, 3, 1, 2)), b["y"])
+
+    torch.manual_seed(0)
+    torch_model = TorchBatchNormNet().double()
+    with torch.no_grad():
+        torch_model.bn.running_mean.copy_(torch.linspace(-0.5, 0.5, 6))
+        torch_model.bn.running_var.copy_(torch.linspace(0.5, 2.0, 6))
+    found = divergence.find(
+        torch_model, model, torch_loss, flax_loss, batch, variables=variables, train=train
+    )
+    assert (found.first, found.kind) == ("bn", "output") and found.figure > 1e-2, str(found)
+    used = "its running averages" if train else "the batch statistics"
+    assert f"BatchNorm bn normalizes with {used}" in found.verdict()
+    assert found.explanation in found.verdict() and found.to_dict()["explanation"]
 
 
 # -- errors -------------------------------------------------------------------------------------

@@ -551,3 +551,136 @@ def test_more_hf_architectures_match_transformers(hf_more):
         norms = [x for x in tm.modules() if isinstance(x, nn.BatchNorm2d)]
         assert len(norms) >= 5 and len(m.buffers()) == 2 * len(norms)
         assert {e.flax_path[0] for e in m.buffers()} == {"batch_stats"}
+
+
+# -- weight norm ---------------------------------------------------------------------------------
+
+
+def test_wav2vec2_weight_norm_matches_transformers():
+    """Wav2Vec2's positional convolution is weight-normed: torch's
+    ``parametrizations.weight.original0/1`` (and the legacy ``weight_g``/``weight_v`` of
+    ``torch.nn.utils.weight_norm``) are transformers' Flax ``weight_g``/``weight_v``, as its
+    converter has them, bit for bit; ``masked_spec_embed`` (Flax only) needs ``ignore``."""
+    pytest.importorskip("transformers")
+    from flax.traverse_util import flatten_dict
+    from transformers.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax
+
+    from parity.own import hf
+
+    pair = hf.wav2vec2(dtype="float32")
+    tm, variables = pair.torch_model, pair.variables
+    with pytest.raises(ValueError) as err:
+        pm.infer(tm, pair.flax_model, variables)
+    msg = str(err.value)
+    assert "params/wav2vec2/masked_spec_embed (32,)" in msg
+    assert "ignore=['params/wav2vec2/masked_spec_embed']" in msg
+    assert "parametrizations" not in msg  # the weight-norm pair is matched
+    wrapper = SimpleNamespace(params=variables["params"], base_model_prefix=tm.base_model_prefix)
+    conv = "wav2vec2.encoder.pos_conv_embed.conv"
+    flax_conv = ("params", "wav2vec2", "encoder", "pos_conv_embed", "conv")
+    for form in ("parametrizations", "legacy"):
+        if form == "legacy":
+            module = tm.get_submodule(conv)
+            torch.nn.utils.parametrize.remove_parametrizations(module, "weight")
+            torch.nn.utils.weight_norm(module, name="weight", dim=2)
+            g, v = f"{conv}.weight_g", f"{conv}.weight_v"
+        else:
+            g = f"{conv}.parametrizations.weight.original0"
+            v = f"{conv}.parametrizations.weight.original1"
+        m = pm.infer(tm, pair.flax_model, variables, ignore=pair.ignore)
+        assert m.ignored == (("params", "wav2vec2", "masked_spec_embed"),)
+        assert m.entry(g).flax_path == flax_conv + ("weight_g",)
+        assert m.entry(v).flax_path == flax_conv + ("weight_v",)
+        assert m.entry(g).layout == m.entry(v).layout == "same"
+        assert m.entry(v).torch_shape == (32, 16, 4) and m.entry(g).torch_shape == (1, 1, 4)
+        state = {k: val.detach().clone() for k, val in tm.state_dict().items()}
+        oracle = flatten_dict(convert_pytorch_state_dict_to_flax(state, wrapper))
+        ours = m.to_flax(pm.torch_arrays(tm))
+        assert set(oracle) == {p[1:] for p in ours}
+        for path, array in ours.items():
+            expected = np.asarray(oracle[path[1:]])
+            assert array.dtype == expected.dtype and np.array_equal(array, expected), path
+        flax_all = pm.flax_arrays(None, variables)
+        _assert_round_trips(m, pm.torch_arrays(tm), {p: flax_all[p] for p in ours})
+
+
+class TorchWeightNormed(nn.Module):
+    def __init__(self, square=False):
+        super().__init__()
+        if square:
+            self.proj = nn.utils.parametrizations.weight_norm(nn.Linear(4, 4), dim=None)
+        else:
+            self.conv = nn.utils.parametrizations.weight_norm(nn.Conv1d(3, 5, 2), dim=0)
+
+    def forward(self, x):  # x: (batch, width, channels)
+        return self.conv(x.transpose(1, 2)).transpose(1, 2)
+
+
+class NnxWeightNormedConv(nnx.Module):
+    """A weight-normed Conv1d that keeps v as a Flax kernel (width, in, out) and g (1, 1, out)."""
+
+    def __init__(self, rngs):
+        kw = dict(dtype=jnp.float64)
+        self.weight_v = nnx.Param(jax.random.normal(rngs.params(), (2, 3, 5), **kw))
+        self.weight_g = nnx.Param(jnp.ones((1, 1, 5), **kw))
+        self.bias = nnx.Param(jnp.zeros((5,), **kw))
+
+    def __call__(self, x):
+        v = self.weight_v[...]
+        kernel = v / jnp.linalg.norm(v, axis=(0, 1), keepdims=True) * self.weight_g[...]
+        numbers = ("NWC", "WIO", "NWC")
+        y = jax.lax.conv_general_dilated(x, kernel, (1,), "VALID", dimension_numbers=numbers)
+        return y + self.bias[...]
+
+
+class NnxSquare(nnx.Module):
+    def __init__(self, g_shape):
+        self.weight_g = nnx.Param(jnp.ones(g_shape))
+        self.weight_v = nnx.Param(jnp.ones((4, 4)))
+        self.bias = nnx.Param(jnp.zeros(4))
+
+
+class NnxWeightNormed(nnx.Module):
+    def __init__(self, rngs, square_g=None):
+        if square_g is not None:
+            self.proj = NnxSquare(square_g)
+        else:
+            self.conv = NnxWeightNormedConv(rngs)
+
+    def __call__(self, x):
+        return self.conv(x)
+
+
+@pytest.mark.usefixtures("x64")
+def test_weight_norm_pair_in_kernel_layout_and_ambiguity():
+    """A port that stores v as a Flax conv kernel: g and v both take the conv layout (the
+    forward passes agree in float64); a pair that fits both layouts is an error naming it."""
+    torch.manual_seed(0)
+    tm = TorchWeightNormed().double()
+    fm = NnxWeightNormed(nnx.Rngs(0))
+    m = pm.infer(tm, fm)
+    g, v = "conv.parametrizations.weight.original0", "conv.parametrizations.weight.original1"
+    assert (m.entry(g).layout, m.entry(v).layout) == ("conv", "conv")
+    assert m.entry(g).flax_shape == (1, 1, 5)
+    assert m.entry(v).flax_path == ("params", "conv", "weight_v")
+    pm.load_flax(m, fm, pm.torch_arrays(tm))
+    x = np.random.default_rng(0).normal(size=(2, 6, 3))
+    with torch.no_grad():
+        expected = tm(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(np.asarray(fm(jnp.asarray(x))), expected, rtol=1e-12, atol=1e-12)
+    _assert_round_trips(m, pm.torch_arrays(tm), pm.flax_arrays(fm))
+
+    with pytest.raises(ValueError) as err:
+        square = TorchWeightNormed(square=True)
+        g_shape = square.proj.parametrizations.weight.original0.shape
+        pm.infer(square, NnxWeightNormed(nnx.Rngs(0), square_g=g_shape))
+    msg = str(err.value)
+    assert "layout is unknown" in msg
+    assert "proj.parametrizations.weight.original1 (4, 4) [Linear weight_norm]" in msg
+    assert "a weight-norm pair whose shapes fit both 'same' and 'linear'" in msg
+    suggested = "overrides={'proj.parametrizations.weight.original0': ('params/proj/weight_g', "
+    assert suggested + "'same'), 'proj.parametrizations.weight.original1': (" in msg
+    names = ("proj.parametrizations.weight.original0", "proj.parametrizations.weight.original1")
+    overrides = {names[0]: ("params/proj/weight_g", "same"), names[1]: ("proj/weight_v", "linear")}
+    m = pm.infer(square, NnxWeightNormed(nnx.Rngs(0), square_g=g_shape), overrides=overrides)
+    assert [m.entry(n).layout for n in names] == ["same", "linear"]

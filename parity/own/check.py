@@ -288,7 +288,7 @@ class _Setup:
         self.torch_dtype = getattr(torch, config.dtype)
         self.model = pair.torch_model.to(self.torch_dtype)
         self.mapping = mapping_lib.infer(
-            self.model, pair.flax_model, pair.variables, overrides=overrides
+            self.model, pair.flax_model, pair.variables, overrides=overrides, ignore=pair.ignore
         )
         self.param_entries = self.mapping.params()
         # torch buffers the port keeps among its parameters (transformers' Flax BART family:
@@ -823,12 +823,13 @@ def check(
     overrides=None,
     flax_eval_loss: Callable | None = None,
     name: str = "pair",
+    ignore: Sequence = (),
     **options,
 ) -> CheckResult:
     """Train every backend on the pair and compare the trajectories (see the module doc).
 
-    ``torch_model`` / ``flax_model`` / losses / batches / ``variables`` / ``overrides`` are those
-    of :class:`parity.own.Pair`; ``options`` are :func:`check_pair`'s.
+    ``torch_model`` / ``flax_model`` / losses / batches / ``variables`` / ``overrides`` /
+    ``ignore`` are those of :class:`parity.own.Pair`; ``options`` are :func:`check_pair`'s.
     """
     from parity.own.spec import Pair
 
@@ -843,6 +844,7 @@ def check(
         overrides=overrides,
         flax_eval_loss=flax_eval_loss,
         name=name,
+        ignore=ignore,
     )
     return check_pair(pair, **options)
 

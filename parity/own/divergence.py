@@ -98,6 +98,9 @@ class Divergence:
       loss_difference: ``|flax - torch| / |torch|``.
       gradient_scale: ``G``, the largest gradient entry (torch side).
       unmatched: ``{"torch": [...], "flax": [...]}``, modules that ran on one side only.
+      explanation: what the finder could tell about the first divergence ("" when nothing):
+        at a torch BatchNorm, whether the Flax output is torch's output in the other mode
+        (running averages against batch statistics).
     """
 
     first: str | None
@@ -110,6 +113,7 @@ class Divergence:
     loss_difference: float
     gradient_scale: float
     unmatched: dict[str, list[str]] = field(default_factory=dict)
+    explanation: str = ""
 
     @property
     def diverged(self) -> bool:
@@ -122,6 +126,10 @@ class Divergence:
         raise KeyError(f"no row for torch module {torch_name!r}")
 
     def verdict(self) -> str:
+        text = self._verdict()
+        return f"{text}. {self.explanation}" if self.explanation else text
+
+    def _verdict(self) -> str:
         tol = f"tolerance {self.tolerance:.0e}, {self.dtype}"
         if self.kind is None:
             return f"no divergence: every output, the loss and every gradient agree ({tol})"
@@ -343,13 +351,38 @@ def _torch_run(torch_model, torch_loss, batch, dtype, train):
     old_grads = {n: p.grad for n, p in params.items()}
     outputs: dict[str, list] = {}
     fired: list[tuple[str, int]] = []  # (module, its call number), in firing order
+    # BatchNorm outputs in the other mode (running averages in train mode, batch statistics in
+    # eval mode), computed from the same input and the statistics before the call
+    other_mode: dict[str, list] = {}
+    batch_norm = torch.nn.modules.batchnorm._BatchNorm
 
     def hook(module, _inputs, output):
         name = names[id(module)]
         outputs.setdefault(name, []).append(_leaves(output, _is_torch_tensor, _torch_numpy))
         fired.append((name, len(outputs[name]) - 1))
 
+    def pre_hook(module, inputs):
+        if not inputs or not _is_torch_tensor(inputs[0]) or module.running_mean is None:
+            return
+        with torch.no_grad():
+            other = torch.nn.functional.batch_norm(
+                inputs[0],
+                module.running_mean.clone(),
+                module.running_var.clone(),
+                module.weight,
+                module.bias,
+                training=not module.training,
+                momentum=0.0,
+                eps=module.eps,
+            )
+        other_mode.setdefault(names[id(module)], []).append({"": _torch_numpy(other)})
+
     handles = [m.register_forward_hook(hook) for m in torch_model.modules()]
+    handles += [
+        m.register_forward_pre_hook(pre_hook)
+        for m in torch_model.modules()
+        if isinstance(m, batch_norm)
+    ]
     try:
         torch_model.train(train)
         for p in params.values():
@@ -382,7 +415,7 @@ def _torch_run(torch_model, torch_loss, batch, dtype, train):
                     live[n].copy_(b)
         for n, p in params.items():
             p.grad = old_grads[n]
-    return outputs, loss_value, grads, fired
+    return outputs, loss_value, grads, fired, other_mode
 
 
 # -- flax side ----------------------------------------------------------------------------------
@@ -615,6 +648,7 @@ def find(
     variables=None,
     mapping=None,
     overrides=None,
+    ignore=(),
     dtype: str | None = None,
     rtol: float | None = None,
     train: bool = True,
@@ -631,7 +665,7 @@ def find(
       batch: a dict of numpy arrays (floating ones are converted to the run's dtype).
       variables: linen's variables dict; None for nnx.
       mapping: a ``parity.own.mapping.Mapping``; default ``mapping.infer(..., overrides)``.
-      overrides: passed to ``mapping.infer`` when ``mapping`` is None.
+      overrides, ignore: passed to ``mapping.infer`` when ``mapping`` is None.
       dtype: "float64" or "float32"; default the torch model's parameter dtype (which it must
         be: the finder converts no model).
       rtol: the tolerance; default ``parity.tolerances.divergence_tolerance(dtype)``.
@@ -666,7 +700,9 @@ def find(
     if not (isinstance(rtol, (int, float)) and rtol > 0):
         raise ValueError(f"rtol must be a positive number, got {rtol!r}")
     if mapping is None:
-        mapping = mapping_mod.infer(torch_model, flax_model, variables, overrides=overrides)
+        mapping = mapping_mod.infer(
+            torch_model, flax_model, variables, overrides=overrides, ignore=ignore
+        )
     elif not isinstance(mapping, mapping_mod.Mapping):
         raise TypeError(
             f"mapping must be a parity.own.mapping.Mapping or None, got {type(mapping).__name__}"
@@ -699,7 +735,9 @@ def _find(torch_model, flax_model, torch_loss, flax_loss, batch, variables, mapp
         return x.astype(jdtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
 
     # torch
-    t_outputs, t_loss, t_grads, fired = _torch_run(torch_model, torch_loss, batch, dtype, train)
+    t_outputs, t_loss, t_grads, fired, t_other = _torch_run(
+        torch_model, torch_loss, batch, dtype, train
+    )
 
     # flax, with the torch weights
     jb = _jax_batch(batch, jdtype)
@@ -790,8 +828,13 @@ def _find(torch_model, flax_model, torch_loss, flax_loss, batch, variables, mapp
         and per_call[name][k] is not None
         and not per_call[name][k] <= rtol
     ]
+    explanation = ""
     if over:
         first, kind_, figure = over[0][0], "output", over[0][2]
+        if first in t_other:
+            other, _, _ = _compare_outputs(t_other[first], f_outputs[pairs[first]])
+            if other is not None and other <= rtol:
+                explanation = _batch_norm_mode(first, train, figure, other)
         calls = len(per_call[first])
         if calls > 1:
             extra = f"first differs at call {over[0][1] + 1} of {calls}"
@@ -818,13 +861,31 @@ def _find(torch_model, flax_model, torch_loss, flax_loss, batch, variables, mapp
         loss_difference=loss_diff,
         gradient_scale=scale,
         unmatched=unmatched,
+        explanation=explanation,
+    )
+
+
+def _batch_norm_mode(name: str, train: bool, figure: float, other: float) -> str:
+    """The explanation of a BatchNorm whose Flax output is torch's output in the other mode."""
+    if train:
+        flax_stats, torch_stats = "its running averages", "the batch statistics (train mode)"
+        flag = "linen use_running_average=True, or an nnx BatchNorm in eval mode"
+    else:
+        flax_stats, torch_stats = "the batch statistics", "its running averages (eval mode)"
+        flag = "linen use_running_average=False, or an nnx BatchNorm in train mode"
+    return (
+        f"The Flax twin of BatchNorm {name} normalizes with {flax_stats} ({flag}): its output "
+        f"agrees with torch's computed that way to {other:.1e}, while torch normalizes with "
+        f"{torch_stats}, {figure:.2e} apart. The Flax model does not pass the train flag "
+        "down to this BatchNorm, or the loss sets the other mode; in a port by someone else "
+        "that is the port's own difference, not the mapping's"
     )
 
 
 def find_pair(pair, batch_index: int = 0, **kwargs) -> Divergence:
     """:func:`find` on a :class:`parity.own.Pair` and its batch ``pair.batches[batch_index]``
-    (its overrides passed on; keyword arguments go to :func:`find`; with ``train=False`` the
-    Flax side uses ``pair.flax_eval_loss`` when there is one)."""
+    (its overrides and ignore passed on; keyword arguments go to :func:`find`; with
+    ``train=False`` the Flax side uses ``pair.flax_eval_loss`` when there is one)."""
     from parity.own.spec import Pair
 
     if not isinstance(pair, Pair):
@@ -837,6 +898,7 @@ def find_pair(pair, batch_index: int = 0, **kwargs) -> Divergence:
             f"got {batch_index!r}"
         )
     kwargs.setdefault("overrides", pair.overrides)
+    kwargs.setdefault("ignore", pair.ignore)
     train = kwargs.get("train", True)
     flax_loss = pair.flax_loss if train or pair.flax_eval_loss is None else pair.flax_eval_loss
     return find(

@@ -12,6 +12,10 @@ params as ``variables``; the weights both start from are the torch model's (``pa
 copies them over through the mapping). Dropout is off (a trajectory needs the same function
 in both frameworks), and every loss is a cross entropy written out in the run's dtype.
 
+:func:`regnet` is a pair that does NOT agree: transformers' Flax RegNet runs the BatchNorms
+of each layer's main branch on their running averages in training (see its docstring and the
+figures there); ``parity.own.divergence`` names that BatchNorm and says so.
+
 ``bug`` injects a porting mistake into the torch side so the divergence finder has something
 to find: ``"layernorm_eps"`` (one LayerNorm's epsilon 1e-3 instead of the config's) or
 ``"gelu"`` (one MLP's GELU is the tanh approximation).
@@ -47,6 +51,8 @@ BUG_SITES = {
     "gpt2": {"layernorm_eps": "transformer.h.1.ln_2"},
     "bart": {"layernorm_eps": "model.decoder.layers.0.encoder_attn_layer_norm"},
     "resnet": {},
+    "regnet": {},
+    "wav2vec2": {},
 }
 TEXT = dict(vocab=64, seq=12, batch=4)
 IMAGE = dict(size=8, patch=4, channels=3, classes=5, batch=4)
@@ -371,6 +377,54 @@ def resnet(dtype: str = "float64", bug: str | None = None, seed: int = 0) -> Pai
     torch_model = ResNetForImageClassification(config).to(getattr(torch, dtype))
     _inject(torch_model, "resnet", bug)
     flax_model = FlaxResNetForImageClassification(config, seed=seed, dtype=jdtype)
+    return _image_pair("resnet", torch_model, flax_model, dtype, bug, seed, size, classes, batch)
+
+
+def regnet(dtype: str = "float64", bug: str | None = None, seed: int = 0) -> Pair:
+    """RegNetForImageClassification (Y layers: grouped convolutions and squeeze-and-excitation)
+    and its Flax twin, 2 stages of width 8 and 16, 16x16 images; BatchNorm as in
+    :func:`resnet`.
+
+    transformers' own Flax RegNet (4.57.6) does not pass ``deterministic`` from a layer to its
+    main branch (``FlaxRegNetXLayer`` / ``FlaxRegNetYLayer`` call ``self.layer(hidden_state)``,
+    and the layer collections take no flag), so the BatchNorms of that branch normalize with
+    their running averages in training too, where torch uses the batch statistics. Measured on
+    this pair in float64, train mode: the first such BatchNorm
+    (``regnet.encoder.stages.0.layers.0.layer.0.normalization``) differs by 0.36 relative to
+    torch, and ``parity.own.divergence`` says that it is torch's output with the running
+    averages to 3e-16; in eval mode (both on running averages) every output agrees (7e-16).
+    ``check`` (sf_torch against sf_optax, 30 steps, lr 2e-3) parts at step 0: params 2.5,
+    train loss 0.30, eval loss 0.26 relative. With the flag passed down (transformers patched
+    for the measurement) the train-mode outputs agree to 2.3e-15 and the same check to 4.6e-15
+    (params). A difference of the port, not of ``parity.own``: ``check`` on this pair fails."""
+    from transformers import (
+        FlaxRegNetForImageClassification,
+        RegNetConfig,
+        RegNetForImageClassification,
+    )
+
+    torch, jnp, jdtype = _frameworks(dtype)
+    size, classes, batch = 16, 5, 4
+    config = RegNetConfig(
+        num_channels=3,
+        embedding_size=8,
+        hidden_sizes=[8, 16],
+        depths=[1, 1],
+        groups_width=4,
+        layer_type="y",
+        num_labels=classes,
+    )
+    torch.manual_seed(seed)
+    torch_model = RegNetForImageClassification(config).to(getattr(torch, dtype))
+    _inject(torch_model, "regnet", bug)
+    flax_model = FlaxRegNetForImageClassification(config, seed=seed, dtype=jdtype)
+    return _image_pair("regnet", torch_model, flax_model, dtype, bug, seed, size, classes, batch)
+
+
+def _image_pair(arch, torch_model, flax_model, dtype, bug, seed, size, classes, batch) -> Pair:
+    """An image classifier with linen BatchNorm: the training loss returns the batch_stats
+    update, the eval loss uses the running statistics."""
+    torch, jnp, jdtype = _frameworks(dtype)
     module = flax_model.module
 
     def torch_loss(model, batch):
@@ -405,5 +459,75 @@ def resnet(dtype: str = "float64", bug: str | None = None, seed: int = 0) -> Pai
         flax_eval_loss=lambda variables, batch: apply(variables, batch, False),
         batches=images(seed, 4),
         eval_batches=images(seed + 1, 1),
-        name=f"resnet ({dtype}{', bug ' + bug if bug else ''})",
+        name=f"{arch} ({dtype}{', bug ' + bug if bug else ''})",
+    )
+
+
+def wav2vec2(dtype: str = "float64", bug: str | None = None, seed: int = 0) -> Pair:
+    """Wav2Vec2ForCTC and its Flax twin: 2 feature convolutions (LayerNorm, stable layer norm:
+    the only variant transformers' Flax port has), a weight-normed positional convolution
+    (torch ``parametrizations.weight.original0/1`` against Flax ``weight_g``/``weight_v``),
+    2 encoder layers of width 32; 64 samples per row give 8 frames, and the loss is a cross
+    entropy of the CTC head's logits against one label per frame (not a CTC loss).
+
+    The Flax port always has ``masked_spec_embed``; torch creates it only when masking is on
+    (``mask_time_prob`` > 0), off here: the pair passes ``ignore`` for it."""
+    from transformers import FlaxWav2Vec2ForCTC, Wav2Vec2Config, Wav2Vec2ForCTC
+
+    torch, jnp, jdtype = _frameworks(dtype)
+    vocab, samples, frames, batch = 16, 64, 8, 2
+    config = Wav2Vec2Config(
+        vocab_size=vocab,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        conv_dim=(8, 8),
+        conv_stride=(4, 2),
+        conv_kernel=(4, 2),
+        num_conv_pos_embeddings=4,
+        num_conv_pos_embedding_groups=2,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        feat_proj_dropout=0.0,
+        final_dropout=0.0,
+        layerdrop=0.0,
+        mask_time_prob=0.0,
+        do_stable_layer_norm=True,
+        feat_extract_norm="layer",
+    )
+    torch.manual_seed(seed)
+    torch_model = Wav2Vec2ForCTC(config).to(getattr(torch, dtype))
+    _inject(torch_model, "wav2vec2", bug)
+    flax_model = FlaxWav2Vec2ForCTC(config, seed=seed, dtype=jdtype)
+    module = flax_model.module
+
+    def torch_loss(model, batch):
+        return _torch_token_loss(model(batch["input_values"]).logits, batch["labels"])
+
+    def flax_loss(variables, batch):
+        out = module.apply(variables, batch["input_values"], deterministic=True, return_dict=True)
+        return _jax_token_loss(out.logits, batch["labels"])
+
+    def audio(seed, n):
+        rng = np.random.default_rng(seed)
+        return [
+            {
+                "input_values": rng.normal(size=(batch, samples)),
+                "labels": rng.integers(0, vocab, size=(batch, frames)),
+            }
+            for _ in range(n)
+        ]
+
+    return Pair(
+        torch_model=torch_model,
+        flax_model=module,
+        variables={"params": flax_model.params},
+        torch_loss=torch_loss,
+        flax_loss=flax_loss,
+        batches=audio(seed, 4),
+        eval_batches=audio(seed + 1, 1),
+        ignore=("params/wav2vec2/masked_spec_embed",),
+        name=f"wav2vec2 ({dtype}{', bug ' + bug if bug else ''})",
     )

@@ -34,7 +34,12 @@ Matching, in this order:
    the leaf renamed by the owning torch module's class (``weight`` -> ``kernel`` for Linear and
    Conv, ``scale`` for norms, ``embedding`` for Embedding; ``running_mean`` -> ``mean``,
    ``running_var`` -> ``var``); a linen list attribute ``blocks_0`` also matches torch's
-   ``blocks.0``; the shape after the layout rule must agree;
+   ``blocks.0``; the shape after the layout rule must agree; a weight-norm pair
+   (``torch.nn.utils.parametrizations.weight_norm``'s ``<module>.parametrizations.<w>.
+   original0``/``original1``, or the legacy ``<module>.<w>_g``/``<w>_v``) is the Flax
+   ``<module>/<w>_g``/``<w>_v`` (transformers' naming), g and v in one layout: as they are
+   (transformers' Flax ports, checked against its converter) or the normed module's (a port
+   that keeps v as a Flax kernel), whichever fits both shapes;
 3. structure: walking both trees from the root, children whose names agree are entered
    together; the remaining children are paired when the shapes of what is left unmatched in
    them (after the layout rules) agree one-to-one, and the leaves of two paired modules are
@@ -47,7 +52,7 @@ Matching, in this order:
 
 Anything left over, or with several candidates, is a ``ValueError`` that lists every unmapped
 torch tensor and Flax leaf with its shape (and the candidates) and says how to pass
-``overrides``.
+``overrides`` (and ``ignore=[...]``, spelled out, for Flax leaves without a torch tensor).
 
 numpy only at import time; torch, jax and flax are imported inside the functions.
 """
@@ -289,6 +294,9 @@ class _TorchTensor:
     leaf: str  # the expected Flax leaf name
     layout: str  # the layout rule of the owning module's class
     tensor: Any = None
+    # weight norm: (the module that owns the normed weight, the weight's name, "g" or "v",
+    # the layout of that weight's module class); None for any other tensor
+    weight_norm: tuple[tuple[str, ...], str, str, str] | None = None
 
     @property
     def name(self) -> str:
@@ -296,6 +304,10 @@ class _TorchTensor:
 
     @property
     def module(self) -> tuple[str, ...]:
+        """The module the tensor belongs to (for a weight-norm pair: the normed module, not
+        torch's ``parametrizations.<name>`` list)."""
+        if self.weight_norm is not None:
+            return self.weight_norm[0]
         return tuple(self.name.split(".")[:-1])
 
     @property
@@ -361,16 +373,64 @@ def _torch_tensors(torch_model) -> list[_TorchTensor]:
         owner_name, _, leaf = name.rpartition(".")
         owner = torch_model.get_submodule(owner_name) if owner_name else torch_model
         flax_leaf, layout = _torch_rule(owner, leaf, tensor.dim())
+        module_type = type(owner).__name__
+        norm = _weight_norm(torch_model, name)
+        if norm is not None:
+            normed, weight, part, weight_layout = norm
+            flax_leaf = f"{weight}_{part}"
+            layout = "same"
+            cls = type(torch_model.get_submodule(".".join(normed)))
+            if cls.__name__.startswith("Parametrized") and len(cls.__mro__) > 1:
+                cls = cls.__mro__[1]  # torch.nn.utils.parametrize's subclass: the class it wraps
+            owner_type = cls.__name__
+            module_type = f"{owner_type} weight_norm"
         out[key] = _TorchTensor(
             names=[name],
             kind="param" if is_param else "buffer",
             shape=tuple(tensor.shape),
-            module_type=type(owner).__name__,
+            module_type=module_type,
             leaf=flax_leaf,
             layout=layout,
             tensor=tensor,
+            weight_norm=norm,
         )
     return list(out.values())
+
+
+def _weight_norm(torch_model, name: str) -> tuple[tuple[str, ...], str, str, str] | None:
+    """(normed module path, weight name, "g" or "v", layout of the weight) when ``name`` is one
+    half of a weight-norm pair, else None.
+
+    Two forms: ``torch.nn.utils.parametrizations.weight_norm`` stores ``<module>.
+    parametrizations.<weight>.original0`` (the magnitude g) and ``.original1`` (the direction
+    v); the legacy ``torch.nn.utils.weight_norm`` stores ``<module>.<weight>_g`` and
+    ``<module>.<weight>_v`` and keeps a ``WeightNorm`` forward pre-hook on the module."""
+    parts = name.split(".")
+    if (
+        len(parts) >= 3
+        and parts[-3] == "parametrizations"
+        and parts[-1] in ("original0", "original1")
+    ):
+        module_path, weight = tuple(parts[:-3]), parts[-2]
+        module = torch_model.get_submodule(".".join(module_path)) if module_path else torch_model
+        plist = getattr(getattr(module, "parametrizations", None), weight, None)
+        if plist is None or len(plist) != 1 or type(plist[0]).__name__ != "_WeightNorm":
+            return None
+        part = "g" if parts[-1] == "original0" else "v"
+    else:
+        module_path, leaf = tuple(parts[:-1]), parts[-1]
+        module = torch_model.get_submodule(".".join(module_path)) if module_path else torch_model
+        hooks = [
+            h
+            for h in getattr(module, "_forward_pre_hooks", {}).values()
+            if type(h).__name__ == "WeightNorm" and isinstance(getattr(h, "name", None), str)
+        ]
+        hit = next((h for h in hooks if leaf in (h.name + "_g", h.name + "_v")), None)
+        if hit is None:
+            return None
+        weight, part = hit.name, leaf[-1]
+    shape = tuple(getattr(module, weight).shape)  # the normed weight, computed by torch
+    return module_path, weight, part, _torch_rule(module, weight, len(shape))[1]
 
 
 def _to_numpy(tensor) -> np.ndarray:
@@ -669,8 +729,12 @@ class _Matcher:
         self.skipped: set[int] = set()
         self.notes: dict[int, list[str]] = {}
         self.ambiguous: dict[int, list[_FlaxLeaf]] = {}
-        # square raw weights against a Flax kernel: (leaf, why the layout is unknown)
-        self.ambiguous_layout: dict[int, tuple[_FlaxLeaf, str]] = {}
+        # square raw weights against a Flax kernel: (leaf, why the layout is unknown[, the
+        # layout to suggest when not 'linear'])
+        self.ambiguous_layout: dict[int, tuple] = {}
+        # tensors whose pairing needs the user (a weight-norm pair whose layout is unknown):
+        # never matched by the passes after the one that found them
+        self.held: set[int] = set()
 
     def take(self, i: int, leaf: _FlaxLeaf, layout: str, fns=(None, None)) -> None:
         self.pairs[i] = (leaf, layout, *fns)
@@ -693,10 +757,13 @@ class _Matcher:
         for f in self.open_leaves():
             for key in _name_keys(f.path[1:]):
                 index.setdefault(key, []).append(f)
+        self._weight_norms(index)
         self._raw_kernels(index)
         wanted: dict[Path, list[int]] = {}
         found: dict[int, _FlaxLeaf] = {}
         for i in self.open_tensors():
+            if i in self.held:
+                continue
             t = self.tensors[i]
             key = tuple(p.lower() for p in t.module + (t.leaf,))
             named = list(
@@ -721,6 +788,64 @@ class _Matcher:
                 self.take(i, f, self.tensors[i].layout)
             else:
                 self.ambiguous[i] = [f]
+
+    def _weight_norms(self, index: dict[tuple[str, ...], list[_FlaxLeaf]]) -> None:
+        """A torch weight-norm pair (g and v of ``<module>.<weight>``) against the Flax leaves
+        ``<module>/<weight>_g`` and ``<module>/<weight>_v`` (transformers' Flax ports name
+        them so). g and v take one layout together: as they are (``"same"``: transformers'
+        ports keep v in torch's order) or the layout of the normed module's weight (``"conv"``
+        or ``"linear"``: a port that stores v as a Flax kernel), whichever fits both shapes;
+        where both fit, the pair is an ambiguity that names the two tensors."""
+        pairs: dict[tuple[tuple[str, ...], str], dict[str, int]] = {}
+        for i in self.open_tensors():
+            norm = self.tensors[i].weight_norm
+            if norm is not None:
+                pairs.setdefault((norm[0], norm[1]), {})[norm[2]] = i
+        for (module, weight), ids in pairs.items():
+            if set(ids) != {"g", "v"}:
+                continue
+            found = {}
+            for part, i in ids.items():
+                t = self.tensors[i]
+                key = tuple(p.lower() for p in module + (f"{weight}_{part}",))
+                hits = [f for f in index.get(key, []) if _compatible(t, f)]
+                hits = [f for f in {f.path: f for f in hits}.values() if f.path not in self.claimed]
+                if len(hits) == 1:
+                    found[part] = hits[0]
+            if len(found) != 2:
+                continue
+            g, v = self.tensors[ids["g"]], self.tensors[ids["v"]]
+            options = list(dict.fromkeys(("same", g.weight_norm[3])))
+
+            def g_layout(layout, shape=g.shape):  # a scalar g (dim=None) has no layout
+                return layout if _layout_shape(layout, shape) is not None else "same"
+
+            fits = [
+                lo
+                for lo in options
+                if _layout_shape(g_layout(lo), g.shape) == found["g"].shape
+                and _layout_shape(lo, v.shape) == found["v"].shape
+            ]
+            if len(fits) == 1:
+                self.take(ids["g"], found["g"], g_layout(fits[0]))
+                self.take(ids["v"], found["v"], fits[0])
+            elif len(fits) == 2:
+                for part, i in ids.items():
+                    self.held.add(i)
+                    self.ambiguous_layout[i] = (
+                        found[part],
+                        f"a weight-norm pair whose shapes fit both 'same' and {fits[1]!r}",
+                        g_layout(fits[1]) if part == "g" else fits[1],
+                    )
+            else:
+                for part, i in ids.items():
+                    self.held.add(i)
+                    self.notes.setdefault(i, []).append(
+                        f"weight norm: the name matches {_path_str(found[part].path)} "
+                        f"{_shape_s(found[part].shape)}, but g {_shape_s(g.shape)} and v "
+                        f"{_shape_s(v.shape)} fit the Flax g {_shape_s(found['g'].shape)} and "
+                        f"v {_shape_s(found['v'].shape)} under none of {options}"
+                    )
 
     def _raw_kernels(self, index: dict[tuple[str, ...], list[_FlaxLeaf]]) -> None:
         """A 2-D ``weight`` of a torch module that is neither Linear nor Conv (transformers'
@@ -886,7 +1011,7 @@ class _Matcher:
         """Leaves of two paired modules: by leaf name and shape, then by shape one-to-one."""
         leaves = [f for f in leaves if f.path not in self.claimed]
         tensors = [i for i in tensors if i not in self.pairs]
-        cands = {i: [f for f in leaves if self._fits(i, f)] for i in tensors}
+        cands = {i: [f for f in leaves if i not in self.held and self._fits(i, f)] for i in tensors}
         # leaf name agrees
         for i in tensors:
             named = [f for f in cands[i] if f.leaf.lower() == self.tensors[i].leaf.lower()]
@@ -1099,7 +1224,7 @@ def _error(m: _Matcher, open_t: list[int], open_f: list[_FlaxLeaf]) -> str:
             "the Flax kernel):"
         )
         for i in layout:
-            t, (f, why) = m.tensors[i], m.ambiguous_layout[i]
+            t, (f, why) = m.tensors[i], m.ambiguous_layout[i][:2]
             lines.append(
                 f"  {t.name} {_shape_s(t.shape)} [{t.module_type}] -> {_path_str(f.path)} "
                 f"{_shape_s(f.shape)}: {why}"
@@ -1107,7 +1232,8 @@ def _error(m: _Matcher, open_t: list[int], open_f: list[_FlaxLeaf]) -> str:
         lines.append(
             "  Say which: overrides={"
             + ", ".join(
-                f"{m.tensors[i].name!r}: ({_path_str(m.ambiguous_layout[i][0].path)!r}, 'linear')"
+                f"{m.tensors[i].name!r}: ({_path_str(m.ambiguous_layout[i][0].path)!r}, "
+                f"{(m.ambiguous_layout[i][2:] or ('linear',))[0]!r})"
                 for i in layout[:3]
             )
             + (", ..." if len(layout) > 3 else "")
@@ -1150,8 +1276,16 @@ def _error(m: _Matcher, open_t: list[int], open_f: list[_FlaxLeaf]) -> str:
         )
     if open_f:
         lines.append("Flax leaves without a torch counterpart:")
-        for f in sorted(open_f, key=lambda f: _natural(f.path)):
+        ordered = sorted(open_f, key=lambda f: _natural(f.path))
+        for f in ordered:
             lines.append(f"  {_path_str(f.path)} {_shape_s(f.shape)}")
+        listed = ", ".join(repr(_path_str(f.path)) for f in ordered[:6])
+        more = ", ..." if len(ordered) > 6 else ""
+        lines.append(
+            f"If the port has such leaves on purpose (the torch model has no such tensor, e.g. "
+            f"one it creates only under another config): ignore=[{listed}{more}] leaves them "
+            "out (they keep their Flax values and are neither copied nor compared)."
+        )
     example = next(
         (f"{{{m.tensors[i].name!r}: {_path_str(m.ambiguous[i][0].path)!r}}}" for i in amb), None
     )

@@ -49,6 +49,10 @@ class Pair:
       flax_eval_loss: the Flax loss used at evaluation when it differs from ``flax_loss`` (e.g.
         linen BatchNorm with ``use_running_average=True``); default ``flax_loss``.
       name: a label for reports.
+      ignore: ``parity.own.mapping.infer``'s ignore: Flax leaves without a torch counterpart on
+        purpose (e.g. transformers' Flax Wav2Vec2 ``masked_spec_embed``, which torch creates
+        only when masking is configured); they start from their Flax values and are compared
+        nowhere.
     """
 
     torch_model: Any
@@ -62,6 +66,7 @@ class Pair:
     flax_eval_loss: Callable | None = None
     name: str = "pair"
     notes: dict = field(default_factory=dict)
+    ignore: Sequence = ()
 
     def __post_init__(self):
         if not callable(self.torch_loss):
