@@ -2,7 +2,8 @@ r"""Schedule-Free AdamC with a Polyak step size ("ScheduleFree+"), as a torch op
 
 :class:`AdamCScheduleFreePlus` computes what upstream schedulefree's research class
 ``AdamCScheduleFreePlusPaper`` (main branch, commit 43e5c2d, "Added ScheduleFree+") computes,
-with the same arguments and per-group keys; the rule is the one of ``sf_optax.adamc_plus``
+with the same arguments and per-group keys, in the same order of operations (float64: the same
+bits, tests/test_torch_plus.py); the rule is the one of ``sf_optax.adamc_plus``
 (sf_optax/plus.py, where it is written out). Step ``k`` (0-based), gradient ``g`` and loss
 ``f`` both taken at ``y``, the sums over every parameter element of every group::
 
@@ -298,8 +299,7 @@ class AdamCScheduleFreePlus(torch.optim.Optimizer):
         for group, entries in work:
             for p, _, _ in entries:
                 self._init_state(p, group)
-        grad_l1, ip_sum, distributed = self._sums(work)
-        ip = b_k * ip_sum
+        grad_l1, ip, distributed = self._sums(work, b_k)
         if distributed:
             f = _mean_over_ranks(f, work)
         pb = float(g0["polyak_beta"])
@@ -391,8 +391,9 @@ class AdamCScheduleFreePlus(torch.optim.Optimizer):
         state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=fmt)
         state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=fmt)
 
-    def _sums(self, work) -> tuple[float, float, bool]:
-        """``sum |g|`` and ``sum g (z - x)`` over every param with a gradient, as Python
+    def _sums(self, work, b_k: float) -> tuple[float, float, bool]:
+        """``sum |g|`` and ``b_k sum g (z - x)`` (``b_k`` times each param's sum, as upstream
+        computes it) over every param with a gradient, as Python
         floats: global sums for DTensors (all-reduced over the mesh dimensions their
         gradients are sharded on), local ones otherwise; and whether any was a DTensor."""
         l1_parts: dict = {}  # reduction key -> list of 0-d float64 tensors
@@ -410,7 +411,7 @@ class AdamCScheduleFreePlus(torch.optim.Optimizer):
                 acc = torch.float64 if g.dtype == torch.float64 else torch.float32
                 l1 = torch.linalg.vector_norm(g, 1, dtype=acc).to(torch.float64)
                 gz = g if g.dtype == z.dtype else g.to(z.dtype)
-                ip = gz.mul(z - x).sum().to(torch.float64)
+                ip = (b_k * gz.mul(z - x).sum()).to(torch.float64)
                 l1_parts.setdefault(key, []).append(l1)
                 ip_parts.setdefault(key, []).append(ip)
         grad_l1 = ip_sum = 0.0
