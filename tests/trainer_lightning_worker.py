@@ -35,7 +35,11 @@ import lightning.pytorch as pl  # noqa: E402
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
 
 from examples.trainers import lightning_module as ex  # noqa: E402
-from sf_torch.integrations.lightning import ScheduleFreeCallback  # noqa: E402
+from sf_torch.integrations.lightning import (  # noqa: E402
+    ScheduleFreeCallback,
+    convert_zero_checkpoint_to_x,
+    load_x_state_dict,
+)
 
 STEPS, VAL_EVERY, SAVE_EVERY, BATCH = 16, 4, 8, 32
 LR = {"sgd": 1.0}  # else 2e-2: x and y far apart within 16 steps
@@ -180,29 +184,54 @@ def run(setup: str, optimizer: str, folder: str, resume: str | None, opts: dict)
     return result
 
 
-def read_checkpoints(folder: str, deepspeed: bool) -> dict:
+def read_checkpoints(folder: str, deepspeed: bool, converted: str | None = None) -> dict:
+    """Each checkpoint's weights as users load them; under DeepSpeed through load_x_state_dict
+    (the callback's x; a peer's: the module file), and for the ``converted`` checkpoint also
+    through the x converter (with load_from_checkpoint) and DeepSpeed's and Lightning's fp32
+    converters."""
     out = {}
+    rank = int(os.environ.get("LOCAL_RANK", 0))
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
         if deepspeed:
-            model_file = os.path.join(path, "checkpoint", "mp_rank_00_model_states.pt")
-            if os.path.exists(model_file):  # ZeRO 1-2: the module's own weights
-                saved = torch.load(model_file, map_location="cpu", weights_only=False)
-                weights = saved["module"]
-            else:  # ZeRO-3: gathered from the fp32 partitions (the weights themselves)
-                from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-                weights = get_fp32_state_dict_from_zero_checkpoint(path, tag="checkpoint")
-                saved = torch.load(
-                    os.path.join(path, "checkpoint", "zero_pp_rank_0_mp_rank_00_model_states.pt"),
-                    map_location="cpu",
-                    weights_only=False,
-                )
+            if not os.path.isdir(path):
+                continue
+            tag_dir = os.path.join(path, "checkpoint")
+            model_file = [f for f in sorted(os.listdir(tag_dir)) if f.endswith("model_states.pt")]
+            saved = torch.load(os.path.join(tag_dir, model_file[0]), weights_only=False)
+            # a peer's checkpoint has no x to read: its module file (ZeRO-2) as saved
+            weights = load_x_state_dict(path) if converted else saved["module"]
             out[name] = {
-                "state_dict": {k: v.detach().clone() for k, v in weights.items()},
+                "state_dict": weights,
                 "schedule_free": saved.get("schedule_free"),
                 "global_step": saved["global_step"],
             }
+            if name == converted:
+                from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+                from lightning.pytorch.utilities.deepspeed import (
+                    convert_zero_checkpoint_to_fp32_state_dict,
+                )
+
+                entry = out[name]
+                entry["zero_to_fp32"] = get_fp32_state_dict_from_zero_checkpoint(path)
+                x_file = os.path.join(folder, f"x-rank{rank}.pt")
+                convert_zero_checkpoint_to_x(path, x_file)
+                with contextlib.redirect_stdout(None):
+                    lightning = convert_zero_checkpoint_to_fp32_state_dict(
+                        path, os.path.join(folder, f"fp32-rank{rank}.pt")
+                    )
+                entry["lightning_fp32"] = lightning["state_dict"]
+                try:  # ZeRO-3: the callback's x travels in it; ZeRO-2: nothing holds x
+                    entry["lightning_fp32_x"] = load_x_state_dict(
+                        os.path.join(folder, f"fp32-rank{rank}.pt")
+                    )
+                except ValueError as err:
+                    entry["lightning_fp32_x"] = str(err)
+                module = ex.DigitsModule.load_from_checkpoint(x_file)
+                entry["converted_x"] = {
+                    k: v.detach().clone() for k, v in module.state_dict().items()
+                }
+                entry["converted_x_loaded"] = load_x_state_dict(x_file)
         elif name.endswith(".ckpt"):
             saved = torch.load(path, map_location="cpu", weights_only=False)
             groups = [
@@ -217,6 +246,37 @@ def read_checkpoints(folder: str, deepspeed: bool) -> dict:
     return out
 
 
+def validate(optimizer: str, folder: str, ckpt: str, opts: dict) -> list:
+    """trainer.validate(ckpt_path=...) on a fresh module: the val_loss of the loaded weights.
+    ZeRO-2 loads the checkpoint folder; ZeRO-3 the x converter's file with load_full_weights
+    (DeepSpeed 0.19.8's ZeRO-3 inference engine fails to load a checkpoint folder:
+    'DeepSpeedZeRoOffload' object has no attribute '_restore_from_bit16_weights')."""
+    world = opts["world"]
+    module = ex.DigitsModule(optimizer, lr_of(optimizer), 0, 0)
+    _, val = ex.loaders(BATCH, world, int(os.environ.get("LOCAL_RANK", 0)))
+    strategy = ex.CPUDeepSpeedStrategy(
+        stage=opts["stage"],
+        process_group_backend="gloo",
+        allgather_bucket_size=100_000,
+        reduce_bucket_size=100_000,
+        load_full_weights=opts["stage"] == 3,
+    )
+    if opts["stage"] == 3:
+        ckpt = "x-rank0.pt"  # rank 0's path is the one Lightning loads on every rank
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=world,
+        strategy=strategy,
+        callbacks=[ScheduleFreeCallback()],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+    )
+    metrics = trainer.validate(module, val, ckpt_path=os.path.join(folder, ckpt), verbose=False)
+    return [float(m["val_loss"]) for m in metrics]
+
+
 def main() -> None:
     out_path, opts = sys.argv[1], json.loads(sys.argv[2])
     torch.set_num_threads(1)
@@ -228,14 +288,24 @@ def main() -> None:
         folder = os.path.join(opts["folder"], name)
         start = time.perf_counter()
         entry = {"full": run(setup, optimizer, folder, None, opts)}
-        entry["checkpoints"] = read_checkpoints(folder, deepspeed) if os.path.isdir(folder) else {}
+        first = opts.get("resume", RESUME_FROM)[0]
+        converted = first if setup == "ours" else None
+        mark = time.perf_counter()
+        entry["checkpoints"] = (
+            read_checkpoints(folder, deepspeed, converted) if os.path.isdir(folder) else {}
+        )
+        entry["read_seconds"] = time.perf_counter() - mark
+        if deepspeed and setup == "ours" and first in entry["checkpoints"]:
+            mark = time.perf_counter()
+            entry["validate:" + first] = validate(optimizer, folder, first, opts)
+            entry["validate_seconds"] = time.perf_counter() - mark
         for ckpt in opts.get("resume", RESUME_FROM):
             if entry["full"]["error"] is None and ckpt in entry["checkpoints"]:
                 resumed = os.path.join(opts["folder"], name + "-from-" + ckpt)
                 os.makedirs(resumed, exist_ok=True)
                 for src in (ckpt,):  # resume from the full run's own file or folder
                     target = os.path.join(resumed, src)
-                    if not os.path.exists(target):
+                    with contextlib.suppress(FileExistsError):  # the other rank made it
                         os.symlink(os.path.join(folder, src), target)
                 entry["resumed:" + ckpt] = run(setup, optimizer, resumed, ckpt, opts)
         entry["seconds"] = time.perf_counter() - start

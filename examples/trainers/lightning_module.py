@@ -9,6 +9,9 @@ and resume exactly::
         --resume /tmp/ckpt/step=200.ckpt
     # DeepSpeed ZeRO-2 on 2 GPUs (on CPU: DS_ACCELERATOR=cpu ... --accelerator cpu)
     python examples/trainers/lightning_module.py --strategy deepspeed_stage_2 --devices 2
+    # the last checkpoint's weights at x as one state_dict file (any strategy, ZeRO-3 too)
+    python examples/trainers/lightning_module.py --strategy deepspeed_stage_3 --devices 2 \
+        --ckpt-dir /tmp/ckpt3 --export-x /tmp/x.pt
 
 ``--accelerator cpu`` with a DeepSpeed strategy uses ``CPUDeepSpeedStrategy`` below (Lightning's
 DeepSpeed strategy refuses anything but CUDA; DeepSpeed itself runs on CPU with
@@ -32,7 +35,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
 import sf_torch
-from sf_torch.integrations.lightning import ScheduleFreeCallback
+from sf_torch.integrations.lightning import ScheduleFreeCallback, load_x_state_dict
 
 HIDDEN = 32
 OPTIMIZERS = ("adamw", "sgd", "radam", "wrapper", "schedulefree_adamw")
@@ -190,8 +193,15 @@ def main(argv: list[str] | None = None) -> None:
         "--ckpt-dir", default=None, help="save a checkpoint every --val-every steps"
     )
     parser.add_argument("--resume", default=None, help="checkpoint to resume from")
+    parser.add_argument(
+        "--export-x",
+        default=None,
+        help="after fit, write the last checkpoint's weights at x (load_x_state_dict) here",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.export_x and not args.ckpt_dir:
+        parser.error("--export-x reads the last checkpoint: give --ckpt-dir too")
 
     pl.seed_everything(args.seed, verbose=False)
     module = DigitsModule(args.optimizer, args.lr, args.warmup_steps, args.seed)
@@ -224,6 +234,11 @@ def main(argv: list[str] | None = None) -> None:
     if trainer.is_global_zero:
         val_loss = float(trainer.callback_metrics["val_loss"])
         print(f"step {trainer.global_step}: val_loss at x {val_loss:.6f}")
+        if args.export_x:
+            # a file (plain strategy) or a DeepSpeed folder; ZeRO-3's x is in rank 0's file
+            last = trainer.checkpoint_callback.best_model_path
+            torch.save(load_x_state_dict(last), args.export_x)
+            print(f"weights at x of {last} written to {args.export_x}")
 
 
 if __name__ == "__main__":

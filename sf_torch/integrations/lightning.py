@@ -27,14 +27,24 @@ builds the engine with :func:`sf_torch.deepspeed.initialize` (the optimizer from
 ``configure_optimizers`` must be an ``sf_torch`` one, or named in the DeepSpeed config's
 ``"optimizer"`` section) and switches with :func:`sf_torch.deepspeed.eval` / ``train``, which
 reach the weights the model computes with. DeepSpeed writes its own checkpoint folder: the
-callback switches to ``x`` before it is written, so the module file holds ``x`` and the
-optimizer shards hold ``y`` (the fp32 masters), ``z`` and ``v``; ``engine.load_checkpoint``
-restores that mode. With separate fp32 masters (ZeRO 1-2, bf16/fp16, offload) the switches never
-move ``y``; under fp32 ZeRO-3 without offload, whose masters are the weights, ``x -> y`` rounds
-as ``optimizer.train()`` does. Lightning's DeepSpeed strategy itself requires CUDA.
-DeepSpeed's ``zero_to_fp32`` (Lightning's ``convert_zero_checkpoint_to_fp32_state_dict``)
-rebuilds the masters, i.e. ``y``: under ZeRO-3, which writes no module weights, a checkpoint
-holds ``x`` nowhere (measured in tests/test_trainer_lightning.py).
+callback switches to ``x`` before it is written, so under ZeRO 0-2 the module file
+(``mp_rank_00_model_states.pt``, ``"module"``) holds ``x`` and the optimizer shards hold ``y``
+(the fp32 masters), ``z`` and ``v``; ``engine.load_checkpoint`` restores that mode. ZeRO-3
+writes no module weights, so the callback gathers ``x`` onto rank 0, one layer at a time
+(DeepSpeed's ``_zero3_consolidated_16bit_state_dict``, collective), and stores it in rank 0's
+``zero_pp_rank_0_mp_rank_00_model_states.pt`` under ``"schedule_free"`` -> ``"x"`` (the other
+ranks store ``None``); resuming never reads it (the weights come from the masters). With
+separate fp32 masters (ZeRO 1-2, bf16/fp16, offload) the switches never move ``y``; under fp32
+ZeRO-3 without offload, whose masters are the weights, ``x -> y`` rounds as
+``optimizer.train()`` does. Lightning's DeepSpeed strategy itself requires CUDA.
+
+Reading ``x`` back: :func:`load_x_state_dict` (any checkpoint the callback saved: a ``.ckpt``
+file, a DeepSpeed folder of any stage, or a converted file) and
+:func:`convert_zero_checkpoint_to_x` (one file with ``x`` as ``"state_dict"``, for
+``LightningModule.load_from_checkpoint`` or ``DeepSpeedStrategy(load_full_weights=True)``).
+DeepSpeed's ``zero_to_fp32`` and Lightning's ``convert_zero_checkpoint_to_fp32_state_dict``
+rebuild the fp32 masters, i.e. ``y``, under every stage (all measured in
+tests/test_trainer_lightning.py).
 
 Lightning 2.x (tested with 2.6.6). Import cost: Lightning, not DeepSpeed (imported only when the
 strategy is a DeepSpeed one).
@@ -44,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -309,7 +320,16 @@ class ScheduleFreeCallback(Callback):
         if isinstance(views[0], _DeepSpeed):
             # DeepSpeed writes the module's weights and its masters itself, after this hook.
             self._to_x(trainer)
-            checkpoint[CHECKPOINT_KEY] = {"weights": "x", "y": None}
+            entry: dict[str, Any] = {"weights": "x", "y": None, "deepspeed": True}
+            engine = views[0].engine
+            if engine.zero_optimization_partition_weights():
+                # ZeRO-3 writes no module weights: x, gathered one layer at a time onto rank 0
+                # (collective; None on the other ranks), goes into rank 0's model-states file.
+                exclude = bool(getattr(trainer.strategy, "exclude_frozen_parameters", False))
+                entry["x"] = engine._zero3_consolidated_16bit_state_dict(
+                    exclude_frozen_parameters=exclude
+                )
+            checkpoint[CHECKPOINT_KEY] = entry
             return
         keys: dict[int, list[str]] = {}
         for name, tensor in pl_module.state_dict(keep_vars=True).items():
@@ -356,3 +376,124 @@ def _mark_eval(opt_state: Any) -> None:
     inner = opt_state.get("schedule_free")
     if isinstance(inner, dict) and "train_mode" in inner:
         inner["train_mode"] = False
+
+
+# -- reading x back ------------------------------------------------------------------------------
+
+# DeepSpeed's own entries in a model-states file (what Lightning's converter drops, too)
+_DEEPSPEED_KEYS = (
+    "module",
+    "optimizer",
+    "lr_scheduler",
+    "csr_tensor_module_names",
+    "skipped_steps",
+    "global_steps",
+    "dp_world_size",
+    "mp_world_size",
+)
+
+
+def _strip(state: dict[str, Any]) -> dict[str, Any]:
+    """Lightning < 2.1 saved its wrapper's prefix; the LightningModule's names have none."""
+    prefix = "_forward_module."
+    return {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in state.items()}
+
+
+def _model_states_file(checkpoint: str, tag: str | None) -> str:
+    """Rank 0's model-states file of a DeepSpeed checkpoint folder: in ``tag``'s folder, else
+    the ``latest`` file's tag, else the folder itself or Lightning's tag ``"checkpoint"``."""
+    names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    latest = os.path.join(checkpoint, "latest")
+    if tag is None and os.path.isfile(latest):
+        with open(latest) as f:
+            tag = f.read().strip()
+    folders = [os.path.join(checkpoint, tag)] if tag is not None else []
+    folders += [checkpoint, os.path.join(checkpoint, "checkpoint")] if tag is None else []
+    for folder in folders:
+        for name in names:
+            if os.path.isfile(os.path.join(folder, name)):
+                return os.path.join(folder, name)
+    raise ValueError(
+        f"checkpoint: no DeepSpeed model-states file ({' or '.join(names)}) in "
+        f"{' or '.join(map(repr, folders))}; expected a Lightning checkpoint file or a "
+        "DeepSpeed checkpoint folder"
+    )
+
+
+def _read_x(checkpoint: str | os.PathLike, tag: str | None) -> tuple[dict[str, Any], dict]:
+    """(x, the saved dict x was read from)."""
+    path = os.fspath(checkpoint)
+    if tag is not None and not isinstance(tag, str):
+        raise ValueError(f"tag must be a str or None, got {tag!r}")
+    if not os.path.exists(path):
+        raise ValueError(f"checkpoint: {path!r} does not exist")
+    deepspeed_folder = os.path.isdir(path)
+    if deepspeed_folder:
+        path = _model_states_file(path, tag)
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    entry = saved.get(CHECKPOINT_KEY) if isinstance(saved, dict) else None
+    if not isinstance(entry, dict) or entry.get("weights") != "x":
+        raise ValueError(
+            f"checkpoint: {path!r} was not saved with ScheduleFreeCallback (no "
+            f"{CHECKPOINT_KEY!r} entry), so nothing marks its weights as x"
+        )
+    if isinstance(entry.get("x"), dict):  # ZeRO-3, rank 0's file (or a file converted from it)
+        return _strip(entry["x"]), saved
+    zero3 = os.path.basename(path).startswith("zero_pp_rank_")  # its "module" holds no weights
+    if deepspeed_folder and not zero3 and isinstance(saved.get("module"), dict):  # ZeRO 0-2
+        return _strip(saved["module"]), saved
+    if not deepspeed_folder and (not entry.get("deepspeed") or entry.get("state_dict") == "x"):
+        # a plain-strategy checkpoint, or one written by convert_zero_checkpoint_to_x
+        return dict(saved["state_dict"]), saved
+    raise ValueError(
+        f"checkpoint: {path!r} comes from a DeepSpeed checkpoint but holds no x: a file from "
+        "Lightning's convert_zero_checkpoint_to_fp32_state_dict (or zero_to_fp32) holds the "
+        "fp32 masters, i.e. y; pass the DeepSpeed checkpoint folder instead"
+    )
+
+
+def load_x_state_dict(
+    checkpoint: str | os.PathLike, tag: str | None = None
+) -> dict[str, torch.Tensor]:
+    """The model's weights at ``x`` (the ones to evaluate and publish) from a checkpoint saved
+    with :class:`ScheduleFreeCallback`, as a ``state_dict`` of the LightningModule (CPU).
+
+    ``checkpoint`` is a Lightning ``.ckpt`` file (plain strategy: its ``state_dict``), a
+    DeepSpeed checkpoint folder as Lightning's ``DeepSpeedStrategy`` writes it (ZeRO 0-2: the
+    module file ``mp_rank_00_model_states.pt``; ZeRO-3: the gathered ``x`` the callback stores
+    in rank 0's ``zero_pp_rank_0_mp_rank_00_model_states.pt`` under ``"schedule_free"``), or
+    a file written by :func:`convert_zero_checkpoint_to_x`. ``tag``: the DeepSpeed tag folder
+    (default: the ``latest`` file's, else Lightning's ``"checkpoint"``). Reads one file and
+    needs no DeepSpeed. The tensors have the dtype the model computes in (bf16 for a bf16 run,
+    where the fp32 ``x`` exists nowhere: the masters are ``y``).
+
+    DeepSpeed's ``zero_to_fp32`` and Lightning's ``convert_zero_checkpoint_to_fp32_state_dict``
+    give the fp32 masters instead, i.e. ``y``, under every ZeRO stage. ValueError for a
+    checkpoint that holds no ``x`` (not saved with the callback, or such a converted file).
+    """
+    return _read_x(checkpoint, tag)[0]
+
+
+def convert_zero_checkpoint_to_x(
+    checkpoint_dir: str | os.PathLike, output_file: str | os.PathLike, tag: str | None = None
+) -> dict[str, Any]:
+    """Lightning's ``convert_zero_checkpoint_to_fp32_state_dict`` with ``x`` as the weights: one
+    file for ``torch.load`` / ``LightningModule.load_from_checkpoint`` /
+    ``Trainer(strategy=DeepSpeedStrategy(load_full_weights=True))`` whose ``"state_dict"`` is
+    :func:`load_x_state_dict`'s and whose other entries are Lightning's (``global_step``,
+    callbacks, hyper-parameters, ...; DeepSpeed's own entries dropped, as Lightning's converter
+    does). Reads rank 0's model-states file only (no optimizer shards, no DeepSpeed import).
+    Returns the dict it wrote.
+
+    Lightning's own converter writes the fp32 masters, ``y``, as ``"state_dict"`` under every
+    ZeRO stage: use it only for the ``y`` to train on from.
+    """
+    state, saved = _read_x(checkpoint_dir, tag)
+    out = {k: v for k, v in saved.items() if k not in _DEEPSPEED_KEYS}
+    entry = dict(out[CHECKPOINT_KEY])
+    entry.pop("x", None)  # now the state_dict itself
+    entry["state_dict"] = "x"
+    out[CHECKPOINT_KEY] = entry
+    out["state_dict"] = state
+    torch.save(out, output_file)
+    return out
