@@ -825,6 +825,13 @@ def _add_check_options(p: argparse.ArgumentParser) -> None:
         help="RAdam: take SGD steps while rectification is off (silent_sgd_phase=False)",
     )
     p.add_argument(
+        "--inner-momentum",
+        type=float,
+        default=d.inner_momentum,
+        help="AdamW: EMA of the gradient inside the direction (upstream main), in [0, 1); "
+        "the sf_torch and sf_optax rows (schedulefree 1.4.1 and optax.contrib have none)",
+    )
+    p.add_argument(
         "--eval-every",
         type=int,
         default=1,
@@ -937,6 +944,7 @@ def _check(args) -> int:
         r=args.r,
         weight_lr_power=args.weight_lr_power,
         silent_sgd_phase=not args.sgd_phase,
+        inner_momentum=args.inner_momentum,
         eval_every=args.eval_every,
         recal_batches=args.recal_batches,
         backends=args.backends,

@@ -362,3 +362,18 @@ def test_cli_bad_spec_and_flags():
     assert "SPEC" in done.stderr and len(done.stderr.strip().splitlines()) == 1
     done = _cli("parity.own.hf:roberta", "--lr", "-1")
     assert done.returncode == 2 and "--lr" in done.stderr
+
+
+def test_inner_momentum_rows_on_a_pair():
+    """AdamW with upstream main's inner_momentum on the nnx BatchNorm pair: sf_optax against
+    sf_torch (the other framework) within float64 tolerance; the 1.4.1 and optax.contrib rows,
+    which have no inner momentum, are skipped rows, not failures."""
+    result = check_lib.check_pair(
+        _bn_pair("float64"), steps=30, dtype="float64", inner_momentum=0.9, log=False
+    )
+    assert result.exit_code == 0, result.table()
+    assert result.row("sf_optax").max_diff["params"] <= 1e-10
+    for name in ("schedulefree", "optax_contrib"):
+        assert result.row(name).status == "skipped", result.table()
+    with pytest.raises(ValueError, match="inner_momentum is AdamW's"):
+        check_lib.check_pair(_bn_pair("float64"), optimizer="sgd", inner_momentum=0.5, log=False)

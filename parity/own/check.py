@@ -137,6 +137,7 @@ class CheckConfig:
     r: float = 0.0
     weight_lr_power: float = 2.0
     silent_sgd_phase: bool = True
+    inner_momentum: float = 0.0  # AdamW only (upstream main's): sf_torch and sf_optax rows
     eval_every: int = 1
     recal_batches: int = 4
     device: str = "cpu"
@@ -864,6 +865,7 @@ def check_pair(
     r: float = 0.0,
     weight_lr_power: float = 2.0,
     silent_sgd_phase: bool = True,
+    inner_momentum: float = 0.0,
     eval_every: int = 1,
     recal_batches: int = 4,
     backends: Sequence[str] = BACKENDS,
@@ -876,7 +878,9 @@ def check_pair(
 
     Args:
       optimizer: ``"adamw"``, ``"sgd"`` or ``"radam"``; ``lr`` None: 1e-3 (adamw, radam), 0.1
-        (sgd). The hyperparameters have the names and ranges of ``python -m parity run``.
+        (sgd). The hyperparameters have the names and ranges of ``python -m parity run``;
+        ``inner_momentum`` (AdamW) runs the sf_torch and sf_optax rows only (schedulefree 1.4.1
+        and optax.contrib have none: skipped rows).
       steps: training steps, >= 1; ``dtype``: ``"float64"`` or ``"float32"``.
       backends: rows, among ``BACKENDS``; a backend whose package is missing or that cannot
         run the configuration (optax.contrib: no RAdam, no ``r``) is a skipped row.
@@ -912,9 +916,12 @@ def check_pair(
         r=r,
         weight_lr_power=weight_lr_power,
         silent_sgd_phase=silent_sgd_phase,
+        inner_momentum=inner_momentum,
         eval_every=eval_every,
         recal_batches=recal_batches,
     )
+    if inner_momentum and optimizer != "adamw":
+        raise ValueError(f"inner_momentum is AdamW's (optimizer 'adamw'), got {optimizer!r}")
     names = list(dict.fromkeys(backends))
     unknown = [n for n in names if n not in BACKENDS + DEEPSPEED]
     if not names or unknown:
@@ -1382,6 +1389,11 @@ def handoff(
     if start not in ("torch", "jax"):
         raise ValueError(f"start must be 'torch' or 'jax', got {start!r}")
     config = CheckConfig(name=pair.name, optimizer=optimizer, steps=steps, dtype=dtype, **hyper)
+    if config.inner_momentum:
+        raise ValueError(
+            "inner_momentum must be 0 for the handoff (parity.handoff moves z and v, not the "
+            f"inner momentum's buffer), got {config.inner_momentum}"
+        )
     switches = sorted({int(s) for s in switch_at})
     if not switches or switches[0] <= 0 or switches[-1] >= steps:
         raise ValueError(f"switch_at must hold steps in (0, {steps}), got {list(switch_at)}")
