@@ -53,6 +53,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lrs", help=f"comma-separated peak learning rates {own}")
     p.add_argument("--sf-b1", help=f"comma-separated b1, one SF run each per lr {own}")
     p.add_argument("--sf-warmup", help=f"comma-separated warmups of more SF runs {own}")
+    p.add_argument("--sf-inner", help=f"comma-separated inner_momentum of more SF runs {own}")
+    p.add_argument("--plus-lrs", help=f"comma-separated base lrs of SF+ (AdamC, Polyak) {own}")
+    p.add_argument("--plus-weight-decay", type=float, help=f"SF+'s AdamC decay {own}")
     p.add_argument("--warmup", type=int, help=f"warmup steps of every run {own} or T/20")
     p.add_argument("--weight-decay", type=float, help=f"of every run {own}")
     p.add_argument("--methods", help=f"comma-separated, of {','.join(runs.METHODS)} {own}")
@@ -68,6 +71,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "lrs": _list(args.lrs, "--lrs"),
         "sf_b1": _list(args.sf_b1, "--sf-b1"),
         "sf_warmups": _list(args.sf_warmup, "--sf-warmup", int),
+        "sf_inner": _list(args.sf_inner, "--sf-inner"),
+        "plus_lrs": _list(args.plus_lrs, "--plus-lrs"),
+        "plus_weight_decay": args.plus_weight_decay,
         "warmup": args.warmup,
         "weight_decay": args.weight_decay,
         "methods": None if args.methods is None else tuple(args.methods.split(",")),
@@ -181,10 +187,17 @@ def markdown(results: dict) -> str:
     for name, entry in results["problems"].items():
         hs, s = entry["horizons"], entry["sweep"]
         for framework, fw in entry["frameworks"].items():
+            plus = s.get("plus_lrs")
+            plus_text = (
+                f"SF+ lrs {', '.join(f'{lr:g}' for lr in plus)} "
+                f"(AdamC decay {s['plus_weight_decay']:g}), "
+                if plus
+                else ""
+            )
             lines += [
                 f"### {name}, {framework} ({fw['backend']}): {s['optimizer']}, "
                 f"T = {entry['steps']}, lrs {', '.join(f'{lr:g}' for lr in s['lrs'])}, "
-                f"warmup {s['warmup']}, weight decay {s['weight_decay']:g}, "
+                f"{plus_text}warmup {s['warmup']}, weight decay {s['weight_decay']:g}, "
                 f"{fw['seconds']:.0f} s; {entry['metric']}, the best over the lrs",
                 "",
                 "| method | " + " | ".join(f"{n} = {h}" for n, h in zip(HORIZON_NAMES, hs)) + " |",

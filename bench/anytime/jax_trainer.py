@@ -9,10 +9,10 @@ float32 default.
 One :class:`Trainer` per problem compiles the gradient and the evaluation once, and one
 optimizer update per optimizer (:func:`make_tx`) for all runs of the sweep: ``sf_optax.adamw`` /
 ``sgd`` for Schedule-Free (evaluated at ``x = sf_optax.eval_params(state, y)``), ``optax.adamw``
-/ ``sgd`` for the baselines, whose learning rates are their sf_schedules schedule through
-``sf_optax.schedules.to_optax``. Before every evaluation of the CNN, BatchNorm statistics are
-recomputed at the evaluated weights from fixed training batches (as
-``parity.training.jax_loop`` does), for every method alike.
+/ ``sgd`` for the baselines and ``sf_optax.adamc_plus`` (given the batch loss) for SF+, whose
+learning rates are their sf_schedules schedule through ``sf_optax.schedules.to_optax``.
+Before every evaluation of the CNN, BatchNorm statistics are recomputed at the evaluated
+weights from fixed training batches (as ``parity.training.jax_loop`` does), for every method.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from flax import nnx
 import sf_optax
 import sf_optax.schedules
 from bench.anytime.problems import Problem
-from bench.anytime.runs import RunSpec, run_record
+from bench.anytime.runs import PLUS, RunSpec, run_record
 from parity.models import flax_models
 
 
@@ -79,10 +79,14 @@ def make_tx(spec: RunSpec) -> optax.GradientTransformation:
         sf_sgd = optax.inject_hyperparams(sf_optax.sgd, static_args=("warmup_steps",))
         return sf_sgd(learning_rate=0.0, b1=spec.b1, weight_decay=wd, warmup_steps=spec.warmup)
     adam = dict(learning_rate=0.0, b1=spec.b1, b2=spec.b2, eps=spec.eps, weight_decay=wd)
+    if spec.method == PLUS:
+        plus = optax.inject_hyperparams(sf_optax.adamc_plus, static_args=("c_warmup",))
+        return plus(c_warmup=spec.warmup, **adam)
     if spec.method != "sf":
         return optax.inject_hyperparams(optax.adamw)(**adam)
-    sf_adamw = optax.inject_hyperparams(sf_optax.adamw, static_args=("warmup_steps",))
-    return sf_adamw(warmup_steps=spec.warmup, **adam)
+    static = ("warmup_steps", "inner_momentum")  # inner_momentum decides the state's layout
+    sf_adamw = optax.inject_hyperparams(sf_optax.adamw, static_args=static)
+    return sf_adamw(warmup_steps=spec.warmup, inner_momentum=spec.inner_momentum, **adam)
 
 
 def _with_lr(opt_state, lr):
@@ -140,14 +144,16 @@ class Trainer:
 
     def _optimizer(self, spec: RunSpec):
         """``(tx, jitted update)``, built once per distinct optimizer apart from the lr."""
-        key = (spec.optimizer, spec.method == "sf", spec.warmup, spec.b1, spec.b2, spec.eps)
-        key += (spec.weight_decay,)
+        key = (spec.optimizer, spec.method, spec.warmup, spec.b1, spec.b2, spec.eps)
+        key += (spec.weight_decay, spec.inner_momentum)
         if key not in self._optimizers:
             tx = make_tx(spec)
+            extra = spec.method == PLUS  # SF+'s Polyak step needs the loss at y
 
             @jax.jit
-            def update(grads, opt_state, params, lr):
-                updates, opt_state = tx.update(grads, _with_lr(opt_state, lr), params)
+            def update(grads, opt_state, params, lr, loss):
+                kw = dict(value=loss) if extra else {}
+                updates, opt_state = tx.update(grads, _with_lr(opt_state, lr), params, **kw)
                 return optax.apply_updates(params, updates), opt_state
 
             self._optimizers[key] = tx, update
@@ -168,6 +174,7 @@ class Trainer:
     def _run(self, spec: RunSpec) -> dict:
         tx, update = self._optimizer(spec)
         dtype, scored = self.problem.dtype, self.problem.score is not None
+        sf = spec.method in ("sf", PLUS)
         if spec.method == "sf":
             lrs = np.full(spec.horizon, spec.lr, dtype)
         else:
@@ -179,7 +186,7 @@ class Trainer:
         losses, accs, used, snaps, norms = [], [], [], [], []
 
         def observe():
-            x = params if spec.method != "sf" else self._eval_params(opt_state, params)
+            x = self._eval_params(opt_state, params) if sf else params
             if scored:
                 snaps.append(x)
                 return
@@ -191,12 +198,12 @@ class Trainer:
         if 0 in evals:
             observe()
         for step in range(spec.horizon):
-            _, grads, rest = self._loss_and_grad(
+            loss, grads, rest = self._loss_and_grad(
                 params, rest, self._train_inputs, self._train_labels, step
             )
             if scored:
                 norms.append(self._norms(params, grads))
-            params, opt_state = update(grads, opt_state, params, lrs[step])
+            params, opt_state = update(grads, opt_state, params, lrs[step], loss)
             if spec.method != "sf":
                 used.append(opt_state.hyperparams["learning_rate"])  # fetched once, at the end
             if step + 1 in evals:

@@ -15,6 +15,7 @@ from bench.anytime.runs import HORIZON_METHODS, HORIZON_NAMES, horizons
 
 _COLORS = {
     "sf": "tab:green",
+    "sf_plus": "tab:olive",
     "cosine": "tab:blue",
     "wsd": "tab:orange",
     "constant": "tab:red",

@@ -44,13 +44,18 @@ LAM = 1e-3
 CLASSES = 10
 
 # The sweep each problem runs unless told otherwise (warmup None: T/20).
-SWEEP_KEYS = ("optimizer", "methods", "lrs", "weight_decay", "warmup", "sf_b1", "sf_warmups")
-_ADAMW = dict(optimizer="adamw", methods=("sf", "cosine", "wsd"), warmup=None, sf_b1=(0.9,))
+SWEEP_KEYS = ("optimizer", "methods", "lrs", "weight_decay", "warmup", "sf_b1", "sf_warmups",
+              "sf_inner", "plus_lrs", "plus_weight_decay")  # fmt: skip
+# AdamW problems also run SF AdamW with inner_momentum 0.9 and 0.5, and SF+ (AdamC + Polyak,
+# sf_optax.adamc_plus) at base lrs around upstream's default 1 without decay (upstream's
+# default; its AdamC decay is on another scale than AdamW's). SGD (convex) has neither.
+_ADAMW = dict(optimizer="adamw", methods=("sf", "cosine", "wsd"), warmup=None, sf_b1=(0.9,),
+              sf_inner=(0.9, 0.5), plus_lrs=(0.5, 1.0, 2.0), plus_weight_decay=0.0)  # fmt: skip
 SWEEPS = {
     "digits": dict(_ADAMW, lrs=(3e-3, 1e-2, 3e-2, 1e-1), weight_decay=0.0, sf_warmups=()),
     "charlm": dict(_ADAMW, lrs=(1e-3, 3e-3, 1e-2, 3e-2), weight_decay=0.1, sf_warmups=()),
     "convex": dict(optimizer="sgd", methods=("sf", "cosine", "wsd", "constant", "sqrt"), warmup=0,
-                   weight_decay=0.0),
+                   weight_decay=0.0, sf_inner=(), plus_lrs=(), plus_weight_decay=0.0),
 }  # fmt: skip
 # Per size: T, the batch, the evaluations and what else changes. tiny runs in CI, small on a CPU
 # in minutes, full is digits' and convex's real size (CPU) and the LM's GPU size: ~4.1M training

@@ -3,7 +3,11 @@
 One :class:`RunSpec` is one training run from the problem's initial weights. Schedule-Free
 (``sf``) and the schedules that are not told a length (``constant``, ``sqrt``) run the whole
 ``T`` steps once and count at every horizon; ``cosine`` and ``wsd`` are told their length, so
-they run once per horizon ``T/4``, ``T/2``, ``T`` and count at their own. :func:`plan` lists
+they run once per horizon ``T/4``, ``T/2``, ``T`` and count at their own. Two more Schedule-Free
+rows run the whole ``T`` on AdamW problems when asked: AdamW with ``inner_momentum`` (``sf``,
+one row per value) and Schedule-Free AdamC with a Polyak step size (``sf_plus``: upstream's
+``AdamCScheduleFreePlusPaper``, whose ``lr`` multiplies the Polyak step and so has its own
+sweep, ``plus_lrs``). :func:`plan` lists
 every run of a problem; :func:`table` picks, per row and horizon, the run of the learning-rate
 sweep with the lowest loss there. Nothing here imports jax or torch.
 """
@@ -16,6 +20,8 @@ import math
 import sf_schedules
 
 METHODS = ("sf", "cosine", "wsd", "constant", "sqrt")
+PLUS = "sf_plus"  # AdamC + Schedule-Free + Polyak; run when plan() gets plus_lrs
+PLUS_LABEL = "SF+ AdamC (Polyak)"
 HORIZON_METHODS = ("cosine", "wsd")
 OPTIMIZERS = ("adamw", "sgd")
 WSD_COOLDOWN = 0.2
@@ -27,7 +33,11 @@ ROW_NAMES = {"wsd": f"WSD (cooldown {WSD_COOLDOWN:.0%})"}  # the others by their
 class RunSpec:
     """``horizon`` updates of ``optimizer``: its Schedule-Free form when ``method`` is ``sf``
     (constant ``lr`` after its own ``warmup``; ``schedule`` then says what lr its z steps
-    take), else the plain optimizer driven by ``schedule``."""
+    take; ``inner_momentum`` as in ``sf_optax.adamw``), ``sf_optax.adamc_plus`` /
+    ``sf_torch.AdamCScheduleFreePlus`` when it is ``sf_plus`` (base lr ``schedule``: constant
+    after a linear ``warmup``, which is also its ``c_warmup``; ``b1``, ``b2`` are Adam's moments,
+    the Schedule-Free interpolation is upstream's default 0.9), else the plain optimizer driven
+    by ``schedule``."""
 
     label: str
     optimizer: str
@@ -41,6 +51,7 @@ class RunSpec:
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
+    inner_momentum: float = 0.0
 
     @property
     def name(self) -> str:
@@ -100,11 +111,16 @@ def plan(
     sf_warmups: tuple[int, ...],
     warmup: int,
     weight_decay: float,
+    sf_inner: tuple[float, ...] = (),
+    plus_lrs: tuple[float, ...] = (),
+    plus_weight_decay: float = 0.0,
 ) -> list[RunSpec]:
     """Every run of one problem. Per learning rate and method: one Schedule-Free run of
     ``steps`` per variant (each ``sf_b1`` at ``warmup``, then the first b1 at each of
-    ``sf_warmups``), one run of ``steps`` of a constant or sqrt schedule, or one cosine or WSD
-    run per horizon; all with ``warmup`` and ``weight_decay``."""
+    ``sf_warmups``, then the first b1 with each ``inner_momentum`` of ``sf_inner``), one run
+    of ``steps`` of a constant or sqrt schedule, or one cosine or WSD run per horizon; all with
+    ``warmup`` and ``weight_decay``. Then one ``sf_plus`` run of ``steps`` per ``plus_lrs``
+    (AdamW problems only), with ``warmup`` and the AdamC decay ``plus_weight_decay``."""
     hs = horizons(steps)
     if not 0 <= warmup < hs[0]:
         raise ValueError(f"warmup must be in [0, T/4) = [0, {hs[0]}), got {warmup}")
@@ -123,23 +139,46 @@ def plan(
     if optimizer == "sgd" and weight_decay:
         # optax.sgd has none; the convex problem's L2 term is part of its loss instead.
         raise ValueError(f"weight decay is for AdamW problems, got {weight_decay} with SGD")
-    variants = [(b1, warmup) for b1 in sf_b1] + [(sf_b1[0], w) for w in sf_warmups]
+    if any(not 0 < m < 1 for m in sf_inner):
+        raise ValueError(f"sf-inner values (inner_momentum) must be in (0, 1), got {sf_inner}")
+    if any(not (lr > 0 and math.isfinite(lr)) for lr in plus_lrs):
+        raise ValueError(f"plus-lrs must be positive finite learning rates, got {plus_lrs}")
+    if not (plus_weight_decay >= 0 and math.isfinite(plus_weight_decay)):
+        raise ValueError(f"plus weight decay must be finite and >= 0, got {plus_weight_decay}")
+    if optimizer == "sgd" and (sf_inner or plus_lrs):
+        raise ValueError(
+            f"sf-inner and plus-lrs are AdamW rows, got {sf_inner} and {plus_lrs} with SGD"
+        )
+    variants = [(b1, warmup, 0.0) for b1 in sf_b1] + [(sf_b1[0], w, 0.0) for w in sf_warmups]
+    variants += [(sf_b1[0], warmup, m) for m in sf_inner]
     specs, wd = [], weight_decay
     for lr in lrs:
         for method in methods:
             if method == "sf":
-                label = "SF b1={:g}{}"
-                runs = [
-                    (label.format(b1, f", warmup {w}" if w != warmup else ""), steps, w, b1)
-                    for b1, w in variants
-                ]
+                runs = [(_sf_label(b1, w, m, warmup), steps, w, b1, m) for b1, w, m in variants]
             else:
                 lengths = hs if method in HORIZON_METHODS else (steps,)
-                runs = [(ROW_NAMES.get(method, method), h, warmup, 0.9) for h in lengths]
-            for label, h, w, b1 in runs:
+                runs = [(ROW_NAMES.get(method, method), h, warmup, 0.9, 0.0) for h in lengths]
+            for label, h, w, b1, m in runs:
                 grid, sched = eval_grid(steps, evals, h), schedule(method, lr, h, w)
-                specs.append(RunSpec(label, optimizer, method, lr, h, grid, w, sched, wd, b1))
+                specs.append(
+                    RunSpec(
+                        label, optimizer, method, lr, h, grid, w, sched, wd, b1, inner_momentum=m
+                    )
+                )
+    for lr in plus_lrs:
+        grid, sched = eval_grid(steps, evals, steps), schedule("constant", lr, steps, warmup)
+        specs.append(
+            RunSpec(PLUS_LABEL, optimizer, PLUS, lr, steps, grid, warmup, sched, plus_weight_decay,
+                    b1=0.9, b2=0.95)
+        )  # fmt: skip
     return specs
+
+
+def _sf_label(b1: float, w: int, inner: float, warmup: int) -> str:
+    extra = f", warmup {w}" if w != warmup else ""
+    extra += f", inner {inner:g}" if inner else ""
+    return f"SF b1={b1:g}{extra}"
 
 
 def run_record(spec: RunSpec, losses, accs, lrs_used, seconds: float) -> dict:

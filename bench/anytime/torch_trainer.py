@@ -7,10 +7,11 @@ transposed kernel), and :class:`Linear` for convex, in the problem's dtype.
 Schedule-Free runs use ``sf_torch.AdamWScheduleFree`` / ``sf_torch.SGDScheduleFree`` and are
 evaluated at ``x`` from ``optimizer.eval_params()`` loaded into a second copy of the model, so
 evaluating never touches the trajectory (an ``eval()``/``train()`` round trip would round ``y``
-by an ulp). Baselines use ``torch.optim.AdamW`` / ``torch.optim.SGD`` with
-``sf_torch.schedules.scheduler``; the learning rate of each step is read back from the param
-group just before ``optimizer.step()``. CNN evaluations recompute the BatchNorm statistics at
-the evaluated weights (parity's ``recalibrate``), for every method.
+by an ulp). SF+ uses ``sf_torch.AdamCScheduleFreePlus`` stepped with the batch loss, its base
+lr set by the scheduler as a baseline's. Baselines use ``torch.optim.AdamW`` /
+``torch.optim.SGD`` with ``sf_torch.schedules.scheduler``; the learning rate of each step is
+read back from the param group just before ``optimizer.step()``. CNN evaluations recompute the
+BatchNorm statistics at the evaluated weights (parity's ``recalibrate``), for every method.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch import nn
 import sf_torch
 import sf_torch.schedules
 from bench.anytime.problems import Problem
-from bench.anytime.runs import RunSpec, run_record
+from bench.anytime.runs import PLUS, RunSpec, run_record
 from parity.models import torch_models
 
 
@@ -50,16 +51,25 @@ def build_model(problem: Problem) -> nn.Module:
 
 
 def make_optimizer(spec: RunSpec, params) -> tuple[torch.optim.Optimizer, object]:
-    """``(optimizer, scheduler)`` of ``spec``; the scheduler is None for Schedule-Free."""
+    """``(optimizer, scheduler)`` of ``spec``; the scheduler is None for Schedule-Free (``sf``)."""
     common = dict(lr=spec.lr, weight_decay=spec.weight_decay)
     adam = dict(betas=(spec.b1, spec.b2), eps=spec.eps)
+    if spec.method == PLUS:
+        plus = sf_torch.AdamCScheduleFreePlus(params, c_warmup=spec.warmup, **adam, **common)
+        return plus, sf_torch.schedules.scheduler(plus, spec.schedule)
     if spec.method == "sf":
         if spec.optimizer == "sgd":
             sf = sf_torch.SGDScheduleFree(
                 params, momentum=spec.b1, warmup_steps=spec.warmup, **common
             )
         else:
-            sf = sf_torch.AdamWScheduleFree(params, warmup_steps=spec.warmup, **adam, **common)
+            sf = sf_torch.AdamWScheduleFree(
+                params,
+                warmup_steps=spec.warmup,
+                inner_momentum=spec.inner_momentum,
+                **adam,
+                **common,
+            )
         return sf, None
     if spec.optimizer == "sgd":
         optimizer = torch.optim.SGD(params, **common)
@@ -139,7 +149,7 @@ class Trainer:
         losses, accs, lrs, snaps, w_norm, g_norm = [], [], [], [], [], []
 
         def observe():
-            if spec.method == "sf":
+            if spec.method in ("sf", PLUS):
                 weights = optimizer.eval_params()
             else:
                 weights = [p.detach() for p in params]
@@ -155,13 +165,14 @@ class Trainer:
             observe()
         for step in range(spec.horizon):
             optimizer.zero_grad(set_to_none=True)
-            self._loss(model, step).backward()
+            loss = self._loss(model, step)
+            loss.backward()
             if scored:
                 w_norm.append(_norm(params))
                 g_norm.append(_norm([p.grad for p in params]))
             if scheduler is not None:
                 lrs.append(float(optimizer.param_groups[0]["lr"]))
-            optimizer.step()
+            optimizer.step(loss.detach()) if spec.method == PLUS else optimizer.step()
             if scheduler is not None:
                 scheduler.step()
             if step + 1 in evals:
