@@ -187,6 +187,7 @@ def test_ours_one_process(plain, optimizer):
     for name, ckpt in entry["checkpoints"].items():
         step = ckpt["global_step"]
         assert rel_gap(ckpt["state_dict"], want["x"][step]) <= REL, name
+        assert bitwise(ckpt["x"], ckpt["state_dict"]), name  # load_x_state_dict(file)
         assert ckpt["optimizer_train_mode"] in ([False], []), name
         assert rel_gap(ckpt["schedule_free"]["y"], want["y"][step]) <= REL, name
     # after fit the model holds x; x and y are far apart by then (the checks can fail)

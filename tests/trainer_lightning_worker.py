@@ -243,6 +243,8 @@ def read_checkpoints(folder: str, deepspeed: bool, converted: str | None = None)
                 "global_step": saved["global_step"],
                 "optimizer_train_mode": groups,
             }
+            if converted is not None:  # ours: what load_x_state_dict reads from the file
+                out[name]["x"] = load_x_state_dict(path)
     return out
 
 

@@ -33,7 +33,8 @@ callback switches to ``x`` before it is written, so under ZeRO 0-2 the module fi
 writes no module weights, so the callback gathers ``x`` onto rank 0, one layer at a time
 (DeepSpeed's ``_zero3_consolidated_16bit_state_dict``, collective), and stores it in rank 0's
 ``zero_pp_rank_0_mp_rank_00_model_states.pt`` under ``"schedule_free"`` -> ``"x"`` (the other
-ranks store ``None``); resuming never reads it (the weights come from the masters). With
+ranks store ``None``): one more copy of the model, in its dtype, in rank 0's CPU memory at the
+save and in that file. Resuming never reads it (the weights come from the masters). With
 separate fp32 masters (ZeRO 1-2, bf16/fp16, offload) the switches never move ``y``; under fp32
 ZeRO-3 without offload, whose masters are the weights, ``x -> y`` rounds as
 ``optimizer.train()`` does. Lightning's DeepSpeed strategy itself requires CUDA.
@@ -465,7 +466,8 @@ def load_x_state_dict(
     a file written by :func:`convert_zero_checkpoint_to_x`. ``tag``: the DeepSpeed tag folder
     (default: the ``latest`` file's, else Lightning's ``"checkpoint"``). Reads one file and
     needs no DeepSpeed. The tensors have the dtype the model computes in (bf16 for a bf16 run,
-    where the fp32 ``x`` exists nowhere: the masters are ``y``).
+    where the fp32 ``x`` exists nowhere: the masters are ``y``). The file is read with
+    ``torch.load(weights_only=False)``, as Lightning reads its checkpoints: trusted files only.
 
     DeepSpeed's ``zero_to_fp32`` and Lightning's ``convert_zero_checkpoint_to_fp32_state_dict``
     give the fp32 masters instead, i.e. ``y``, under every ZeRO stage. ValueError for a
