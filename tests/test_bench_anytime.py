@@ -16,21 +16,30 @@
 - The Schedule-Free bound curve at D = G = 1 equals its closed form, at the lr minimising it.
 """
 
+import importlib.util
 import json
 import math
+import pathlib
+import sys
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 
-from bench.anytime import cli, problems
+from bench.anytime import cli, problems, runs
 from parity import data as parity_data
+from parity.models import torch_models
 
 LRS = (1e-3, 1e-2)
+INNER = 0.9  # one SF AdamW row with inner_momentum
+PLUS_LRS = (0.5, 1.0)  # base lrs of the SF+ (AdamC, Polyak) row
+PLUS = "SF+ AdamC (Polyak)"
 WARMUP = 2
 STEPS = 16
 LAM = 1e-3
+UPSTREAM = pathlib.Path(__file__).resolve().parents[2] / "shared/reference/schedulefree_main"
 HORIZONS = {"T/4": 4, "T/2": 8, "T": 16}
 CONVEX_HORIZONS = {"T/4": 40, "T/2": 80, "T": 160}
 
@@ -43,6 +52,7 @@ def out(tmp_path_factory):
         ["--size", "tiny", "--problem", "digits,charlm", "--framework", "both"]
         + ["--steps", str(STEPS), "--lrs", ",".join(map(str, LRS)), "--sf-b1", "0.9,0.95"]
         + ["--warmup", str(WARMUP), "--out", str(path)]
+        + ["--sf-inner", str(INNER), "--plus-lrs", ",".join(map(str, PLUS_LRS))]
     )
     return path
 
@@ -112,8 +122,9 @@ def test_outputs_exist(out, results, convex_out):
     for problem in results["problems"].values():
         assert problem["horizons"] == [4, 8, 16]
         for fw in problem["frameworks"].values():
-            # Per lr: SF for two b1, cosine and WSD at three horizons each.
-            assert len(fw["runs"]) == len(LRS) * (2 + 3 + 3)
+            # Per lr: SF for two b1 and one inner_momentum, cosine and WSD at three horizons
+            # each; then SF+ per its lr.
+            assert len(fw["runs"]) == len(LRS) * (3 + 3 + 3) + len(PLUS_LRS)
             for run in fw["runs"]:
                 assert all(math.isfinite(v) for v in run["eval_loss"])
                 assert run["eval_steps"][0] == 0 and run["eval_steps"][-1] == run["spec"]["horizon"]
@@ -165,15 +176,18 @@ def test_each_cell_is_the_minimum_over_the_sweep(results, convex_out):
                             or r["spec"]["horizon"] == h
                         )
                     ]
-                    assert len(candidates) == len(problem["sweep"]["lrs"])
+                    lrs = PLUS_LRS if label == PLUS else problem["sweep"]["lrs"]
+                    assert sorted(lr for _, lr in candidates) == sorted(lrs)
                     loss, lr = min(candidates)
                     assert row[h_name]["loss"] == loss
                     assert row[h_name]["lr"] == lr
     assert set(results["problems"]["digits"]["frameworks"]["jax"]["table"]) == {
         "SF b1=0.9",
         "SF b1=0.95",
+        f"SF b1=0.9, inner {INNER:g}",
         "cosine",
         "WSD (cooldown 20%)",
+        PLUS,
     }
 
 
@@ -194,8 +208,13 @@ def _wsd(peak, total, warmup, s):
     return peak * (1 - (s - (total - cooldown) + 1) / cooldown)
 
 
+def _constant(peak, total, warmup, s):
+    """SF+'s base lr: warmup to ``peak``, then ``peak``."""
+    return peak * (s + 1) / warmup if s < warmup else peak
+
+
 def test_baselines_ran_with_the_schedules_learning_rates(results, convex_out):
-    formulas = {"cosine": _cosine, "wsd": _wsd}
+    formulas = {"cosine": _cosine, "wsd": _wsd, "sf_plus": _constant}
     checked = 0
     problems_ = [*results["problems"].values(), convex_out[0]]
     for problem in problems_:
@@ -216,7 +235,7 @@ def test_baselines_ran_with_the_schedules_learning_rates(results, convex_out):
                     run["lrs_used"], expected, rtol=1e-6, atol=1e-6 * spec["lr"]
                 )
                 checked += 1
-    assert checked == 2 * 2 * len(LRS) * 6 + 2 * 3 * 6
+    assert checked == 2 * 2 * (len(LRS) * 6 + len(PLUS_LRS)) + 2 * 3 * 6
 
 
 def test_schedule_free_bound_curve(results):
@@ -244,6 +263,8 @@ def test_schedule_free_bound_curve(results):
         (["--sf-b1", "1.5"], "sf-b1"),
         (["--methods", "sf,adam"], "methods"),
         (["--problem", "digits,mnist"], "problem"),
+        (["--sf-inner", "1"], "sf-inner"),
+        (["--plus-lrs", "1,0"], "plus-lrs"),
     ],
 )
 def test_bad_input_is_a_value_error(tmp_path, argv, match):
@@ -254,6 +275,91 @@ def test_bad_input_is_a_value_error(tmp_path, argv, match):
         )
     with pytest.raises(ValueError, match="size must be one of"):
         problems.load("convex", "huge")
+    sgd = dict(optimizer="sgd", methods=("sf",), lrs=(1.0,), sf_b1=(0.9,), sf_warmups=())
+    with pytest.raises(ValueError, match="AdamW rows"):
+        runs.plan(16, 4, **sgd, warmup=0, weight_decay=0.0, plus_lrs=(1.0,))
+
+
+def _upstream(name: str):
+    """Upstream main's module ``name`` (``../shared/reference/schedulefree_main``), by path."""
+    path = UPSTREAM / f"{name}.py"
+    if not path.exists():
+        pytest.skip(f"upstream reference not present: {path}")
+    module_name = f"_upstream_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        sys.modules[module_name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[module_name])
+    return sys.modules[module_name]
+
+
+def _upstream_charlm_run(optimizer_of, step, eval_steps: list[int]) -> list[float]:
+    """charlm's eval losses at ``eval_steps``, trained here with an upstream optimizer
+    (``optimizer_of(params)``; ``step(optimizer, loss, k)`` takes one step) on the study's
+    batches and initial weights, evaluated at x after upstream's ``eval()``."""
+    problem = problems.load("charlm", "tiny", 0, STEPS)
+    inputs, labels = problem.all_train_batches()
+    model = torch_models.build("lm", problem.params0, dtype=torch.float32, lm=problem.lm)
+    optimizer = optimizer_of(model.parameters())
+    eval_labels = torch.from_numpy(problem.eval_labels).long().flatten()
+    losses = []
+
+    def evaluate():
+        optimizer.eval()
+        with torch.no_grad():
+            logits = model(torch.from_numpy(problem.eval_inputs).long())
+            losses.append(float(F.cross_entropy(logits.flatten(0, -2), eval_labels)))
+        optimizer.train()
+
+    evaluate()
+    for k in range(STEPS):
+        logits = model(torch.from_numpy(inputs[k]).long())
+        loss = F.cross_entropy(logits.flatten(0, -2), torch.from_numpy(labels[k]).long().flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        step(optimizer, loss, k)
+        if k + 1 in eval_steps:
+            evaluate()
+    return losses
+
+
+def test_new_rows_equal_upstreams_optimizers(results):
+    """The inner-momentum row and the SF+ rows of charlm (both frameworks) against the same
+    training written here with upstream's AdamWScheduleFree(inner_momentum) and
+    AdamCScheduleFreePlusPaper (its base lr warmed up here by hand)."""
+    charlm = results["problems"]["charlm"]
+    wd = charlm["sweep"]["weight_decay"]
+    checked = 0
+    for fw in charlm["frameworks"].values():
+        for run in fw["runs"]:
+            spec = run["spec"]
+            if spec["method"] == "sf" and spec["inner_momentum"] and spec["lr"] == LRS[-1]:
+                cls = _upstream("adamw_schedulefree").AdamWScheduleFree
+                kw = dict(betas=(0.9, 0.999), warmup_steps=WARMUP, weight_decay=wd)
+
+                def make(params, cls=cls, kw=kw, lr=spec["lr"]):
+                    return cls(params, lr=lr, inner_momentum=INNER, **kw)
+
+                def step(optimizer, loss, k):
+                    optimizer.step()
+            elif spec["method"] == "sf_plus" and spec["lr"] == PLUS_LRS[-1]:
+                cls = _upstream("adamc_schedulefree_plus_paper").AdamCScheduleFreePlusPaper
+
+                def make(params, cls=cls):
+                    return cls(params, lr=PLUS_LRS[-1], c_warmup=WARMUP)
+
+                def step(optimizer, loss, k):
+                    lr = _constant(PLUS_LRS[-1], STEPS, WARMUP, k)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    optimizer.step_func(loss.item())
+            else:
+                continue
+            losses = _upstream_charlm_run(make, step, run["eval_steps"])
+            assert losses[-1] < losses[0] - 0.1  # it trained
+            np.testing.assert_allclose(run["eval_loss"], losses, rtol=2e-5, err_msg=str(spec))
+            checked += 1
+    assert checked == 4
 
 
 # -- convex -----------------------------------------------------------------------------------
