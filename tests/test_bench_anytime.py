@@ -14,6 +14,10 @@
   here, and checked on random weights and batches with torch autograd), every bound lies above
   its run's suboptimality, and the bounds of the constant-lr runs equal their closed forms.
 - The Schedule-Free bound curve at D = G = 1 equals its closed form, at the lr minimising it.
+- The new rows (SF AdamW with ``inner_momentum``, SF+ = AdamC + Polyak with its own lr sweep) run
+  in both frameworks and agree as above; charlm's equal, at every evaluation, a training loop
+  written here with upstream's ``AdamWScheduleFree(inner_momentum=...)`` and
+  ``AdamCScheduleFreePlusPaper`` (its base-lr warmup written out here).
 """
 
 import importlib.util
