@@ -379,7 +379,9 @@ def nonfinite_found(grads) -> dict:
             try:
                 torch._amp_foreach_non_finite_check_and_unscale_(gs, flag, ones)
                 continue
-            except NotImplementedError:  # raised before any kernel runs: nothing was written
+            except RuntimeError:
+                # no kernel of torch's AMP check for this device and dtype (torch says so before
+                # any kernel runs: nothing was written); the norm check below takes over
                 _NO_AMP_CHECK.add(key)
         norms = torch._foreach_norm(gs, float("inf"))
         flag.add_(torch.stack(norms).isfinite().logical_not_().any())
