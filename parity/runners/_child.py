@@ -34,3 +34,37 @@ def main(train: Callable[[RunConfig, Callable[[int], None]], Record | None], arg
     if record is not None:
         record.save(args.result)
     sys.stdout.flush()
+
+
+def torchrun(module: str, ranks: int, config_path: str, result_path: str) -> list[str]:
+    """A multi-rank runner's ``command``: ``ranks`` processes of ``module`` on one machine,
+    started by ``torch.distributed.run``."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={ranks}",
+        "-m",
+        module,
+        config_path,
+        result_path,
+    ]
+
+
+def main_on_ranks(train: Callable[[RunConfig, Callable[[int], None]], Record | None]) -> None:
+    """:func:`main` in a rank process of ``torch.distributed.run``; never returns.
+
+    A failing rank's traceback goes into the launcher's summary (``record``: the log's end).
+    Once the record is saved the interpreter's teardown is skipped: there a rank's native
+    threads (gloo, DeepSpeed's comm op) now and then abort a finished process ("terminate
+    called without an active exception"), which the launcher reports as a failed run.
+    """
+    import os
+
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    record(main)(train)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -14,7 +14,6 @@ float32 masters); a batch that does not split evenly over the ranks; the handoff
 from __future__ import annotations
 
 import os
-import sys
 
 NAME = "deepspeed"
 FRAMEWORK = "torch"
@@ -74,17 +73,9 @@ def environment(config) -> dict[str, str]:
 
 
 def command(config, config_path: str, result_path: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={ranks(config)}",
-        "-m",
-        __name__,
-        config_path,
-        result_path,
-    ]
+    from parity.runners import _child
+
+    return _child.torchrun(__name__, ranks(config), config_path, result_path)
 
 
 def train(config, progress=None):
@@ -95,15 +86,6 @@ def train(config, progress=None):
 
 
 if __name__ == "__main__":
-    from torch.distributed.elastic.multiprocessing.errors import record
-
     from parity.runners import _child
 
-    # `record`: a failing rank's traceback goes into the launcher's summary (the log's end).
-    record(_child.main)(train)
-    # The work is done and saved; skip the interpreter's teardown, where a rank's native
-    # threads (gloo, DeepSpeed's comm op) now and then abort the process ("terminate called
-    # without an active exception"), which the launcher reports as a failed run.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    _child.main_on_ranks(train)

@@ -21,9 +21,6 @@ Not supported: a batch that does not split evenly over the ranks; the handoff.
 
 from __future__ import annotations
 
-import os
-import sys
-
 NAME = "fsdp2"
 FRAMEWORK = "torch"
 ROLE = "distributed"
@@ -64,17 +61,9 @@ def environment(config) -> dict[str, str]:
 
 
 def command(config, config_path: str, result_path: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={ranks(config)}",
-        "-m",
-        __name__,
-        config_path,
-        result_path,
-    ]
+    from parity.runners import _child
+
+    return _child.torchrun(__name__, ranks(config), config_path, result_path)
 
 
 def train(config, progress=None):
@@ -85,12 +74,6 @@ def train(config, progress=None):
 
 
 if __name__ == "__main__":
-    from torch.distributed.elastic.multiprocessing.errors import record
-
     from parity.runners import _child
 
-    # `record`: a failing rank's traceback goes into the launcher's summary (the log's end).
-    record(_child.main)(train)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    _child.main_on_ranks(train)

@@ -12,9 +12,6 @@ single-process rows only where the algorithms are the same (``local_plan.data_pa
 
 from __future__ import annotations
 
-import os
-import sys
-
 NAME = "local_torch"
 FRAMEWORK = "torch"
 ROLE = "distributed"
@@ -53,19 +50,10 @@ def environment(config) -> dict[str, str]:
 
 
 def command(config, config_path: str, result_path: str) -> list[str]:
+    from parity.runners import _child
     from parity.training import local_plan
 
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={local_plan.workers(config)}",
-        "-m",
-        __name__,
-        config_path,
-        result_path,
-    ]
+    return _child.torchrun(__name__, local_plan.workers(config), config_path, result_path)
 
 
 def train(config, progress=None):
@@ -76,13 +64,6 @@ def train(config, progress=None):
 
 
 if __name__ == "__main__":
-    from torch.distributed.elastic.multiprocessing.errors import record
-
     from parity.runners import _child
 
-    record(_child.main)(train)
-    # As the DeepSpeed runner: the record is saved; skip the interpreter's teardown, where gloo's
-    # threads now and then abort a finished rank.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    _child.main_on_ranks(train)
