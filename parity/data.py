@@ -160,3 +160,17 @@ def load(
             for _ in range(recal_batches)
         )
     return Data(model, seed, batch_size, dtype, train_x, train_y, eval_x, eval_y, recal)
+
+
+def for_run(config) -> Data:
+    """:func:`load` with a ``parity.config.RunConfig``'s fields (model, seed, batch size, its
+    host dtype, BatchNorm recalibration batches, digits file): every backend's loop reads the
+    same data this way."""
+    return load(
+        config.model,
+        config.seed,
+        config.batch_size,
+        config.host_dtype,
+        config.recal_batches,
+        config.digits_file,
+    )

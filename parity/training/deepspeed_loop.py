@@ -83,14 +83,7 @@ def _run(config, make_optimizer, stage, rank, ranks, progress):
     # from the same bf16 init as the single-process run, and the BatchNorm statistics are bf16
     # as there (DeepSpeed casts parameters only).
     dtype = getattr(torch, config.dtype)
-    data = data_lib.load(
-        config.model,
-        config.seed,
-        config.batch_size,
-        config.host_dtype,
-        config.recal_batches,
-        config.digits_file,
-    )
+    data = data_lib.for_run(config)
     params0 = canonical.init_params(config.model, config.seed)
     model = torch_models.build(config.model, params0, canonical.init_buffers(config.model), dtype)
     norms = [m for m in model.modules() if isinstance(m, torch_models.BatchNorm)]

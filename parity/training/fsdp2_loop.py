@@ -91,14 +91,7 @@ def _run(config, make_optimizer, progress):
         param_dtype=torch.bfloat16 if mixed else None,
         reduce_dtype=torch.float32 if mixed else None,
     )
-    data = data_lib.load(
-        config.model,
-        config.seed,
-        config.batch_size,
-        config.host_dtype,
-        config.recal_batches,
-        config.digits_file,
-    )
+    data = data_lib.for_run(config)
     params0 = canonical.init_params(config.model, config.seed)
     buffers0 = canonical.init_buffers(config.model)
     model = torch_models.build(config.model, params0, buffers0, dtype).to(device)

@@ -57,14 +57,7 @@ def _shard_first_axis(mesh, shape) -> NamedSharding:
 
 def _run(config, make_tx, eval_params, mesh, progress) -> Record:
     dtype = jnp.dtype(config.dtype)
-    data = data_lib.load(
-        config.model,
-        config.seed,
-        config.batch_size,
-        config.host_dtype,
-        config.recal_batches,
-        config.digits_file,
-    )
+    data = data_lib.for_run(config)
     shapes = canonical.param_shapes(config.model)
     tx = make_tx(config)
 

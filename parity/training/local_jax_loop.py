@@ -59,14 +59,7 @@ def _norms(module) -> list:
 def _run(config, make_tx, devices, progress) -> Record:
     k = local_plan.workers(config)
     dtype = jnp.dtype(config.dtype)
-    data = data_lib.load(
-        config.model,
-        config.seed,
-        config.batch_size,
-        config.host_dtype,
-        config.recal_batches,
-        config.digits_file,
-    )
+    data = data_lib.for_run(config)
     mesh = Mesh(np.array(devices[:k]), (AXIS,))
     shapes = canonical.param_shapes(config.model)
     params0 = canonical.init_params(config.model, config.seed)

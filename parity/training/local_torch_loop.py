@@ -58,14 +58,7 @@ def run(
 
 def _run(config, make_optimizer, rank, ranks, progress):
     dtype = getattr(torch, config.dtype)
-    data = data_lib.load(
-        config.model,
-        config.seed,
-        config.batch_size,
-        config.host_dtype,
-        config.recal_batches,
-        config.digits_file,
-    )
+    data = data_lib.for_run(config)
     params0 = canonical.init_params(config.model, config.seed)
     buffers0 = canonical.init_buffers(config.model)
     model = torch_models.build(config.model, params0, buffers0, dtype)

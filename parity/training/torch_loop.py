@@ -44,14 +44,7 @@ def run(
         torch.set_num_threads(1)
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
-    data = data_lib.load(
-        config.model,
-        config.seed,
-        config.batch_size,
-        config.host_dtype,
-        config.recal_batches,
-        config.digits_file,
-    )
+    data = data_lib.for_run(config)
     params0 = canonical.init_params(config.model, config.seed)
     buffers0 = canonical.init_buffers(config.model)
     model = torch_models.build(config.model, params0, buffers0, dtype).to(device)
