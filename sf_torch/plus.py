@@ -65,6 +65,7 @@ from sf_schedules.validation import (
 )
 
 from . import dtensor
+from .reference import eval_stored_x, stored_x_params, train_stored_x
 
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 
@@ -216,47 +217,21 @@ class AdamCScheduleFreePlus(torch.optim.Optimizer):
     @torch.no_grad()
     def eval(self) -> None:
         """Put ``x`` into the params (a copy of ``y`` is kept for ``train()``). Idempotent."""
-        for group in self.param_groups:
-            if not group["train_mode"]:
-                continue
-            for p in group["params"]:
-                state = self.state.get(p)
-                if state and "x" in state:
-                    state["y"] = p.detach().clone(memory_format=torch.preserve_format)
-                    p.copy_(state["x"])
-            group["train_mode"] = False
+        eval_stored_x(self)
 
     @torch.no_grad()
     def train(self) -> None:
-        """Put ``y`` of the last step back into the params, bit for bit. Idempotent."""
-        for group in self.param_groups:
-            if group["train_mode"]:
-                continue
-            for p in group["params"]:
-                state = self.state.get(p)
-                if state and "y" in state:
-                    p.copy_(state.pop("y"))
-                elif state and "x" in state:
-                    # A state without y (loaded from upstream's train-mode checkpoint, say):
-                    # y from x and z with the b of the last step.
-                    b = float(group.get("sf_beta1_k", group["sf_beta1"]))
-                    p.copy_(torch.lerp(state["x"], state["z"], 1 - b))
-            group["train_mode"] = True
+        """Put ``y`` of the last step back into the params, bit for bit (a state without it,
+        loaded from upstream's train-mode checkpoint say: ``y`` from ``x`` and ``z`` with the
+        ``b`` of the last step). Idempotent."""
+        train_stored_x(self, lambda group: float(group.get("sf_beta1_k", group["sf_beta1"])))
 
     @torch.no_grad()
     def eval_params(self) -> list[torch.Tensor]:
         """``x`` of every param as new tensors in the params' dtype (order of
         ``[p for g in param_groups for p in g['params']]``), without changing anything; a
         param without state gives a copy of itself."""
-        out = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                state = self.state.get(p)
-                if state and "x" in state:
-                    out.append(state["x"].to(p.dtype, copy=True))
-                else:
-                    out.append(p.detach().clone())
-        return out
+        return stored_x_params(self)
 
     # -- the step ------------------------------------------------------------------------------
 

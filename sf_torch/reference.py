@@ -28,6 +28,7 @@ the keyword-only options of the sf_torch class they build on (``state_dtype``,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -37,6 +38,54 @@ from sf_schedules.validation import check_choice
 from . import dispatch, dtensor, rule
 from .optimizers import AdamWScheduleFree, ParamsT, ScheduleFreeOptimizer, SGDScheduleFree
 from .wrapper import ScheduleFreeWrapper
+
+# -- views of an optimizer that stores x (these classes, sf_torch.plus) -------------------------
+
+
+def eval_stored_x(optimizer: Any) -> None:
+    """Put each state's ``x`` into its param, keeping a copy of ``y`` in ``state['y']`` for
+    :func:`train_stored_x`; groups already in eval mode are left alone."""
+    for group in optimizer.param_groups:
+        if not group["train_mode"]:
+            continue
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if state and "x" in state:
+                state["y"] = p.detach().clone(memory_format=torch.preserve_format)
+                p.copy_(state["x"])
+        group["train_mode"] = False
+
+
+def train_stored_x(optimizer: Any, b_of: Callable[[dict[str, Any]], float]) -> None:
+    """Put ``y`` back into the params: the kept copy, bit for bit, or, for a state without
+    one (a train-mode checkpoint of another library, say), ``lerp(x, z, 1 - b)`` with the
+    group's ``b_of(group)``; groups already in train mode are left alone."""
+    for group in optimizer.param_groups:
+        if group["train_mode"]:
+            continue
+        b = None
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if state and "y" in state:
+                p.copy_(state.pop("y"))
+            elif state and "x" in state:
+                b = b_of(group) if b is None else b
+                p.copy_(torch.lerp(state["x"], state["z"], 1 - b))
+        group["train_mode"] = True
+
+
+def stored_x_params(optimizer: Any) -> list[torch.Tensor]:
+    """``x`` of every param as new tensors in the params' dtype (order of the param groups),
+    without changing anything; a param without state gives a copy of itself."""
+    out = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if state and "x" in state:
+                out.append(state["x"].to(p.dtype, copy=True))
+            else:
+                out.append(p.detach().clone())
+    return out
 
 
 class _StoredX:
@@ -82,44 +131,18 @@ class _StoredX:
     @torch.no_grad()
     def eval(self: Any) -> None:
         """Put ``x`` into the params (``y`` kept for ``train()``). Idempotent."""
-        for group in self.param_groups:
-            if not group["train_mode"]:
-                continue
-            for p in group["params"]:
-                state = self.state.get(p)
-                if state and "x" in state:
-                    state["y"] = p.detach().clone(memory_format=torch.preserve_format)
-                    p.copy_(state["x"])
-            group["train_mode"] = False
+        eval_stored_x(self)
 
     @torch.no_grad()
     def train(self: Any) -> None:
         """Put ``y`` back into the params, bit for bit. Idempotent."""
-        for group in self.param_groups:
-            if group["train_mode"]:
-                continue
-            b1 = rule.b1_of(group, self.kind)
-            for p in group["params"]:
-                state = self.state.get(p)
-                if state and "y" in state:
-                    p.copy_(state.pop("y"))
-                elif state and "x" in state:
-                    p.copy_(torch.lerp(state["x"], state["z"], 1 - b1))
-            group["train_mode"] = True
+        train_stored_x(self, lambda group: rule.b1_of(group, self.kind))
 
     @torch.no_grad()
     def eval_params(self: Any) -> list[torch.Tensor]:
         """``x`` of every param as new tensors (order of the param groups); a param without
         state gives a copy of itself."""
-        out = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                state = self.state.get(p)
-                if state and "x" in state:
-                    out.append(state["x"].to(p.dtype, copy=True))
-                else:
-                    out.append(p.detach().clone())
-        return out
+        return stored_x_params(self)
 
     def _check_group(self: Any, group: dict[str, Any]) -> None:
         ScheduleFreeOptimizer._check_group(self, group)
