@@ -28,8 +28,6 @@ _COUNT = re.compile(r"--xla_force_host_platform_device_count=\d+")
 def unsupported(config) -> str | None:
     from parity.training import local_plan
 
-    if config.optimizer == "adamc_plus" or config.inner_momentum:
-        return "local steps are wired for schedulefree 1.4.1's rules: no adamc_plus, inner_momentum"
     return local_plan.unsupported(config)
 
 

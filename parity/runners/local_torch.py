@@ -26,8 +26,6 @@ def unsupported(config) -> str | None:
 
     if config.device != "cpu":
         return "local_torch runs its ranks on the CPU (gloo) only"
-    if config.optimizer == "adamc_plus" or config.inner_momentum:
-        return "local steps are wired for schedulefree 1.4.1's rules: no adamc_plus, inner_momentum"
     return local_plan.unsupported(config)
 
 

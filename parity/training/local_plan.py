@@ -242,6 +242,8 @@ def unsupported(config) -> str | None:
     except ValueError as error:
         return str(error)
     k = opts["workers"]
+    if config.optimizer == "adamc_plus" or config.inner_momentum:
+        return "local steps are wired for schedulefree 1.4.1's rules: no adamc_plus, inner_momentum"
     if config.dtype not in ("float64", "float32"):
         return "local steps are compared in float64 and float32 only"
     if config.batch_size % k:
